@@ -1,0 +1,165 @@
+"""Static checks (option values, layouts, shapes, dtypes) and the message formats of the error
+catalogue. Value checks that read array contents live in ``_loss.py`` next to their use."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ._errors import XSeqLossError, XSeqLossTypeError
+
+INPUTS = ("logits", "log_probs", "probs")
+SMOOTHING = ("uniform", "others")
+REDUCTIONS = ("none", "sum", "mean", "per_sequence", "per_position", "sequence_mean")
+DENOMINATORS = ("weights", "tokens", "positions")
+EMPTY = ("zero", "nan")
+PROB_EPS = 1e-7  # Keras' epsilon for inputs="probs"
+
+
+def choice(value: Any, argument: str, valid: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in valid:
+        raise XSeqLossError(f"{argument}={value!r} is not valid; valid values are {list(valid)}")
+    return value
+
+
+def number(value: Any, argument: str, lo: float, hi: float = math.inf, *, lo_open: bool = False,
+           integer: bool = False) -> float:
+    """A Python (or NumPy scalar) real number within [lo, hi] (or (lo, hi] with lo_open)."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an integer" if integer else "a real number"
+        raise XSeqLossTypeError(f"{argument} must be {what}, got {value!r} of type {type(value).__name__}")
+    v = float(value)
+    left = "(" if lo_open else "["
+    right = "]" if math.isfinite(hi) else ")"
+    if not math.isfinite(v) or v < lo or (lo_open and v == lo) or v > hi:
+        raise XSeqLossError(f"{argument}={value!r} is out of range: valid range is {left}{lo:g}, {hi:g}{right}")
+    return v
+
+
+def parse_ignore(ignore_index: Any) -> tuple[int, ...]:
+    if ignore_index is None:
+        return ()
+    if isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool):
+        return (int(ignore_index),)
+    if isinstance(ignore_index, (str, bytes)) or not hasattr(ignore_index, "__iter__"):
+        raise XSeqLossTypeError(
+            f"ignore_index must be an int, a collection of ints, or None; got {ignore_index!r}")
+    values = []
+    for i, v in enumerate(ignore_index):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise XSeqLossTypeError(f"ignore_index[{i}] = {v!r} is not an int; ignore_index must hold ints")
+        values.append(int(v))
+    return tuple(sorted(set(values)))
+
+
+def parse_layout(layout: Any, argument: str = "layout", letters: str = "NTC", required: str = "C") -> str:
+    if not isinstance(layout, str) or not layout or any(c not in letters for c in layout) \
+            or len(set(layout)) != len(layout) or any(c not in layout for c in required):
+        raise XSeqLossError(
+            f"{argument}={layout!r} is not valid: use the letters {', '.join(letters)} once each in the "
+            f"order of the axes, with {' and '.join(required)} required (e.g. {letters!r})")
+    return layout
+
+
+@dataclass(frozen=True)
+class Options:
+    """The static (hashable) options of one call, validated."""
+    layout: str
+    ignore: tuple[int, ...]
+    inputs: str
+    eps: float            # label smoothing as given
+    smoothing: str
+    z_loss: float
+    cap: float | None
+    reduction: str
+    denominator: str
+    empty: str
+    num_classes: int | None
+    validate: bool
+    inplace: bool
+
+    @property
+    def k(self) -> int:
+        return self.layout.index("C")
+
+    @property
+    def tok_layout(self) -> str:
+        return self.layout.replace("C", "")
+
+
+def parse_options(*, layout: Any, ignore_index: Any, inputs: Any, label_smoothing: Any, smoothing: Any,
+                  z_loss: Any, logit_softcap: Any, reduction: Any, denominator: Any, empty: Any,
+                  num_classes: Any, validate: Any, inplace_backward: Any) -> Options:
+    layout = parse_layout(layout)
+    inputs = choice(inputs, "inputs", INPUTS)
+    eps = number(label_smoothing, "label_smoothing", 0.0, 1.0)
+    smoothing = choice(smoothing, "smoothing", SMOOTHING)
+    zl = number(z_loss, "z_loss", 0.0)
+    cap = None if logit_softcap is None else number(logit_softcap, "logit_softcap", 0.0, lo_open=True)
+    reduction = choice(reduction, "reduction", REDUCTIONS)
+    denominator = choice(denominator, "denominator", DENOMINATORS)
+    empty = choice(empty, "empty", EMPTY)
+    if num_classes is not None:
+        num_classes = int(number(num_classes, "num_classes", 1, integer=True))
+    if not isinstance(validate, bool):
+        raise XSeqLossTypeError(f"validate must be True or False, got {validate!r}")
+    if not isinstance(inplace_backward, bool):
+        raise XSeqLossTypeError(f"inplace_backward must be True or False, got {inplace_backward!r}")
+    if inputs != "logits":
+        for name, active in (("z_loss", zl > 0), ("logit_softcap", cap is not None)):
+            if active:
+                raise XSeqLossError(f"{name} acts on raw logits and needs inputs='logits', got inputs={inputs!r}")
+    need = {"per_sequence": "N", "sequence_mean": "N", "per_position": "T"}.get(reduction)
+    if need and need not in layout:
+        raise XSeqLossError(
+            f"reduction={reduction!r} needs a {'batch (N)' if need == 'N' else 'time (T)'} axis, "
+            f"but layout={layout!r} has none")
+    return Options(layout, parse_ignore(ignore_index), inputs, eps, smoothing, zl, cap, reduction,
+                   denominator, empty, num_classes, validate, inplace_backward)
+
+
+# ----------------------------------------------------------------------------------------- shapes
+
+def fmt_shape(shape: Sequence[Any], letters: str | None = None) -> str:
+    dims = ["?" if d is None else str(d) for d in shape]
+    if letters is None or len(letters) != len(dims):
+        return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+    return "(" + ", ".join(f"{a}={d}" for a, d in zip(letters, dims)) + ")"
+
+
+def same_shape(got: Sequence[Any], want: Sequence[Any]) -> bool:
+    return len(got) == len(want) and all(g is None or w is None or g == w for g, w in zip(got, want))
+
+
+def fitting_layouts(logits_shape: Sequence[Any], layout: str, targets_shape: Sequence[Any],
+                    soft: bool) -> list[str]:
+    """Other layouts (same letters) under which targets' shape would fit the logits."""
+    fits = []
+    for perm in itertools.permutations(layout):
+        cand = "".join(perm)
+        if cand == layout:
+            continue
+        want = list(logits_shape) if soft else [d for d, a in zip(logits_shape, cand) if a != "C"]
+        if same_shape(targets_shape, want):
+            fits.append(cand)
+    return fits
+
+
+def suggest(fits: list[str]) -> str:
+    if not fits:
+        return ""
+    return " - did you mean " + " or ".join(f"layout={f!r}" for f in fits[:3]) + "?"
+
+
+def position(index: Sequence[int]) -> str:
+    return "[" + ", ".join(str(int(i)) for i in index) + "]"
+
+
+def shape_error(argument: str, got: Sequence[Any], want: Sequence[Any], letters: str, extra: str = "") -> XSeqLossError:
+    return XSeqLossError(
+        f"{argument} has shape {fmt_shape(got)} but must be {fmt_shape(want, letters)}; "
+        f"broadcasting is not allowed{extra}")

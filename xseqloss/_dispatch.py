@@ -1,0 +1,144 @@
+"""Backend selection: from the array's type (without importing frameworks), the default backend
+(``set_backend``, ``use_backend``, ``XSEQLOSS_BACKEND``), and conversion of side arrays.
+
+einops-style: a backend is recognised only among frameworks already in ``sys.modules``, so
+``import xseqloss`` and a NumPy call never import a framework.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import sys
+import threading
+from typing import Any, Iterator
+
+from ._errors import XSeqLossError, XSeqLossTypeError
+
+BACKENDS = ("numpy", "torch", "tensorflow", "jax")
+_FRAMEWORK = {"numpy": "numpy", "torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
+_EXTRA = {"numpy": "xseqloss", "torch": "xseqloss[torch]", "tensorflow": "xseqloss[tensorflow]",
+          "jax": "xseqloss[jax]"}
+_ALIASES = {"tf": "tensorflow", "pytorch": "torch", "np": "numpy"}
+
+# use_backend: per thread and per asyncio task (a ContextVar); set_backend: process-wide.
+_context_default: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "xseqloss_default_backend", default=None)
+_process_default: str | None = None
+_lock = threading.Lock()
+_loaded: dict[str, Any] = {}
+
+
+def check_backend_name(name: Any, argument: str = "backend") -> str:
+    if not isinstance(name, str):
+        raise XSeqLossTypeError(f"{argument} must be a string, one of {list(BACKENDS)}; got {name!r}")
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in BACKENDS:
+        raise XSeqLossError(f"{argument}={name!r} is not a backend; valid backends are {list(BACKENDS)}")
+    return key
+
+
+def load(name: str) -> Any:
+    """The backend object for ``name``; imports its framework (an explicit request)."""
+    name = check_backend_name(name)
+    be = _loaded.get(name)
+    if be is not None:
+        return be
+    with _lock:
+        if name not in _loaded:
+            try:
+                module = importlib.import_module(f"xseqloss.backends.{name}")
+            except ImportError as exc:
+                raise XSeqLossError(
+                    f"backend {name!r} needs {_FRAMEWORK[name]}, which could not be imported ({exc}); "
+                    f"install it with: pip install '{_EXTRA[name]}'") from exc
+            _loaded[name] = module.BACKEND
+    return _loaded[name]
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend (used for NumPy arrays and Python values)."""
+    global _process_default
+    _process_default = check_backend_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Within the block, NumPy/Python inputs go to ``name``; per thread and per asyncio task."""
+    token = _context_default.set(check_backend_name(name))
+    try:
+        yield _context_default.get()  # type: ignore[misc]
+    finally:
+        _context_default.reset(token)
+
+
+def default_backend() -> str:
+    name = _context_default.get() or _process_default
+    if name:
+        return name
+    env = os.environ.get("XSEQLOSS_BACKEND")
+    if env:
+        return check_backend_name(env, "XSEQLOSS_BACKEND")
+    return "numpy"
+
+
+def framework_of(x: Any) -> str | None:
+    """The framework that owns ``x`` (None for NumPy arrays and Python values); never imports one."""
+    mods = sys.modules
+    torch = mods.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return "torch"
+    jax = mods.get("jax")
+    if jax is not None and isinstance(x, (jax.Array, jax.core.Tracer)):
+        return "jax"
+    tf = mods.get("tensorflow")
+    if tf is not None and hasattr(tf, "Tensor") and isinstance(x, (tf.Tensor, tf.Variable)):
+        return "tensorflow"
+    return None
+
+
+_TYPE_NAME = {"torch": "a torch.Tensor", "jax": "a jax.Array", "tensorflow": "a tf.Tensor"}
+_HOW_TO = {
+    "numpy": "np.asarray(x)",
+    "torch": "torch.as_tensor(np.asarray(x), device=logits.device)",
+    "tensorflow": "tf.convert_to_tensor(np.asarray(x))",
+    "jax": "jnp.asarray(np.asarray(x))",
+}
+_TO_NUMPY = {"torch": "x.detach().cpu().numpy()", "jax": "np.asarray(x)", "tensorflow": "x.numpy()"}
+
+
+def convert_hint(target: str, owner: str, argument: str) -> str:
+    """How to turn ``owner``'s array named ``argument`` into ``target``'s, as code."""
+    host = _TO_NUMPY[owner].replace("x", argument)
+    return _HOW_TO[target].replace("np.asarray(x)", host) if target != "numpy" else host
+
+
+def resolve(logits: Any, backend: str | None) -> tuple[Any, Any]:
+    """The backend for this call and the logits as that backend's array."""
+    owner = framework_of(logits)
+    if backend is not None:
+        name = check_backend_name(backend)
+        if owner is not None and owner != name:
+            raise XSeqLossTypeError(
+                f"logits are {_TYPE_NAME[owner]} but backend={name!r}: convert them first, e.g. "
+                f"logits = {convert_hint(name, owner, 'logits')}, or drop backend= to use {owner!r}")
+    else:
+        name = owner or default_backend()
+    be = load(name)
+    return be, (logits if owner == name else be.convert(logits, "logits"))
+
+
+def side(be: Any, x: Any, argument: str, like: Any) -> Any:
+    """A side argument as ``be``'s array on the logits' device; another framework's array is a TypeError."""
+    if x is None:
+        return None
+    owner = framework_of(x)
+    if owner is not None and owner != be.name:
+        raise XSeqLossTypeError(
+            f"{argument} is {_TYPE_NAME[owner]} but logits are {be.type_name}: convert it first, "
+            f"e.g. {argument} = {convert_hint(be.name, owner, argument)}")
+    if owner == be.name:
+        return be.to_device(x, like)
+    return be.convert(x, argument, like=like)

@@ -1,0 +1,39 @@
+"""Kernels shared by backends whose arrays follow the NumPy API (NumPy, JAX) or that need a generic
+fallback. Written over the backend's ops, so they are the same math everywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def logsumexp(ops: Any, x: Any, k: int) -> Any:
+    """max-shifted logsumexp along axis k. A row whose max is -inf gives -inf; a +inf or NaN in a row
+    gives NaN (softmax is undefined there), the same on every backend."""
+    m = ops.stop_gradient(ops.max(x, k))
+    m = ops.where(m == -np.inf, 0.0, m)
+    return ops.log(ops.sum(ops.exp(x - ops.expand(m, k)), k)) + m
+
+
+def nll(ops: Any, z: Any, y: Any, keep: Any, k: int, acc: Any) -> Any:
+    """lse(z) - z[y] per token; rows where ``keep`` is false give exactly 0 and exactly 0 gradient."""
+    x = ops.cast(z, acc)
+    if keep is not None:
+        x = ops.where(ops.expand(keep, k), x, 0.0)
+    l = ops.logsumexp(x, k) - ops.take_class(x, y, k)
+    return l if keep is None else ops.where(keep, l, 0.0)
+
+
+def sample_index(shape: tuple[Any, ...], k: int, n: int) -> tuple[slice, ...]:
+    """An index selecting at most n rows (all classes) at the start of the array: a small view."""
+    idx = [slice(0, 1)] * len(shape)
+    idx[k] = slice(None)
+    others = [a for a in range(len(shape)) if a != k]
+    if others:
+        idx[others[-1]] = slice(0, n)
+    return tuple(idx)
+
+
+def rows(sample: np.ndarray, k: int) -> np.ndarray:
+    return np.moveaxis(np.asarray(sample, dtype=np.float64), k, -1).reshape(-1, sample.shape[k])

@@ -1,0 +1,219 @@
+"""TensorFlow backend: the fused SparseSoftmaxCrossEntropyWithLogits kernel (classes last) with a
+custom gradient that keeps rows that do not count at exactly 0 (``multiply_no_nan``), and XLA-safe
+ops throughout (tf.function(jit_compile=True) works)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from .._errors import XSeqLossTypeError
+from . import _common
+
+_tnp_take_along = tf.experimental.numpy.take_along_axis
+
+
+def _like_dtype(v: Any, other: Any) -> Any:
+    if isinstance(v, (bool, int, float)) and isinstance(other, (tf.Tensor, tf.Variable)):
+        return tf.constant(v, dtype=other.dtype)
+    return v
+
+
+class TensorflowBackend:
+    name = "tensorflow"
+    type_name = "a tf.Tensor"
+
+    # ---- conversion and inspection
+    def convert(self, x: Any, argument: str, like: Any = None) -> Any:
+        try:
+            arr = np.asarray(x)
+        except Exception as exc:  # pragma: no cover
+            raise XSeqLossTypeError(f"{argument} could not be converted to an array: {exc}") from exc
+        if arr.dtype.name == "bfloat16":
+            return tf.cast(tf.convert_to_tensor(arr.astype(np.float32)), tf.bfloat16)
+        return tf.convert_to_tensor(arr)
+
+    def to_device(self, x: Any, like: Any) -> Any:
+        return tf.convert_to_tensor(x) if isinstance(x, tf.Variable) else x
+
+    def kind(self, x: Any) -> str:
+        d = x.dtype
+        if d.is_floating:
+            return "f"
+        if d == tf.bool:
+            return "b"
+        if d.is_integer:
+            return "u" if d.is_unsigned else "i"
+        return "o"
+
+    def dtype_name(self, x: Any) -> str:
+        return x.dtype.name
+
+    def shape(self, x: Any) -> tuple[Any, ...]:
+        return tuple(x.shape.as_list()) if x.shape.rank is not None else ()
+
+    def tracing(self, x: Any) -> bool:
+        return not tf.executing_eagerly()
+
+    def index_dtype(self, y: Any) -> Any:
+        return y if y.dtype == tf.int64 else tf.cast(y, tf.int64)  # an integer cast, never a float one
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        if x.dtype == tf.bfloat16:
+            x = tf.cast(x, tf.float32)
+        return np.asarray(x.numpy())
+
+    def any_true(self, x: Any) -> bool:
+        return bool(tf.reduce_any(x))
+
+    def isfinite_any_dtype(self, x: Any) -> Any:
+        return tf.math.is_finite(x) if x.dtype.is_floating else tf.ones_like(x, dtype=tf.bool)
+
+    def nonzero(self, m: Any) -> Any:
+        return m if m.dtype == tf.bool else tf.not_equal(m, tf.zeros([], m.dtype))
+
+    def sample_rows(self, z: Any, k: int, n: int) -> np.ndarray:
+        return _common.rows(self.to_numpy(z[_common.sample_index(self.shape(z), k, n)]), k)
+
+    def run(self, fn: Any, st: Any, *arrays: Any) -> Any:
+        return fn(self, st, *arrays)
+
+    def value_and_grad(self, fn: Any, st: Any, z: Any, *arrays: Any) -> tuple[Any, Any]:
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            out = fn(self, st, z, *arrays)
+            total = tf.reduce_sum(out)
+        return out, tape.gradient(total, z)
+
+    # ---- ops
+    def acc_dtype(self, z: Any) -> Any:
+        return tf.float64 if z.dtype == tf.float64 else tf.float32
+
+    def cast(self, x: Any, dtype: Any) -> Any:
+        return tf.cast(x, dtype)
+
+    def where(self, c: Any, a: Any, b: Any) -> Any:
+        a, b = _like_dtype(a, b), _like_dtype(b, a)
+        return tf.where(c, a, b)
+
+    def expand(self, x: Any, axis: int) -> Any:
+        return tf.expand_dims(x, axis)
+
+    exp = staticmethod(tf.exp)
+    log = staticmethod(tf.math.log)
+    tanh = staticmethod(tf.tanh)
+    abs = staticmethod(tf.abs)
+    isfinite = staticmethod(tf.math.is_finite)
+    zeros_like = staticmethod(tf.zeros_like)
+    stop_gradient = staticmethod(tf.stop_gradient)
+
+    def maximum(self, x: Any, v: float) -> Any:
+        return tf.maximum(x, tf.constant(v, x.dtype))
+
+    def sum(self, x: Any, axis: Any) -> Any:
+        return tf.reduce_sum(x, axis=None if axis is None else list(axis) if isinstance(axis, tuple) else axis)
+
+    def max(self, x: Any, axis: int) -> Any:
+        return tf.reduce_max(x, axis=axis)
+
+    def min(self, x: Any, axis: int) -> Any:
+        return tf.reduce_min(x, axis=axis)
+
+    def any(self, x: Any, axis: int) -> Any:
+        return tf.reduce_any(x, axis=axis)
+
+    def count(self, flags: Any, axis: Any) -> Any:
+        return self.sum(tf.cast(flags, tf.int64), axis)
+
+    def logsumexp(self, x: Any, k: int) -> Any:
+        return _common.logsumexp(self, x, k)
+
+    def nll(self, z: Any, y: Any, keep: Any, k: int, acc: Any) -> Any:
+        """lse - z[y] by the fused kernel on (tokens, C); its gradient is multiplied without NaN
+        propagation, so garbage rows that do not count get exactly 0."""
+        x = tf.cast(z, acc)
+        rank = len(z.shape)
+        if k != rank - 1:
+            perm = [a for a in range(rank) if a != k] + [k]
+            x = tf.transpose(x, perm)
+        tok_shape = tf.shape(y)
+        x2 = tf.reshape(x, [-1, tf.shape(x)[-1]])
+        y1 = tf.reshape(y, [-1])
+        keep1 = None if keep is None else tf.reshape(keep, [-1])
+
+        @tf.custom_gradient
+        def fused(x2: Any) -> Any:
+            loss, backprop = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(features=x2, labels=y1)
+            if keep1 is not None:
+                loss = tf.where(keep1, loss, tf.zeros_like(loss))
+
+            def grad(dl: Any) -> Any:
+                if keep1 is not None:
+                    dl = tf.where(keep1, dl, tf.zeros_like(dl))
+                return tf.math.multiply_no_nan(backprop, dl[:, None])
+
+            return loss, grad
+
+        return tf.reshape(fused(x2), tok_shape)
+
+    def take(self, vec: Any, idx: Any) -> Any:
+        return tf.gather(vec, idx)
+
+    def take_class(self, x: Any, y: Any, k: int) -> Any:
+        return tf.squeeze(_tnp_take_along(x, tf.expand_dims(y, k), axis=k), k)
+
+    def classdot(self, x: Any, w: Any, k: int) -> Any:
+        return tf.tensordot(x, w, axes=[[k], [0]])
+
+    def add_class(self, g: Any, y: Any, vals: Any, k: int) -> Any:  # pragma: no cover - autodiff is used
+        raise NotImplementedError
+
+    def reshape_class(self, w: Any, k: int, ndim: int) -> Any:
+        shape = [1] * ndim
+        shape[k] = -1
+        return tf.reshape(w, shape)
+
+    def full_tokens(self, like: Any, value: float, dtype: Any) -> Any:
+        return tf.fill(tf.shape(like), tf.constant(value, dtype))
+
+    def true_like(self, like: Any) -> Any:
+        return tf.ones(tf.shape(like), tf.bool)
+
+    def drop_class(self, z: Any, k: int) -> Any:
+        return tf.gather(z, 0, axis=k)
+
+    def dim(self, x: Any, axis: int) -> Any:
+        d = x.shape[axis]
+        return d if d is not None else tf.cast(tf.shape(x)[axis], tf.int64)
+
+    def ndim(self, x: Any) -> int:
+        return len(x.shape)
+
+    def size(self, x: Any) -> Any:
+        return tf.size(x, out_type=tf.int64)
+
+    def arange(self, n: Any, like: Any) -> Any:
+        return tf.range(tf.cast(n, like.dtype) if like is not None else n, dtype=None if like is None else like.dtype)
+
+    def moveaxis(self, x: Any, src: int, dst: int) -> Any:
+        return tf.experimental.numpy.moveaxis(x, src, dst)
+
+    def dtype(self, x: Any) -> Any:
+        return x.dtype
+
+    def pick_step(self, h: Any, idx: Any) -> Any:
+        return tf.gather(h, idx, batch_dims=1)
+
+    @staticmethod
+    def version() -> str:
+        return tf.__version__
+
+    @staticmethod
+    def devices() -> list[str]:
+        return [d.name.replace("/physical_device:", "").lower() for d in tf.config.list_physical_devices()
+                if d.device_type in ("CPU", "GPU")]
+
+
+BACKEND = TensorflowBackend()
