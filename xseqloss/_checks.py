@@ -146,6 +146,19 @@ def fitting_layouts(logits_shape: Sequence[Any], layout: str, targets_shape: Seq
         want = list(logits_shape) if soft else [d for d, a in zip(logits_shape, cand) if a != "C"]
         if same_shape(targets_shape, want):
             fits.append(cand)
+    # the usual mistake is only the class axis in the wrong place: prefer layouts that keep N/T order
+    same_order = [f for f in fits if f.replace("C", "") == layout.replace("C", "")]
+    return same_order or fits
+
+
+def layouts_with_classes(shape: Sequence[Any], layout: str, num_classes: int) -> list[str]:
+    """Layouts keeping the N/T order of ``layout`` whose C axis has size ``num_classes``."""
+    rest = layout.replace("C", "")
+    fits = []
+    for pos in range(len(layout)):
+        cand = rest[:pos] + "C" + rest[pos:]
+        if cand != layout and shape[pos] == num_classes:
+            fits.append(cand)
     return fits
 
 

@@ -348,7 +348,7 @@ def _prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets:
     tok_shape = tuple(d for d, a in zip(shape, L) if a != "C")
     tok = o.tok_layout
     if o.num_classes is not None and C is not None and C != o.num_classes:
-        fits = [f for f in _checks.fitting_layouts(shape, L, tok_shape, False) if shape[f.index("C")] == o.num_classes]
+        fits = _checks.layouts_with_classes(shape, L, o.num_classes)
         raise XSeqLossError(
             f"logits have C = {C} along axis {o.k} ('C' in layout={L!r}, shape {fmt_shape(shape, L)}) but "
             f"num_classes={o.num_classes}; a swapped layout is invisible in the shapes when T == C, which is "
