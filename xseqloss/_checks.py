@@ -91,9 +91,26 @@ class Options:
         return self.layout.replace("C", "")
 
 
-def parse_options(*, layout: Any, ignore_index: Any, inputs: Any, label_smoothing: Any, smoothing: Any,
-                  z_loss: Any, logit_softcap: Any, reduction: Any, denominator: Any, empty: Any,
-                  num_classes: Any, validate: Any, inplace_backward: Any) -> Options:
+_OPTIONS_CACHE: dict[tuple, Options] = {}
+
+
+def parse_options(**kw: Any) -> Options:
+    """Validated options; cached per distinct set of (hashable) values, since most calls repeat them."""
+    try:
+        key = tuple((k, type(v), v) for k, v in sorted(kw.items()))
+        hit = _OPTIONS_CACHE.get(key)
+    except TypeError:  # an unhashable value (a list of ignore indices): parse it every time
+        return _parse_options(**kw)
+    if hit is None:
+        hit = _parse_options(**kw)
+        if len(_OPTIONS_CACHE) < 1024:
+            _OPTIONS_CACHE[key] = hit
+    return hit
+
+
+def _parse_options(*, layout: Any, ignore_index: Any, inputs: Any, label_smoothing: Any, smoothing: Any,
+                   z_loss: Any, logit_softcap: Any, reduction: Any, denominator: Any, empty: Any,
+                   num_classes: Any, validate: Any, inplace_backward: Any) -> Options:
     layout = parse_layout(layout)
     inputs = choice(inputs, "inputs", INPUTS)
     eps = number(label_smoothing, "label_smoothing", 0.0, 1.0)

@@ -62,16 +62,18 @@ def _uniform_eps(opts: Options, C: int) -> float:
 # ------------------------------------------------------------------------- per-token kernel (generic)
 
 def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
-               want_grad: bool = False) -> tuple[Any, Any]:
+               want_grad: bool = False, k: int | None = None) -> tuple[Any, Any]:
     """Per-token loss l (acc dtype, token shape) and, if ``want_grad``, dl/dz (acc dtype, logits' shape).
 
     l = sum(q) * lse - q . x + z_loss * lse^2, with x the transformed inputs (softcap; log of clamped
     probabilities), lse = logsumexp(x) for logits (0 for log_probs/probs), and the target
     distribution q = (1 - eps) * cw[y] * onehot(y) + (eps / C) * cw (index targets, never built as a
     one-hot) or q = cw * ((1 - eps) * t + eps / C) (soft targets). Rows where ``keep`` is false give
-    exactly 0 loss and exactly 0 gradient whatever their contents.
+    exactly 0 loss and exactly 0 gradient whatever their contents. ``k`` overrides the class axis
+    (a backend's chunked kernel passes flattened (rows, C) chunks).
     """
-    o, k, C, eps = st.opts, st.opts.k, st.C, st.eps
+    o, C, eps = st.opts, st.C, st.eps
+    k = o.k if k is None else k
     if st.plain and not want_grad:
         return ops.nll(z, y, keep, k, acc), None
     keep_c = None if keep is None else ops.expand(keep, k)
@@ -244,7 +246,11 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
         rb = ops.any((zz < 0) | (zz > 1) | ~ops.isfinite(zz), o.k) | (ops.abs(ops.sum(zz, o.k) - 1.0) > 1e-3)
         bad = _or(bad, rb if counted is None else (rb & counted))
 
-    l, g = token_loss(ops, st, z, y, t, counted, cw, acc, want_grad)
+    fused = getattr(ops, "fused_token_loss", None)  # a backend's own forward+backward kernel, if any
+    l = None if (want_grad or fused is None) else fused(st, z, y, t, counted, cw, acc)
+    g = None
+    if l is None:
+        l, g = token_loss(ops, st, z, y, t, counted, cw, acc, want_grad)
 
     # token weights W (for the denominator) and the multiplier of each token's loss
     w = None if weights is None else ops.cast(weights, acc)
@@ -444,7 +450,47 @@ def _first(be: Any, bad: Any) -> tuple[int, ...] | None:
     return tuple(int(i) for i in np.argwhere(arr)[0])
 
 
+def _value_flags(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: Any, weights: Any,
+                 cw: Any, normalizer: Any) -> dict[str, Any]:
+    """One scalar flag per kind of value problem: a single backend call (jitted on JAX) and one
+    host read per flag, so validation stays cheap; the details are looked up only on failure."""
+    o, C = st.opts, st.C
+    m = None if mask is None else ops.nonzero(mask)
+    flags = {}
+    if y is not None:
+        bad = (y < 0) if C is None else ((y < 0) | (y >= C))
+        for v in o.ignore:
+            bad = bad & (y != v)
+        flags["targets"] = ops.any(bad if m is None else (bad & m), None)
+    if lengths is not None:
+        T = ops.dim(y if y is not None else ops.drop_class(t, o.k), o.tok_layout.index("T"))
+        flags["lengths"] = ops.any((lengths < 0) | (lengths > T), None)
+    if cw is not None:
+        flags["class_weights"] = ops.any(~ops.isfinite_any_dtype(cw) | (cw < 0), None)
+    if normalizer is not None:
+        flags["normalizer"] = ops.any(~ops.isfinite_any_dtype(normalizer) | (normalizer < 0), None)
+    if t is not None:
+        bad = ops.any((t < 0) | ~ops.isfinite(t), o.k)
+        flags["soft"] = ops.any(bad if m is None else (bad & m), None)
+    if z is not None and o.inputs == "probs":
+        p = ops.cast(z, ops.acc_dtype(z))
+        bad = ops.any((p < 0) | (p > 1) | ~ops.isfinite(p), o.k) | (ops.abs(ops.sum(p, o.k) - 1.0) > 1e-3)
+        flags["probs"] = ops.any(bad if m is None else (bad & m), None)
+    return flags
+
+
 def _check_values(call: _Call, shape: tuple[Any, ...]) -> None:
+    be = call.be
+    flags = be.run(_value_flags, call.st, call.z, call.y, call.t, call.mask, call.lengths, call.weights,
+                   call.cw, call.normalizer)
+    if any(be.to_numpy(f) for f in flags.values()):
+        _raise_value_error(call, shape)
+    if call.z is not None and call.st.opts.inputs == "logits":
+        _warn_if_probabilities(call)
+
+
+def _raise_value_error(call: _Call, shape: tuple[Any, ...]) -> None:
+    """The slow path: find the first offending element of the first problem and raise."""
     be, st = call.be, call.st
     o, C = st.opts, st.C
     if call.y is not None:
@@ -494,12 +540,8 @@ def _check_values(call: _Call, shape: tuple[Any, ...]) -> None:
             pos = tuple(int(i) for i in np.argwhere(bad)[0])
             raise XSeqLossError(f"targets{position(pos)} = {tt[pos]} is invalid: soft-target probabilities "
                                 f"must be finite and in [0, 1]")
-    if call.z is None:
-        return
-    if o.inputs == "probs":
+    if call.z is not None and o.inputs == "probs":
         _check_probs(call)
-    elif o.inputs == "logits":
-        _warn_if_probabilities(call)
 
 
 def _check_probs(call: _Call) -> None:
@@ -528,10 +570,11 @@ _SAMPLE_ROWS = 4
 
 
 def _warn_if_probabilities(call: _Call) -> None:
-    """One warning when the first few rows look like softmax outputs (reads a few rows only)."""
+    """One warning when the first few rows look like softmax outputs (reads a few rows only; real
+    logits almost always have a negative entry in the first row, which ends the check at once)."""
     be, o = call.be, call.st.opts
     sample = be.sample_rows(call.z, o.k, _SAMPLE_ROWS)  # (rows, C) NumPy float64, a few rows
-    if sample is None or sample.shape[0] == 0 or sample.shape[1] < 2:
+    if sample.shape[0] == 0 or sample.shape[1] < 2 or sample[0].min() < 0 or sample[0].max() > 1:
         return
     if np.all((sample >= 0) & (sample <= 1)) and np.all(np.abs(sample.sum(-1) - 1.0) <= 1e-3):
         warnings.warn("xseqloss: the logits look like probability rows (in [0, 1], summing to 1): did you "

@@ -57,7 +57,8 @@ class NumpyBackend:
     # ---- running the numeric core
     def run(self, fn: Any, st: Any, *arrays: Any) -> Any:
         with np.errstate(all="ignore"):
-            return np.asarray(fn(self, st, *arrays))
+            out = fn(self, st, *arrays)
+        return out if isinstance(out, dict) else np.asarray(out)
 
     def value_and_grad(self, fn: Any, st: Any, z: Any, *arrays: Any) -> tuple[Any, Any]:
         with np.errstate(all="ignore"):

@@ -121,8 +121,8 @@ class TorchBackend:
     def min(self, x: Any, axis: int) -> Any:
         return x.amin(dim=axis)
 
-    def any(self, x: Any, axis: int) -> Any:
-        return x.any(dim=axis)
+    def any(self, x: Any, axis: Any) -> Any:
+        return x.any() if axis is None else x.any(dim=axis)
 
     def count(self, flags: Any, axis: Any) -> Any:
         return flags.sum(dtype=torch.int64) if axis is None else flags.sum(dim=axis, dtype=torch.int64)
@@ -203,3 +203,132 @@ class TorchBackend:
 
 
 BACKEND = TorchBackend()
+
+
+# ------------------------------------------------------------------------ fused forward+backward
+#
+# F.cross_entropy's forward+backward makes several logits-sized passes and buffers (log_softmax
+# output, its gradient, the scatter). Here the gradient is computed during the forward pass, chunk by
+# chunk while the chunk is in cache, into one logits-sized buffer (or into the logits' own storage
+# with inplace_backward=True, Liger Kernel's trick); backward only scales it by the per-token upstream
+# gradient. The general options reuse _loss.token_loss per chunk, so the semantics stay in one place.
+
+_CHUNK_ELEMENTS = 1 << 21  # ~8 MB of float32 per chunk: stays in cache, amortises op dispatch
+
+
+def _chunks(z: Any, k: int, tok: Any) -> tuple[int, Any]:
+    """(class axis of a chunk, generator of (index over z, index over tokens)) slices."""
+    C = z.shape[k]
+    if k == z.ndim - 1 and z.is_contiguous():
+        rows = max(1, _CHUNK_ELEMENTS // max(C, 1))
+        M = z.numel() // max(C, 1)
+        return 1, ((slice(i, min(i + rows, M)),) for i in range(0, M, rows))
+    # another layout: slabs along the first non-class axis, computed along the native class axis
+    a0 = 0 if k != 0 else 1
+    per = max(1, z.numel() // max(z.shape[a0], 1))
+    step = max(1, _CHUNK_ELEMENTS // per)
+    return k, (tuple([slice(None)] * a0 + [slice(i, min(i + step, z.shape[a0]))])
+               for i in range(0, z.shape[a0], step))
+
+
+def _tok_index(idx: tuple, k: int, kk: int) -> tuple:
+    """The token-array index matching a chunk index over z (drop the class axis)."""
+    if kk == 1 and len(idx) == 1:  # rows mode: tokens are flattened too
+        return idx
+    return tuple(s for a, s in enumerate(idx) if a != k)
+
+
+def _plain_chunk(x: Any, y: Any, keep: Any, g: Any, kk: int, want_grad: bool) -> Any:
+    """lse - x[y] for one chunk; if want_grad, softmax - onehot written into g (float32/64 chunk)."""
+    m = x.amax(kk, keepdim=True)
+    m = torch.where(m == -torch.inf, 0.0, m)
+    xy = x.gather(kk, y.unsqueeze(kk))
+    torch.sub(x, m, out=g)  # g may alias x (inplace_backward in the logits' own dtype)
+    g.exp_()
+    s = g.sum(kk, keepdim=True)
+    l = (m + s.log() - xy).squeeze(kk)
+    if want_grad:
+        g.div_(s)
+        g.scatter_add_(kk, y.unsqueeze(kk), torch.full_like(xy, -1.0))
+        if keep is not None:
+            g.masked_fill_(~keep.unsqueeze(kk), 0.0)  # exact 0 even where the row holds NaN
+    return l if keep is None else torch.where(keep, l, 0.0)
+
+
+def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
+                gbuf: Any) -> Any:
+    """Per-token losses (acc dtype); with gbuf, dl/dz written into it (gbuf may be z itself)."""
+    from .. import _loss
+
+    k = st.opts.k
+    want_grad = gbuf is not None
+    kk, chunks = _chunks(z, k, y if y is not None else None)
+    rows = kk == 1 and k == z.ndim - 1 and z.is_contiguous()
+    C = z.shape[k]
+    tok_shape = tuple(d for a, d in enumerate(z.shape) if a != k)
+    out = torch.empty(tok_shape, dtype=acc, device=z.device)
+    zf = z.reshape(-1, C) if rows else z
+    gf = None if gbuf is None else (gbuf.reshape(-1, C) if rows else gbuf)
+    of = out.reshape(-1) if rows else out
+    yf = None if y is None else (y.reshape(-1) if rows else y)
+    kf = None if keep is None else (keep.reshape(-1) if rows else keep)
+    tf_ = None if t is None else (t.reshape(-1, C) if rows else t)
+    scratch = None
+    for idx in chunks:
+        ti = idx if rows else _tok_index(idx, k, kk)
+        zc = zf[idx]
+        kc = None if kf is None else kf[ti]
+        if st.plain:
+            x = zc if zc.dtype == acc else zc.to(acc)
+            if gf is not None and gf.dtype == acc:
+                g = gf[idx]  # write straight into the gradient buffer (or the logits, inplace)
+            else:
+                if scratch is None or scratch.shape != x.shape:
+                    scratch = torch.empty_like(x)
+                g = scratch
+            of[ti] = _plain_chunk(x, yf[ti], kc, g, kk, want_grad)
+            if gf is not None and g is not gf[idx] and gf.dtype != acc:
+                gf[idx].copy_(g)
+        else:
+            l, g = _loss.token_loss(be, st, zc, None if yf is None else yf[ti], None if tf_ is None else tf_[idx],
+                                    kc, cw, acc, want_grad, k=kk)
+            of[ti] = l
+            if gf is not None:
+                gf[idx].copy_(g)
+    return out
+
+
+class _FusedTokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, st: Any, acc: Any, be: Any) -> Any:
+        gbuf = z.detach() if st.opts.inplace else torch.empty_like(z)
+        out = _run_chunks(be, st, z.detach(), y, t, keep, cw, acc, gbuf)
+        ctx.gbuf, ctx.k = gbuf, st.opts.k
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dl: Any) -> Any:
+        g = ctx.gbuf
+        if g is None:
+            raise RuntimeError("xseqloss: the fused backward runs once (its buffer is reused in place); "
+                               "call backward only once, or compute the loss again")
+        ctx.gbuf = None
+        g.mul_(dl.unsqueeze(ctx.k).to(g.dtype))
+        return g, None, None, None, None, None, None, None
+
+
+def _fused_token_loss(self: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any) -> Any:
+    if _compiling() or z.numel() == 0:
+        return None  # inductor fuses the generic path itself; the chunk loop would unroll
+    needs_grad = torch.is_grad_enabled() and z.requires_grad
+    if needs_grad:
+        if (t is not None and t.requires_grad) or (cw is not None and cw.requires_grad):
+            return None  # gradients into targets/class weights: plain autograd
+        return _FusedTokenLoss.apply(z, y, t, keep, cw, st, acc, self)
+    with torch.no_grad():
+        if st.opts.inplace:
+            return _run_chunks(self, st, z, y, t, keep, cw, acc, None)
+        return _run_chunks(self, st, z, y, t, keep, cw, acc, None)
+
+
+TorchBackend.fused_token_loss = _fused_token_loss  # type: ignore[attr-defined]

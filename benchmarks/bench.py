@@ -1,0 +1,462 @@
+"""Benchmark harness: xseqloss against each framework's own call for the same semantics.
+
+For each installed backend and size it times, alternating the contenders inside one process and
+reporting medians and ratios (the machines are shared and noisy; only ratios taken in one run mean
+anything):
+
+* the floors: one copy of the logits and one ``exp`` pass over them, by the same framework;
+* forward and forward+backward, xseqloss (default options) against the native call
+  (PyTorch ``F.cross_entropy``; TensorFlow ``sparse_softmax_cross_entropy_with_logits`` in a
+  ``tf.function``; optax under ``jax.jit``; a careful NumPy implementation with an analytic gradient),
+  eager and compiled where that applies;
+* per-call overhead at a tiny size, with validation on and off;
+* peak extra memory of forward+backward in multiples of the logits' size (peak RSS, or CUDA's
+  max_memory_allocated on a GPU), each in a fresh subprocess.
+
+    python benchmarks/bench.py                       # every installed backend, every size
+    python benchmarks/bench.py --backends torch --sizes 8192x32000 --json out.json
+
+Nothing here is a test: it prints a table and writes JSON (benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import xseqloss as xsl  # noqa: E402
+
+SIZES = {"8192x32000": (1, 8192, 32000), "2048x128000": (1, 2048, 128000), "tiny": (1, 8, 128)}
+
+
+def _data(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    N, T, C = shape
+    z = rng.standard_normal((N, T, C), dtype=np.float32) * 2
+    y = rng.integers(0, C, (N, T))
+    return z, y
+
+
+def _time(fn: Callable[[], Any], sync: Callable[[Any], Any]) -> float:
+    t0 = time.perf_counter()
+    sync(fn())
+    return time.perf_counter() - t0
+
+
+def _alternate(fns: dict[str, Callable[[], Any]], sync: Callable[[Any], Any], reps: int,
+               warmup: int = 1) -> dict[str, float]:
+    """Median seconds per contender, the contenders interleaved round by round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            sync(fn())
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(_time(fn, sync))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ------------------------------------------------------------------------------------ backends
+
+def torch_contenders(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    z_np, y_np = _data(shape)
+    z = torch.tensor(z_np, device=device)
+    y = torch.tensor(y_np, device=device)
+    C = shape[-1]
+    zg = z.clone().requires_grad_(True)
+
+    def sync(x: Any) -> Any:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return x
+
+    def native_fb() -> Any:
+        zg.grad = None
+        loss = F.cross_entropy(zg.view(-1, C), y.view(-1))
+        loss.backward()
+        return zg.grad
+
+    def xsl_fb(**kw: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            zg.grad = None
+            loss = xsl.sequence_cross_entropy(zg, y, **kw)
+            loss.backward()
+            return zg.grad
+        return run
+
+    def fwd_native() -> Any:
+        with torch.no_grad():
+            return F.cross_entropy(z.view(-1, C), y.view(-1))
+
+    def fwd_xsl(**kw: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.no_grad():
+                return xsl.sequence_cross_entropy(z, y, **kw)
+        return run
+
+    out = {
+        "sync": sync,
+        "floors": {"copy": lambda: z.clone(), "exp": lambda: torch.exp(z)},
+        "forward": {"native": fwd_native, "xseqloss": fwd_xsl(), "xseqloss_novalidate": fwd_xsl(validate=False)},
+        "fwd_bwd": {"native": native_fb, "xseqloss": xsl_fb(), "xseqloss_novalidate": xsl_fb(validate=False)},
+    }
+    return out
+
+
+def torch_compiled(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    z_np, y_np = _data(shape)
+    z = torch.tensor(z_np, device=device).requires_grad_(True)
+    y = torch.tensor(y_np, device=device)
+    C = shape[-1]
+    nat = torch.compile(lambda a, b: F.cross_entropy(a.view(-1, C), b.view(-1)), fullgraph=True)
+    ours = torch.compile(lambda a, b: xsl.sequence_cross_entropy(a, b), fullgraph=True)
+
+    def run(f: Any) -> Callable[[], Any]:
+        def go() -> Any:
+            z.grad = None
+            f(z, y).backward()
+            return z.grad
+        return go
+
+    def sync(x: Any) -> Any:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return x
+
+    return {"sync": sync, "fwd_bwd_compiled": {"native": run(nat), "xseqloss": run(ours)}}
+
+
+def tf_contenders(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
+    import tensorflow as tf
+
+    z_np, y_np = _data(shape)
+    with tf.device(device):
+        z = tf.constant(z_np)
+        y = tf.constant(y_np)
+
+    @tf.function
+    def native_f(z: Any) -> Any:
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=z))
+
+    @tf.function
+    def native_fb(z: Any) -> Any:
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=z))
+        return loss, tape.gradient(loss, z)
+
+    @tf.function
+    def xsl_f(z: Any) -> Any:
+        return xsl.sequence_cross_entropy(z, y)
+
+    @tf.function
+    def xsl_fb_c(z: Any) -> Any:
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            loss = xsl.sequence_cross_entropy(z, y)
+        return loss, tape.gradient(loss, z)
+
+    def xsl_fb_eager(**kw: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            with tf.GradientTape() as tape:
+                tape.watch(z)
+                loss = xsl.sequence_cross_entropy(z, y, **kw)
+            return loss, tape.gradient(loss, z)
+        return run
+
+    exp_f = tf.function(lambda a: tf.exp(a))
+    copy_f = tf.function(lambda a: a * 1.0)
+
+    def sync(x: Any) -> Any:
+        for t in tf.nest.flatten(x):
+            _ = t.numpy() if t.shape.rank == 0 else t[(0,) * t.shape.rank].numpy()
+        return x
+
+    return {
+        "sync": sync,
+        "floors": {"copy": lambda: copy_f(z), "exp": lambda: exp_f(z)},
+        "forward": {"native": lambda: native_f(z), "xseqloss": lambda: xsl.sequence_cross_entropy(z, y),
+                    "xseqloss_novalidate": lambda: xsl.sequence_cross_entropy(z, y, validate=False),
+                    "xseqloss_tf_function": lambda: xsl_f(z)},
+        "fwd_bwd": {"native": lambda: native_fb(z), "xseqloss": xsl_fb_eager(),
+                    "xseqloss_novalidate": xsl_fb_eager(validate=False),
+                    "xseqloss_tf_function": lambda: xsl_fb_c(z)},
+    }
+
+
+def jax_contenders(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    z_np, y_np = _data(shape)
+    dev = jax.devices(device)[0]
+    z = jax.device_put(jnp.asarray(z_np), dev)
+    y = jax.device_put(jnp.asarray(y_np, jnp.int32), dev)
+
+    native_f = jax.jit(lambda z, y: optax.softmax_cross_entropy_with_integer_labels(z, y).mean())
+    native_fb = jax.jit(jax.value_and_grad(lambda z, y: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()))
+    xsl_f = jax.jit(lambda z, y: xsl.sequence_cross_entropy(z, y))
+    xsl_fb = jax.jit(jax.value_and_grad(lambda z, y: xsl.sequence_cross_entropy(z, y)))
+    exp_f = jax.jit(jnp.exp)
+    copy_f = jax.jit(lambda a: a + 0.0)
+
+    def sync(x: Any) -> Any:
+        return jax.block_until_ready(x)
+
+    return {
+        "sync": sync,
+        "floors": {"copy": lambda: copy_f(z), "exp": lambda: exp_f(z)},
+        "forward": {"native": lambda: native_f(z, y), "xseqloss": lambda: xsl.sequence_cross_entropy(z, y),
+                    "xseqloss_novalidate": lambda: xsl.sequence_cross_entropy(z, y, validate=False),
+                    "xseqloss_jit": lambda: xsl_f(z, y)},
+        "fwd_bwd": {"native": lambda: native_fb(z, y), "xseqloss": lambda: xsl.value_and_grad(z, y),
+                    "xseqloss_novalidate": lambda: xsl.value_and_grad(z, y, validate=False),
+                    "xseqloss_jit": lambda: xsl_fb(z, y)},
+    }
+
+
+def numpy_baseline_fwd(z: np.ndarray, y: np.ndarray) -> Any:
+    m = z.max(-1, keepdims=True)
+    lse = np.log(np.exp(z - m).sum(-1)) + m[..., 0]
+    return (lse - np.take_along_axis(z, y[..., None], -1)[..., 0]).mean()
+
+
+def numpy_baseline_fb(z: np.ndarray, y: np.ndarray) -> Any:
+    """A careful NumPy cross-entropy with its analytic gradient (softmax - onehot) / n."""
+    m = z.max(-1, keepdims=True)
+    e = np.exp(z - m)
+    s = e.sum(-1, keepdims=True)
+    lse = np.log(s[..., 0]) + m[..., 0]
+    loss = (lse - np.take_along_axis(z, y[..., None], -1)[..., 0]).mean()
+    e /= s
+    np.put_along_axis(e, y[..., None], np.take_along_axis(e, y[..., None], -1) - 1.0, -1)
+    e /= y.size
+    return loss, e
+
+
+def numpy_contenders(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
+    z, y = _data(shape)
+    return {
+        "sync": lambda x: x,
+        "floors": {"copy": lambda: z.copy(), "exp": lambda: np.exp(z)},
+        "forward": {"native": lambda: numpy_baseline_fwd(z, y), "xseqloss": lambda: xsl.sequence_cross_entropy(z, y),
+                    "xseqloss_novalidate": lambda: xsl.sequence_cross_entropy(z, y, validate=False)},
+        "fwd_bwd": {"native": lambda: numpy_baseline_fb(z, y), "xseqloss": lambda: xsl.value_and_grad(z, y),
+                    "xseqloss_novalidate": lambda: xsl.value_and_grad(z, y, validate=False)},
+    }
+
+
+CONTENDERS = {"numpy": numpy_contenders, "torch": torch_contenders, "tensorflow": tf_contenders,
+              "jax": jax_contenders}
+
+
+def devices_for(backend: str, wanted: list[str] | None) -> list[str]:
+    devs = ["cpu"]
+    if backend == "torch":
+        import torch
+        if torch.cuda.is_available():
+            devs.append("cuda")
+    elif backend == "jax":
+        import jax
+        try:
+            if jax.devices("gpu"):
+                devs.append("gpu")
+        except RuntimeError:
+            pass
+    elif backend == "tensorflow":
+        import tensorflow as tf
+        if tf.config.list_physical_devices("GPU"):
+            devs.append("GPU")
+    return [d for d in devs if wanted is None or d.lower() in [w.lower() for w in wanted]]
+
+
+# -------------------------------------------------------------------------------------- memory
+
+MEMORY_SNIPPET = r"""
+import sys, json, gc, os
+sys.path.insert(0, {root!r})
+import numpy as np
+backend, which, N, T, C, device = {args!r}
+def rss():
+    with open('/proc/self/status') as f:
+        d = dict(l.split(':', 1) for l in f)
+    return int(d['VmRSS'].split()[0]) * 1024, int(d['VmHWM'].split()[0]) * 1024
+def reset_peak():
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+rng = np.random.default_rng(0)
+z_np = rng.standard_normal((N, T, C), dtype=np.float32); y_np = rng.integers(0, C, (N, T))
+nbytes = z_np.nbytes
+import xseqloss as xsl
+if backend == 'torch':
+    import torch, torch.nn.functional as F
+    z = torch.tensor(z_np, device=device); y = torch.tensor(y_np, device=device); del z_np
+    def run():
+        w = z.detach().requires_grad_(True)
+        if which == 'native':
+            F.cross_entropy(w.view(-1, C), y.view(-1)).backward()
+        elif which == 'xseqloss_inplace':
+            h = w * 1.0  # the logits as a model's output (lm_head) would be; overwritten
+            xsl.sequence_cross_entropy(h, y, inplace_backward=True).backward()
+        else:
+            xsl.sequence_cross_entropy(w, y).backward()
+        return w.grad
+    cuda = device.startswith('cuda')
+elif backend == 'jax':
+    import jax, jax.numpy as jnp, optax
+    z = jnp.asarray(z_np); y = jnp.asarray(y_np, jnp.int32); del z_np
+    if which == 'native':
+        f = jax.jit(jax.value_and_grad(lambda a, b: optax.softmax_cross_entropy_with_integer_labels(a, b).mean()))
+        run = lambda: f(z, y)[1].block_until_ready()
+    else:
+        run = lambda: xsl.value_and_grad(z, y)[1].block_until_ready()
+    cuda = False
+elif backend == 'tensorflow':
+    import tensorflow as tf
+    z = tf.constant(z_np); y = tf.constant(y_np); del z_np
+    @tf.function
+    def nat(a):
+        with tf.GradientTape() as t:
+            t.watch(a); l = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=a))
+        return t.gradient(l, a)
+    def ours(a):
+        with tf.GradientTape() as t:
+            t.watch(a); l = xsl.sequence_cross_entropy(a, y)
+        return t.gradient(l, a)
+    run = (lambda: nat(z).numpy()[0, 0, 0]) if which == 'native' else (lambda: ours(z)[0, 0, 0].numpy())
+    cuda = False
+else:
+    z = z_np; y = y_np
+    sys.path.insert(0, {here!r})
+    from bench import numpy_baseline_fb
+    run = (lambda: numpy_baseline_fb(z, y)[1]) if which == 'native' else (lambda: xsl.value_and_grad(z, y)[1])
+    cuda = False
+g = run(); del g; gc.collect()  # warm-up (compilation, allocator pools)
+if cuda:
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+    g = run(); torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
+else:
+    gc.collect(); base, _ = rss(); reset_peak()
+    g = run(); _, hwm = rss(); peak = hwm - base
+print(json.dumps({{"peak_extra_bytes": peak, "logits_bytes": nbytes}}))
+"""
+
+
+def measure_memory(backend: str, which: str, shape: tuple[int, int, int], device: str) -> float | None:
+    code = MEMORY_SNIPPET.format(root=os.path.dirname(HERE), here=HERE, args=(backend, which, *shape, device))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
+    except Exception as exc:  # report, never hide
+        print(f"  memory {backend}/{which}: failed ({exc}); stderr tail: {out.stderr[-400:] if 'out' in dir() else ''}")
+        return None
+    d = json.loads(line)
+    return d["peak_extra_bytes"] / d["logits_bytes"]
+
+
+# ----------------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", nargs="*", default=None)
+    ap.add_argument("--devices", nargs="*", default=None)
+    ap.add_argument("--sizes", nargs="*", default=list(SIZES))
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--tiny-reps", type=int, default=300)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-compiled", action="store_true", help="skip torch.compile (slow to compile)")
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"))
+    args = ap.parse_args(argv)
+
+    avail = xsl.available_backends()
+    backends = [b for b in (args.backends or list(CONTENDERS)) if b in avail]
+    env = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
+           "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "backends": {b: avail[b] for b in backends}, "xseqloss": xsl.__version__}
+    try:
+        import torch
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    results: list[dict[str, Any]] = []
+    for be in backends:
+        for dev in devices_for(be, args.devices):
+            for size in args.sizes:
+                shape = SIZES[size]
+                print(f"[{be} {dev} {size}]", flush=True)
+                c = CONTENDERS[be](shape, dev)
+                sync = c["sync"]
+                tiny = size == "tiny"
+                reps = args.tiny_reps if tiny else args.reps
+                row: dict[str, Any] = {"backend": be, "device": dev, "size": size, "shape": shape}
+                if not tiny:
+                    row["floors_ms"] = {k: v * 1e3 for k, v in _alternate(c["floors"], sync, reps).items()}
+                for phase in ("forward", "fwd_bwd"):
+                    med = _alternate(c[phase], sync, reps, warmup=3 if tiny else 1)
+                    row[phase + "_ms"] = {k: v * 1e3 for k, v in med.items()}
+                    row[phase + "_ratio"] = {k: v / med["native"] for k, v in med.items() if k != "native"}
+                    row[phase + "_overhead_us"] = {k: (v - med["native"]) * 1e6 for k, v in med.items() if k != "native"}
+                if be == "torch" and not args.no_compiled and not tiny:
+                    cc = torch_compiled(shape, dev)
+                    med = _alternate(cc["fwd_bwd_compiled"], cc["sync"], reps)
+                    row["fwd_bwd_compiled_ms"] = {k: v * 1e3 for k, v in med.items()}
+                if not tiny:
+                    exp = row["floors_ms"]["exp"]
+                    row["fwd_bwd_over_exp"] = {k: v / exp for k, v in row["fwd_bwd_ms"].items()}
+                if not tiny and not args.no_memory:
+                    mem = {}
+                    for which in ("native", "xseqloss") + (("xseqloss_inplace",) if be == "torch" else ()):
+                        mem[which] = measure_memory(be, which, shape, dev if be == "torch" else "cpu")
+                    row["peak_extra_memory_x_logits"] = mem
+                results.append(row)
+                _print_row(row)
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"environment": env, "results": results}, f, indent=1)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+def _fmt(d: dict[str, float], unit: str = "") -> str:
+    return ", ".join(f"{k}={v:.3g}{unit}" for k, v in d.items())
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    if "floors_ms" in row:
+        print(f"  floors ms:        {_fmt(row['floors_ms'])}")
+    for phase in ("forward", "fwd_bwd"):
+        print(f"  {phase:8s} ms:      {_fmt(row[phase + '_ms'])}")
+        print(f"  {phase:8s} ratio:   {_fmt(row[phase + '_ratio'])}  (xseqloss / native)")
+        if row["size"] == "tiny":
+            print(f"  {phase:8s} overhead: {_fmt(row[phase + '_overhead_us'], ' us')}")
+    if "fwd_bwd_compiled_ms" in row:
+        print(f"  fwd_bwd compiled ms: {_fmt(row['fwd_bwd_compiled_ms'])}")
+    if "fwd_bwd_over_exp" in row:
+        print(f"  fwd_bwd / exp pass: {_fmt(row['fwd_bwd_over_exp'])}")
+    if "peak_extra_memory_x_logits" in row:
+        print(f"  peak extra memory (x logits): {row['peak_extra_memory_x_logits']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

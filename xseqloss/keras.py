@@ -1,0 +1,239 @@
+"""``SequenceCrossEntropy``: ``xseqloss.sequence_cross_entropy`` as a Keras 3 loss, for ``model.compile`` and
+``fit`` on every Keras backend (TensorFlow, JAX, PyTorch; NumPy for inference).
+
+What it does differently from ``keras.losses.Loss`` (on purpose, see docs/porting.md):
+
+* the Keras mask that layers attach to the predictions (``Embedding(mask_zero=True)`` and every layer that
+  propagates it) becomes xseqloss's ``mask``; ``sample_weight`` becomes the token ``weights``;
+* xseqloss's own ``reduction`` and ``denominator`` are used, not Keras's ``sum_over_batch_size`` (which
+  divides by every position when there is no mask);
+* integer labels stay integers: Keras's ``Loss.__call__`` converts ``y_true`` to the loss dtype (float32),
+  which silently rounds class ids above 2**24 and turns a label bug into a float.
+
+>>> import numpy as np
+>>> import xseqloss.keras
+>>> loss = xseqloss.keras.SequenceCrossEntropy(label_smoothing=0.1)
+>>> cfg = loss.get_config()
+>>> (cfg["label_smoothing"], cfg["reduction"], cfg["ignore_index"])
+(0.1, 'mean', -100)
+>>> type(xseqloss.keras.SequenceCrossEntropy.from_config(cfg)).__name__
+'SequenceCrossEntropy'
+
+Importing this module imports Keras (an explicit request); ``import xseqloss`` alone does not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from . import _checks
+from ._errors import XSeqLossError, XSeqLossTypeError
+from ._loss import sequence_cross_entropy
+
+__all__ = ["SequenceCrossEntropy"]
+
+# Keras backend name -> xseqloss backend name (Keras's NumPy backend computes with NumPy arrays).
+_BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "numpy": "numpy"}
+
+
+def _keras_mask(x: Any) -> Any:
+    """The mask Keras attached to ``x``, or None.
+
+    Keras 3 keeps it in ``x._keras_mask`` where the tensor type allows attributes (TF, torch) and in a
+    side table keyed by ``id(x)`` otherwise (JAX arrays and tracers); ``keras.src.backend.get_keras_mask``
+    reads both. It is not public API, so an older or newer Keras falls back to the attribute.
+    """
+    try:
+        from keras.src.backend import get_keras_mask
+    except ImportError:  # pragma: no cover - other Keras 3 layouts
+        return getattr(x, "_keras_mask", None)
+    return get_keras_mask(x)
+
+
+def _is_symbolic_placeholder(x: Any) -> bool:
+    """torch-backend Keras builds the loss once on "meta" tensors (no values to check)."""
+    device = getattr(x, "device", None)
+    return getattr(device, "type", None) == "meta"
+
+
+@keras.saving.register_keras_serializable(package="xseqloss")
+class SequenceCrossEntropy(keras.losses.Loss):
+    """Sequence cross-entropy as a ``keras.losses.Loss``; every option of ``sequence_cross_entropy``.
+
+    ``model.compile(loss=SequenceCrossEntropy(...))`` and ``fit`` work on the TensorFlow, JAX and PyTorch
+    backends (under ``tf.function`` with an unknown batch size, under ``jax.jit``, and eagerly). The call
+    ``loss(y_true, y_pred, sample_weight=None)``:
+
+    * ``y_pred``: the logits (``layout``, default "NTC", i.e. Keras's classes-last sequence outputs);
+    * ``y_true``: integer class ids of the tokens' shape, never cast to float, or soft targets;
+    * the Keras mask on ``y_pred`` (if any) -> ``mask``: padded steps do not count;
+    * ``sample_weight`` -> ``weights``: tokens' shape (Keras's "temporal" sample weights), or fewer
+      axes, which are broadcast over the trailing token axes as Keras does for per-sample weights
+      (shape (N,) -> every token of sequence n gets weight s[n]).
+
+    The result is xseqloss's ``reduction`` over its ``denominator``: with the defaults, a weighted mean
+    over the tokens that count (sum of w * l / sum of w). Keras's own ``reduction`` argument does not
+    exist here; to reproduce ``SparseCategoricalCrossentropy`` exactly use ``**xseqloss.presets.KERAS``.
+    Under ``tf.distribute`` a local mean is scaled by 1 / replicas like Keras's losses (not when a
+    global ``normalizer`` is given, which already makes the sum over replicas exact).
+
+    Value checks (out-of-range labels) raise in eager mode; inside ``fit`` (traced on TF and JAX) a bad
+    label gives a NaN loss instead, as everywhere in xseqloss.
+
+    Args:
+        layout, ignore_index, class_weights, inputs, label_smoothing, smoothing, z_loss, logit_softcap,
+        reduction, denominator, normalizer, empty, num_classes, validate: as in
+        ``xseqloss.sequence_cross_entropy`` (docs/semantics.md). ``class_weights`` is stored as a list.
+        name: the loss name (Keras logs it).
+        dtype: Keras's loss dtype policy; the result is cast to it.
+    """
+
+    def __init__(self, *, layout: str = "NTC", ignore_index: Any = -100, class_weights: Any = None,
+                 inputs: str = "logits", label_smoothing: float = 0.0, smoothing: str = "uniform",
+                 z_loss: float = 0.0, logit_softcap: float | None = None, reduction: str = "mean",
+                 denominator: str = "weights", normalizer: float | None = None, empty: str = "zero",
+                 num_classes: int | None = None, validate: bool = True, name: str = "sequence_cross_entropy",
+                 dtype: Any = None) -> None:
+        opts = _checks.parse_options(layout=layout, ignore_index=ignore_index, inputs=inputs,
+                                     label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
+                                     logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
+                                     empty=empty, num_classes=num_classes, validate=validate,
+                                     inplace_backward=False)
+        if normalizer is not None:
+            if opts.reduction not in ("mean", "sequence_mean"):
+                raise XSeqLossError(f"normalizer replaces the denominator of reduction='mean' or 'sequence_mean'; "
+                                    f"it has no meaning with reduction={opts.reduction!r}")
+            normalizer = _checks.number(normalizer, "normalizer", 0.0)
+        # Keras's base class only knows its own reductions; ours is kept in self.reduction after it.
+        super().__init__(name=name, reduction="none", dtype=dtype)
+        self.reduction = reduction
+        self.layout = layout
+        self.ignore_index = (None if ignore_index is None else
+                             int(ignore_index) if len(opts.ignore) == 1 and not _is_collection(ignore_index)
+                             else list(opts.ignore))
+        self.class_weights = _class_weights(class_weights, opts.num_classes)
+        self.inputs = inputs
+        self.label_smoothing = float(label_smoothing)
+        self.smoothing = smoothing
+        self.z_loss = float(z_loss)
+        self.logit_softcap = None if logit_softcap is None else float(logit_softcap)
+        self.denominator = denominator
+        self.normalizer = normalizer
+        self.empty = empty
+        self.num_classes = opts.num_classes
+        self.validate = validate
+
+    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        mask = _keras_mask(y_pred)  # read before any conversion creates a new tensor without it
+        backend = _BACKENDS.get(keras.backend.backend())
+        if backend is None:
+            raise XSeqLossError(f"xseqloss has no backend for the Keras backend {keras.backend.backend()!r}; "
+                                f"supported: {sorted(_BACKENDS)}")
+        with ops.name_scope(self.name):
+            y_pred = ops.convert_to_tensor(y_pred)  # keeps its dtype
+            y_true = ops.convert_to_tensor(y_true)  # keeps its dtype: integer labels are never cast to float
+            soft = "float" in keras.backend.standardize_dtype(y_true.dtype)
+            weights = None
+            if sample_weight is not None:
+                weights = self._token_weights(ops.convert_to_tensor(sample_weight), y_true, y_pred, soft)
+            if mask is not None:
+                mask = ops.convert_to_tensor(mask)
+            validate = self.validate and not _is_symbolic_placeholder(y_pred)
+            loss = sequence_cross_entropy(
+                y_pred, y_true, layout=self.layout, mask=mask, ignore_index=self.ignore_index, weights=weights,
+                class_weights=None if self.class_weights is None else np.asarray(self.class_weights),
+                inputs=self.inputs, label_smoothing=self.label_smoothing, smoothing=self.smoothing,
+                z_loss=self.z_loss, logit_softcap=self.logit_softcap, reduction=self.reduction,
+                denominator=self.denominator, normalizer=self.normalizer, empty=self.empty,
+                num_classes=self.num_classes, validate=validate, backend=backend)
+            if self.reduction in ("mean", "sequence_mean") and self.normalizer is None:
+                loss = _scale_for_distribution(loss)
+            return ops.cast(loss, self.dtype)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        """Per-token losses (reduction "none"), for code that calls ``Loss.call`` directly."""
+        return sequence_cross_entropy(
+            ops.convert_to_tensor(y_pred), ops.convert_to_tensor(y_true), **{**self._options(), "reduction": "none",
+                                                                             "normalizer": None})
+
+    def _options(self) -> dict[str, Any]:
+        return dict(layout=self.layout, ignore_index=self.ignore_index,
+                    class_weights=None if self.class_weights is None else np.asarray(self.class_weights),
+                    inputs=self.inputs, label_smoothing=self.label_smoothing, smoothing=self.smoothing,
+                    z_loss=self.z_loss, logit_softcap=self.logit_softcap, reduction=self.reduction,
+                    denominator=self.denominator, normalizer=self.normalizer, empty=self.empty,
+                    num_classes=self.num_classes, validate=self.validate,
+                    backend=_BACKENDS.get(keras.backend.backend()))
+
+    def _token_weights(self, sw: Any, y_true: Any, y_pred: Any, soft: bool) -> Any:
+        """sample_weight in the tokens' shape (Keras's rules for per-sample and temporal weights)."""
+        if soft:  # tokens: the logits' axes minus C
+            k = _checks.parse_layout(self.layout).index("C")
+            tok_shape = tuple(d for i, d in enumerate(ops.shape(y_pred)) if i != k)
+        else:
+            tok_shape = tuple(ops.shape(y_true))
+        rank = len(sw.shape)
+        if rank == len(tok_shape) + 1 and sw.shape[-1] == 1:  # (N, T, 1): Keras's squeeze rule
+            sw = ops.squeeze(sw, -1)
+            rank -= 1
+        if rank > len(tok_shape):
+            raise XSeqLossError(f"sample_weight has shape {_checks.fmt_shape(tuple(sw.shape))}, more axes than "
+                                f"the tokens' shape {_checks.fmt_shape(tuple(y_true.shape))}")
+        if rank < len(tok_shape):  # per-sample weights: the same weight for every token of the sample
+            for _ in range(len(tok_shape) - rank):
+                sw = ops.expand_dims(sw, -1)
+            sw = ops.broadcast_to(sw, tok_shape)
+        if "float" not in keras.backend.standardize_dtype(sw.dtype):
+            sw = ops.cast(sw, self.dtype)
+        return sw
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self._dtype_policy.name, "layout": self.layout,
+                "ignore_index": self.ignore_index, "class_weights": self.class_weights, "inputs": self.inputs,
+                "label_smoothing": self.label_smoothing, "smoothing": self.smoothing, "z_loss": self.z_loss,
+                "logit_softcap": self.logit_softcap, "reduction": self.reduction,
+                "denominator": self.denominator, "normalizer": self.normalizer, "empty": self.empty,
+                "num_classes": self.num_classes, "validate": self.validate}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "SequenceCrossEntropy":
+        return cls(**config)
+
+
+def _is_collection(v: Any) -> bool:
+    return not isinstance(v, (str, bytes)) and hasattr(v, "__iter__")
+
+
+def _class_weights(cw: Any, num_classes: int | None) -> list[float] | None:
+    """class_weights as a list of Python floats (JSON-serialisable), checked once here."""
+    if cw is None:
+        return None
+    if hasattr(cw, "numpy") and not isinstance(cw, np.ndarray):
+        cw = keras.ops.convert_to_numpy(cw)
+    arr = np.asarray(cw)
+    if arr.dtype.kind not in "iuf":
+        raise XSeqLossTypeError(f"class_weights must be numeric, got dtype {arr.dtype}")
+    if arr.ndim != 1 or (num_classes is not None and arr.shape[0] != num_classes):
+        want = "(C,)" if num_classes is None else f"(C={num_classes},)"
+        raise XSeqLossError(f"class_weights has shape {_checks.fmt_shape(arr.shape)} but must be {want}; "
+                            f"broadcasting is not allowed")
+    arr = arr.astype(np.float64)
+    bad = ~np.isfinite(arr) | (arr < 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise XSeqLossError(f"class_weights[{i}] = {arr[i]} is invalid: class weights must be finite and in "
+                            f"[0, inf)")
+    return [float(v) for v in arr]
+
+
+def _scale_for_distribution(loss: Any) -> Any:
+    """1 / replicas under tf.distribute (Keras's rule for mean losses; a no-op elsewhere)."""
+    try:
+        from keras.src.losses.loss import scale_loss_for_distribution
+    except ImportError:  # pragma: no cover
+        return loss
+    return scale_loss_for_distribution(loss)

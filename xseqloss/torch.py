@@ -1,0 +1,145 @@
+"""``SequenceCrossEntropyLoss``: ``xseqloss.sequence_cross_entropy`` as a PyTorch ``nn.Module``.
+
+>>> import torch
+>>> from xseqloss.torch import SequenceCrossEntropyLoss
+>>> loss_fn = SequenceCrossEntropyLoss(label_smoothing=0.1)
+>>> logits = torch.zeros(2, 3, 5, requires_grad=True)          # (N, T, C)
+>>> targets = torch.tensor([[1, 2, -100], [4, 0, 3]])
+>>> loss = loss_fn(logits, targets, lengths=torch.tensor([3, 2]))
+>>> round(loss.item(), 6)                                       # log(5): uniform logits, 4 tokens count
+1.609438
+>>> loss.backward()
+
+Importing this module imports PyTorch (an explicit request); ``import xseqloss`` alone does not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _checks
+from ._errors import XSeqLossError, XSeqLossTypeError
+from ._loss import sequence_cross_entropy
+
+__all__ = ["SequenceCrossEntropyLoss"]
+
+# Options whose value is shown by ``repr`` when it differs from the function's default.
+_DEFAULTS = dict(layout="NTC", ignore_index=-100, inputs="logits", label_smoothing=0.0, smoothing="uniform",
+                 z_loss=0.0, logit_softcap=None, reduction="mean", denominator="weights", normalizer=None,
+                 empty="zero", num_classes=None, validate=True, inplace_backward=False)
+
+
+class SequenceCrossEntropyLoss(nn.Module):
+    """Sequence cross-entropy as an ``nn.Module``; every option of ``sequence_cross_entropy``.
+
+    The options (all keyword-only) are fixed at construction and checked there, so a typo fails
+    when the model is built, not at the first batch. The arrays that change with every batch go to
+    ``forward``: ``mask``, ``lengths``, ``weights`` and, for gradient accumulation or data-parallel
+    training, ``normalizer`` (the global token count; it overrides the one given here).
+
+    ``class_weights`` is a registered buffer: ``.to(device)`` / ``.to(dtype)`` move it with the model
+    and it is saved in ``state_dict`` (as ``nn.CrossEntropyLoss`` does with ``weight``).
+
+    Under ``torch.compile(fullgraph=True)`` there is no graph break: value checks that would read
+    tensor contents (out-of-range labels, bad lengths) are skipped while compiling, and a bad value
+    gives NaN at the affected tokens instead of an exception (API.md section 2).
+
+    Note the layout: the default is "NTC" (batch-first model outputs), not PyTorch's class-at-dim-1
+    convention; pass ``layout="NCT"`` for logits shaped like ``nn.CrossEntropyLoss`` expects.
+
+    Args:
+        layout, ignore_index, class_weights, inputs, label_smoothing, smoothing, z_loss,
+        logit_softcap, reduction, denominator, normalizer, empty, num_classes, validate,
+        inplace_backward: as in ``xseqloss.sequence_cross_entropy`` (docs/semantics.md).
+    """
+
+    class_weights: torch.Tensor | None
+
+    def __init__(self, *, layout: str = "NTC", ignore_index: Any = -100, class_weights: Any = None,
+                 inputs: str = "logits", label_smoothing: float = 0.0, smoothing: str = "uniform",
+                 z_loss: float = 0.0, logit_softcap: float | None = None, reduction: str = "mean",
+                 denominator: str = "weights", normalizer: float | None = None, empty: str = "zero",
+                 num_classes: int | None = None, validate: bool = True, inplace_backward: bool = False) -> None:
+        super().__init__()
+        # the same checks (and messages) as the function's, once, at construction
+        opts = _checks.parse_options(layout=layout, ignore_index=ignore_index, inputs=inputs,
+                                     label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
+                                     logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
+                                     empty=empty, num_classes=num_classes, validate=validate,
+                                     inplace_backward=inplace_backward)
+        if normalizer is not None:
+            if opts.reduction not in ("mean", "sequence_mean"):
+                raise XSeqLossError(f"normalizer replaces the denominator of reduction='mean' or 'sequence_mean'; "
+                                    f"it has no meaning with reduction={opts.reduction!r}")
+            if not isinstance(normalizer, torch.Tensor):
+                _checks.number(normalizer, "normalizer", 0.0)
+        self.layout = layout
+        self.ignore_index = ignore_index if ignore_index is None or isinstance(ignore_index, int) \
+            else tuple(opts.ignore)
+        self.inputs = inputs
+        self.label_smoothing = float(label_smoothing)
+        self.smoothing = smoothing
+        self.z_loss = float(z_loss)
+        self.logit_softcap = None if logit_softcap is None else float(logit_softcap)
+        self.reduction = reduction
+        self.denominator = denominator
+        self.normalizer = normalizer
+        self.empty = empty
+        self.num_classes = opts.num_classes
+        self.validate = validate
+        self.inplace_backward = inplace_backward
+        self.register_buffer("class_weights", _class_weights(class_weights, opts.num_classes))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: Any = None, lengths: Any = None,
+                weights: Any = None, *, normalizer: Any = None) -> torch.Tensor:
+        """The loss of one batch; ``mask``, ``lengths``, ``weights`` as in ``sequence_cross_entropy``."""
+        return sequence_cross_entropy(
+            logits, targets, layout=self.layout, mask=mask, lengths=lengths, ignore_index=self.ignore_index,
+            weights=weights, class_weights=self.class_weights, inputs=self.inputs,
+            label_smoothing=self.label_smoothing, smoothing=self.smoothing, z_loss=self.z_loss,
+            logit_softcap=self.logit_softcap, reduction=self.reduction, denominator=self.denominator,
+            normalizer=self.normalizer if normalizer is None else normalizer, empty=self.empty,
+            num_classes=self.num_classes, validate=self.validate, backend="torch",
+            inplace_backward=self.inplace_backward)
+
+    def extra_repr(self) -> str:
+        parts = [f"{k}={getattr(self, k)!r}" for k, d in _DEFAULTS.items() if getattr(self, k) != d]
+        if self.class_weights is not None:
+            parts.append(f"class_weights=<{tuple(self.class_weights.shape)} buffer>")
+        return ", ".join(parts)
+
+
+def _class_weights(cw: Any, num_classes: int | None) -> torch.Tensor | None:
+    """class_weights as a floating 1-D tensor, checked once here (finite, >= 0, length C)."""
+    if cw is None:
+        return None
+    if isinstance(cw, torch.Tensor):
+        t = cw.detach().clone()
+    else:
+        try:
+            arr = np.asarray(cw)
+        except Exception as exc:  # pragma: no cover - exotic inputs
+            raise XSeqLossTypeError(f"class_weights could not be converted to a tensor: {exc}") from exc
+        if arr.dtype.kind not in "iuf":
+            raise XSeqLossTypeError(f"class_weights must be numeric, got dtype {arr.dtype}")
+        t = torch.as_tensor(arr)
+    if t.dtype == torch.bool or t.is_complex():
+        raise XSeqLossTypeError(f"class_weights must be real numbers, got {str(t.dtype).replace('torch.', '')}")
+    if not t.is_floating_point():
+        t = t.to(torch.get_default_dtype())  # a buffer that .to(dtype) follows, like nn.CrossEntropyLoss.weight
+    if t.ndim != 1 or (num_classes is not None and t.shape[0] != num_classes):
+        want = "(C,)" if num_classes is None else f"(C={num_classes},)"
+        raise XSeqLossError(f"class_weights has shape {_checks.fmt_shape(tuple(t.shape))} but must be {want}; "
+                            f"broadcasting is not allowed")
+    bad = ~torch.isfinite(t) | (t < 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        v = float(t[i])
+        raise XSeqLossError(f"class_weights[{i}] = {v if math.isfinite(v) else v!r} is invalid: class weights "
+                            f"must be finite and in [0, inf)")
+    return t
