@@ -113,8 +113,7 @@ class SequenceCrossEntropy(keras.losses.Loss):
         self.reduction = reduction
         self.layout = layout
         self.ignore_index = (None if ignore_index is None else
-                             int(ignore_index) if len(opts.ignore) == 1 and not _is_collection(ignore_index)
-                             else list(opts.ignore))
+                             [int(v) for v in ignore_index] if _is_collection(ignore_index) else int(ignore_index))
         self.class_weights = _class_weights(class_weights, opts.num_classes)
         self.inputs = inputs
         self.label_smoothing = float(label_smoothing)
@@ -129,11 +128,7 @@ class SequenceCrossEntropy(keras.losses.Loss):
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         mask = _keras_mask(y_pred)  # read before any conversion creates a new tensor without it
-        backend = _BACKENDS.get(keras.backend.backend())
-        if backend is None:
-            raise XSeqLossError(f"xseqloss has no backend for the Keras backend {keras.backend.backend()!r}; "
-                                f"supported: {sorted(_BACKENDS)}")
-        with ops.name_scope(self.name):
+        with keras.name_scope(self.name):
             y_pred = ops.convert_to_tensor(y_pred)  # keeps its dtype
             y_true = ops.convert_to_tensor(y_true)  # keeps its dtype: integer labels are never cast to float
             soft = "float" in keras.backend.standardize_dtype(y_true.dtype)
@@ -142,32 +137,30 @@ class SequenceCrossEntropy(keras.losses.Loss):
                 weights = self._token_weights(ops.convert_to_tensor(sample_weight), y_true, y_pred, soft)
             if mask is not None:
                 mask = ops.convert_to_tensor(mask)
-            validate = self.validate and not _is_symbolic_placeholder(y_pred)
-            loss = sequence_cross_entropy(
-                y_pred, y_true, layout=self.layout, mask=mask, ignore_index=self.ignore_index, weights=weights,
-                class_weights=None if self.class_weights is None else np.asarray(self.class_weights),
-                inputs=self.inputs, label_smoothing=self.label_smoothing, smoothing=self.smoothing,
-                z_loss=self.z_loss, logit_softcap=self.logit_softcap, reduction=self.reduction,
-                denominator=self.denominator, normalizer=self.normalizer, empty=self.empty,
-                num_classes=self.num_classes, validate=validate, backend=backend)
+            opts = self._options()
+            opts["validate"] = self.validate and not _is_symbolic_placeholder(y_pred)
+            loss = sequence_cross_entropy(y_pred, y_true, mask=mask, weights=weights, **opts)
             if self.reduction in ("mean", "sequence_mean") and self.normalizer is None:
                 loss = _scale_for_distribution(loss)
             return ops.cast(loss, self.dtype)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """Per-token losses (reduction "none"), for code that calls ``Loss.call`` directly."""
-        return sequence_cross_entropy(
-            ops.convert_to_tensor(y_pred), ops.convert_to_tensor(y_true), **{**self._options(), "reduction": "none",
-                                                                             "normalizer": None})
+        opts = {**self._options(), "reduction": "none", "normalizer": None}
+        return sequence_cross_entropy(ops.convert_to_tensor(y_pred), ops.convert_to_tensor(y_true), **opts)
 
     def _options(self) -> dict[str, Any]:
+        backend = _BACKENDS.get(keras.backend.backend())
+        if backend is None:
+            raise XSeqLossError(f"xseqloss has no backend for the Keras backend {keras.backend.backend()!r}; "
+                                f"supported: {sorted(_BACKENDS)}")
         return dict(layout=self.layout, ignore_index=self.ignore_index,
                     class_weights=None if self.class_weights is None else np.asarray(self.class_weights),
                     inputs=self.inputs, label_smoothing=self.label_smoothing, smoothing=self.smoothing,
                     z_loss=self.z_loss, logit_softcap=self.logit_softcap, reduction=self.reduction,
                     denominator=self.denominator, normalizer=self.normalizer, empty=self.empty,
                     num_classes=self.num_classes, validate=self.validate,
-                    backend=_BACKENDS.get(keras.backend.backend()))
+                    backend=backend)
 
     def _token_weights(self, sw: Any, y_true: Any, y_pred: Any, soft: bool) -> Any:
         """sample_weight in the tokens' shape (Keras's rules for per-sample and temporal weights)."""
@@ -176,7 +169,10 @@ class SequenceCrossEntropy(keras.losses.Loss):
             tok_shape = tuple(d for i, d in enumerate(ops.shape(y_pred)) if i != k)
         else:
             tok_shape = tuple(ops.shape(y_true))
-        rank = len(sw.shape)
+        try:
+            rank = len(sw.shape)
+        except ValueError:  # TF: unknown rank (tf.function relaxes shapes after a retrace)
+            return self._token_weights_any_rank(sw, tok_shape)
         if rank == len(tok_shape) + 1 and sw.shape[-1] == 1:  # (N, T, 1): Keras's squeeze rule
             sw = ops.squeeze(sw, -1)
             rank -= 1
@@ -186,7 +182,20 @@ class SequenceCrossEntropy(keras.losses.Loss):
         if rank < len(tok_shape):  # per-sample weights: the same weight for every token of the sample
             for _ in range(len(tok_shape) - rank):
                 sw = ops.expand_dims(sw, -1)
+        if any(a == 1 and not (isinstance(b, int) and b == 1) for a, b in zip(sw.shape, tok_shape)):
+            # e.g. (N, 1) against (N, T): Keras broadcasts it (b may be a dynamic size under tf.function)
             sw = ops.broadcast_to(sw, tok_shape)
+        if "float" not in keras.backend.standardize_dtype(sw.dtype):
+            sw = ops.cast(sw, self.dtype)
+        return sw
+
+    def _token_weights_any_rank(self, sw: Any, tok_shape: tuple[Any, ...]) -> Any:
+        """The same rules without knowing sw's rank: (N, ...) -> (N, -1), broadcast over the rest."""
+        rest: Any = 1
+        for d in tok_shape[1:]:
+            rest = rest * d
+        sw = ops.broadcast_to(ops.reshape(sw, (tok_shape[0], -1)), (tok_shape[0], rest))
+        sw = ops.reshape(sw, tok_shape)
         if "float" not in keras.backend.standardize_dtype(sw.dtype):
             sw = ops.cast(sw, self.dtype)
         return sw
