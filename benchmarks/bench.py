@@ -315,8 +315,8 @@ if backend == 'torch':
         if which == 'native':
             F.cross_entropy(w.view(-1, C), y.view(-1)).backward()
         elif which == 'xseqloss_inplace':
-            h = w * 1.0  # the logits as a model's output (lm_head) would be; overwritten
-            xsl.sequence_cross_entropy(h, y, inplace_backward=True).backward()
+            # the gradient is written into the logits' own storage (which w.grad then shares)
+            xsl.sequence_cross_entropy(w, y, inplace_backward=True).backward()
         else:
             xsl.sequence_cross_entropy(w, y).backward()
         return w.grad

@@ -129,7 +129,7 @@ def _parse_options(*, layout: Any, ignore_index: Any, inputs: Any, label_smoothi
     if inputs != "logits":
         for name, active in (("z_loss", zl > 0), ("logit_softcap", cap is not None)):
             if active:
-                raise XSeqLossError(f"{name} acts on raw logits and needs inputs='logits', got inputs={inputs!r}")
+                raise XSeqLossError(f'{name} acts on raw logits and needs inputs="logits", got inputs={inputs!r}')
     need = {"per_sequence": "N", "sequence_mean": "N", "per_position": "T"}.get(reduction)
     if need and need not in layout:
         raise XSeqLossError(
@@ -182,7 +182,7 @@ def layouts_with_classes(shape: Sequence[Any], layout: str, num_classes: int) ->
 def suggest(fits: list[str]) -> str:
     if not fits:
         return ""
-    return " - did you mean " + " or ".join(f"layout={f!r}" for f in fits[:3]) + "?"
+    return " - did you mean " + " or ".join(f'layout="{f}"' for f in fits[:3]) + "?"
 
 
 def position(index: Sequence[int]) -> str:

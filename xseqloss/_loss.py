@@ -88,7 +88,16 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
     if o.inputs == "probs":
         probs = x
         x = ops.log(ops.maximum(x, _checks.PROB_EPS))
-    lse = ops.logsumexp(x, k) if o.inputs == "logits" else None
+    lse = e = s = None
+    if o.inputs == "logits":
+        if want_grad:  # softmax as e / s from the max-shift: exp(x - lse) loses ulp(lse) in float32
+            m = ops.stop_gradient(ops.max(x, k))
+            m = ops.where(m == -np.inf, 0.0, m)
+            e = ops.exp(x - ops.expand(m, k))
+            s = ops.sum(e, k)
+            lse = ops.log(s) + m
+        else:
+            lse = ops.logsumexp(x, k)
     cw_b = None if cw is None else ops.reshape_class(cw, k, ops.ndim(x))
     if st.soft:
         q = ops.cast(t, acc)
@@ -121,7 +130,7 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
         coef = sumq + 2.0 * o.z_loss * lse if o.z_loss else sumq
         if not isinstance(coef, float):
             coef = ops.expand(coef, k)
-        g = ops.exp(x - ops.expand(lse, k)) * coef
+        g = e / ops.expand(s, k) * coef
     else:
         g = ops.zeros_like(x)
     if st.soft:
@@ -246,6 +255,9 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
         rb = ops.any((zz < 0) | (zz > 1) | ~ops.isfinite(zz), o.k) | (ops.abs(ops.sum(zz, o.k) - 1.0) > 1e-3)
         bad = _or(bad, rb if counted is None else (rb & counted))
 
+    if st.mark_bad and o.inputs == "probs" and bad is not None:
+        # clamps and wheres would drop the NaN from parts of the row's gradient: poison the input row
+        z = z * ops.expand(ops.cast(ops.where(bad, float("nan"), 1.0), ops.dtype(z)), o.k)
     fused = getattr(ops, "fused_token_loss", None)  # a backend's own forward+backward kernel, if any
     l = None if (want_grad or fused is None) else fused(st, z, y, t, counted, cw, acc)
     g = None
@@ -285,9 +297,9 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
                 coef = coef * inv2
     if not want_grad:
         return result
-    ct = coef if mult is None else mult * coef
-    if isinstance(ct, float):
-        ct = ops.full_tokens(l, ct, acc)
+    ct = ops.full_tokens(l, 1.0, acc) * coef  # coef may be a Python float or a 0-d array
+    if mult is not None:
+        ct = ct * mult
     if counted is not None:
         ct = ops.where(counted, ct, 0.0)
     grad = g * ops.expand(ct, o.k)
@@ -298,6 +310,8 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
 
 @dataclass
 class _Call:
+    """One prepared call. ``shape`` is the logits' shape; values are checked when ``st.mark_bad``
+    is false (eager with validate=True)."""
     be: Any
     st: Static
     z: Any
@@ -308,6 +322,11 @@ class _Call:
     weights: Any
     cw: Any
     normalizer: Any
+    shape: tuple[Any, ...] = ()
+
+    @property
+    def arrays(self) -> tuple[Any, ...]:
+        return (self.z, self.y, self.t, self.mask, self.lengths, self.weights, self.cw, self.normalizer)
 
 
 def _prepare(logits: Any, targets: Any, *, layout: Any = "NTC", mask: Any = None, lengths: Any = None,
@@ -435,8 +454,7 @@ def _prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets:
                 has_mask=mask is not None, has_lengths=lengths is not None, has_weights=weights is not None,
                 has_cw=cw is not None, has_normalizer=normalizer is not None)
     call = _Call(be, st, z, y, t, mask, lengths, weights, cw, normalizer)
-    if check_values:
-        _check_values(call, shape)
+    call.shape = shape
     return call
 
 
@@ -479,14 +497,39 @@ def _value_flags(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, length
     return flags
 
 
-def _check_values(call: _Call, shape: tuple[Any, ...]) -> None:
+def _check_values(call: _Call) -> None:
+    """Validate values in a call of their own (value_and_grad, token_count)."""
+    flags = call.be.run(_value_flags, call.st, *call.arrays)
+    _act_on_flags(call, flags)
+
+
+def _numeric_checked(ops: Any, st: Static, *arrays: Any) -> tuple[Any, dict[str, Any]]:
+    """The loss and the value-check flags in one backend call (one jit dispatch on JAX, one traced
+    call on TensorFlow): on bad input the loss is discarded and the error raised on the host."""
+    flags = _value_flags(ops, st, *arrays)
+    z, k = arrays[0], st.opts.k
+    shape = ops.shape(z) if z is not None else ()
+    if st.opts.inputs == "logits" and shape and shape[k] is not None and shape[k] >= 2 and 0 not in shape:
+        flags["looks_like_probs"] = _looks_like_probs(ops, z, shape, k)
+    return _numeric(ops, st, *arrays), flags
+
+
+def _looks_like_probs(ops: Any, z: Any, shape: tuple[Any, ...], k: int) -> Any:
+    """True when the first few rows are in [0, 1] and sum to 1 (reads a few rows, not the logits)."""
+    rows = ops.cast(z[_sample_index(shape, k, _SAMPLE_ROWS)], ops.acc_dtype(z))
+    inside = ops.all((rows >= 0) & (rows <= 1), None)
+    return inside & ops.all(ops.abs(ops.sum(rows, k) - 1.0) <= 1e-3, None)
+
+
+def _act_on_flags(call: _Call, flags: dict[str, Any]) -> None:
     be = call.be
-    flags = be.run(_value_flags, call.st, call.z, call.y, call.t, call.mask, call.lengths, call.weights,
-                   call.cw, call.normalizer)
+    probs_like = flags.pop("looks_like_probs", None)
     if any(be.to_numpy(f) for f in flags.values()):
-        _raise_value_error(call, shape)
-    if call.z is not None and call.st.opts.inputs == "logits":
-        _warn_if_probabilities(call)
+        _raise_value_error(call, call.shape)
+    if probs_like is not None and be.to_numpy(probs_like):
+        warnings.warn("xseqloss: the logits look like probability rows (in [0, 1], summing to 1): did you "
+                      'pass softmax outputs? Use inputs="probs" for probabilities, or pass raw logits.',
+                      UserWarning, stacklevel=4)
 
 
 def _raise_value_error(call: _Call, shape: tuple[Any, ...]) -> None:
@@ -555,7 +598,7 @@ def _check_probs(call: _Call) -> None:
         full = list(idx[:-1])
         full.insert(o.k, idx[-1])
         raise XSeqLossError(f"logits{position(full)} = {p[idx]} is not a probability (inputs='probs'): values "
-                            f"must be in [0, 1]; if these are raw scores use inputs='logits'")
+                            f'must be in [0, 1]; if these are raw scores use inputs="logits"')
     sums = p.sum(-1)
     off = (np.abs(sums - 1.0) > 1e-3) & keep
     if off.any():
@@ -569,17 +612,14 @@ def _check_probs(call: _Call) -> None:
 _SAMPLE_ROWS = 4
 
 
-def _warn_if_probabilities(call: _Call) -> None:
-    """One warning when the first few rows look like softmax outputs (reads a few rows only; real
-    logits almost always have a negative entry in the first row, which ends the check at once)."""
-    be, o = call.be, call.st.opts
-    sample = be.sample_rows(call.z, o.k, _SAMPLE_ROWS)  # (rows, C) NumPy float64, a few rows
-    if sample.shape[0] == 0 or sample.shape[1] < 2 or sample[0].min() < 0 or sample[0].max() > 1:
-        return
-    if np.all((sample >= 0) & (sample <= 1)) and np.all(np.abs(sample.sum(-1) - 1.0) <= 1e-3):
-        warnings.warn("xseqloss: the logits look like probability rows (in [0, 1], summing to 1): did you "
-                      "pass softmax outputs? Use inputs='probs' for probabilities, or pass raw logits.",
-                      UserWarning, stacklevel=4)
+def _sample_index(shape: tuple[Any, ...], k: int, n: int) -> tuple[slice, ...]:
+    """Static slices selecting at most n class rows at the start of the array (a small view)."""
+    idx = [slice(0, 1)] * len(shape)
+    idx[k] = slice(None)
+    others = [a for a in range(len(shape)) if a != k]
+    if others:
+        idx[others[-1]] = slice(0, n)
+    return tuple(idx)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -626,8 +666,11 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
                     logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
                     normalizer=normalizer, empty=empty, num_classes=num_classes, validate=validate,
                     backend=backend, inplace_backward=inplace_backward)
-    return call.be.run(_numeric, call.st, call.z, call.y, call.t, call.mask, call.lengths, call.weights,
-                       call.cw, call.normalizer)
+    if call.st.mark_bad:
+        return call.be.run(_numeric, call.st, *call.arrays)
+    result, flags = call.be.run(_numeric_checked, call.st, *call.arrays)
+    _act_on_flags(call, flags)
+    return result
 
 
 def value_and_grad(logits: Any, targets: Any, **options: Any) -> tuple[Any, Any]:
@@ -641,8 +684,9 @@ def value_and_grad(logits: Any, targets: Any, **options: Any) -> tuple[Any, Any]
     [[[-0.5, 0.5]]]
     """
     call = _prepare(logits, targets, **options)
-    return call.be.value_and_grad(_numeric, call.st, call.z, call.y, call.t, call.mask, call.lengths,
-                                  call.weights, call.cw, call.normalizer)
+    if not call.st.mark_bad:
+        _check_values(call)
+    return call.be.value_and_grad(_numeric, call.st, *call.arrays)
 
 
 def token_count(targets: Any, *, layout: str = "NTC", mask: Any = None, lengths: Any = None,
@@ -675,8 +719,9 @@ def token_count(targets: Any, *, layout: str = "NTC", mask: Any = None, lengths:
         shape = tuple(shape_l)
     call = _prepare_sides(be, o, None, shape, y, mask=mask, lengths=lengths, weights=weights,
                           class_weights=class_weights, normalizer=None, like=y)
-    return be.run(_count_core, call.st, call.z, call.y, call.t, call.mask, call.lengths, call.weights,
-                  call.cw, call.normalizer)
+    if not call.st.mark_bad:
+        _check_values(call)
+    return be.run(_count_core, call.st, *call.arrays)
 
 
 def _count_core(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: Any, weights: Any,

@@ -91,7 +91,7 @@ def _conformance(args: argparse.Namespace) -> int:
     progress = (lambda msg: print(f"[conformance] {msg}", file=sys.stderr, flush=True))
     try:
         report = suite.run(backends=_split(args.backends), devices=_split(args.devices), progress=progress,
-                           cases=args.cases, quick=args.quick)
+                           cases=args.cases, quick=args.quick, jobs=args.jobs)
     except (ValueError, RuntimeError) as exc:
         print(f"xseqloss conformance: {exc}", file=sys.stderr)
         return 2
@@ -102,6 +102,10 @@ def _conformance(args: argparse.Namespace) -> int:
         suite.write_markdown(report, args.markdown)
         progress(f"wrote {args.markdown}")
     print(suite.text_summary(report))
+    if not report["results"]:
+        print("xseqloss conformance: no checks ran (no backend and device matched the selection)",
+              file=sys.stderr)
+        return 1
     return 1 if suite.failures(report) else 0
 
 
@@ -114,8 +118,8 @@ def _load(args: argparse.Namespace) -> dict:
             arrays = {k: z[k] for k in z.files}
         missing = [k for k in ("logits", "targets") if k not in arrays]
         if missing:
-            raise SystemExit(f"xseqloss crosscheck: {path} has no array named {missing} (it has {sorted(arrays)}); "
-                             f"save with np.savez(path, logits=..., targets=..., [mask=, lengths=, weights=, "
+            raise SystemExit(f"xseqloss crosscheck: {path} has no array named {missing} "
+                             f"(it has {sorted(arrays)}); save with np.savez(path, logits=..., targets=..., [mask=, lengths=, weights=, "
                              f"class_weights=])")
         unknown = sorted(set(arrays) - {"logits", "targets", *_SIDE})
         if unknown:
@@ -244,6 +248,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cases", nargs="+", metavar="PATTERN",
                    help="only the base cases matching these fnmatch patterns or substrings (skips the error "
                         "catalogue)")
+    c.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
+                   help="backends run at once, each in its own process (default: 2, or 1 on one CPU)")
     c.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # a small subset, for tests
 
     x = sub.add_parser("crosscheck", help="run saved arrays through every backend against the float64 reference",

@@ -23,17 +23,3 @@ def nll(ops: Any, z: Any, y: Any, keep: Any, k: int, acc: Any) -> Any:
         x = ops.where(ops.expand(keep, k), x, 0.0)
     l = ops.logsumexp(x, k) - ops.take_class(x, y, k)
     return l if keep is None else ops.where(keep, l, 0.0)
-
-
-def sample_index(shape: tuple[Any, ...], k: int, n: int) -> tuple[slice, ...]:
-    """An index selecting at most n rows (all classes) at the start of the array: a small view."""
-    idx = [slice(0, 1)] * len(shape)
-    idx[k] = slice(None)
-    others = [a for a in range(len(shape)) if a != k]
-    if others:
-        idx[others[-1]] = slice(0, n)
-    return tuple(idx)
-
-
-def rows(sample: np.ndarray, k: int) -> np.ndarray:
-    return np.moveaxis(np.asarray(sample, dtype=np.float64), k, -1).reshape(-1, sample.shape[k])

@@ -79,8 +79,6 @@ class JaxBackend(NumpyBackend):
     def nonzero(self, m: Any) -> Any:
         return m if m.dtype == jnp.bool_ else m != 0
 
-    def sample_rows(self, z: Any, k: int, n: int) -> np.ndarray:
-        return _common.rows(np.asarray(z[_common.sample_index(z.shape, k, n)]), k)
 
     def _jit(self, fn: Any, grad: bool) -> Any:
         key = (fn, grad)
@@ -129,14 +127,24 @@ class JaxBackend(NumpyBackend):
     def min(self, x: Any, axis: int) -> Any:
         return jnp.min(x, axis=axis)
 
-    def any(self, x: Any, axis: int) -> Any:
+    def any(self, x: Any, axis: Any) -> Any:
         return jnp.any(x, axis=axis)
+
+    def all(self, x: Any, axis: Any) -> Any:
+        return jnp.all(x, axis=axis)
 
     def count(self, flags: Any, axis: Any) -> Any:
         return jnp.sum(flags, axis=axis, dtype=jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
 
     def take_class(self, x: Any, y: Any, k: int) -> Any:
         return jnp.take_along_axis(x, jnp.expand_dims(y, k), axis=k).squeeze(k)
+
+    def nll(self, z: Any, y: Any, keep: Any, k: int, acc: Any) -> Any:
+        """lse - z[y] with the gradient (softmax - onehot) formed in the same fused pass as the loss
+        (a custom JVP: XLA's autodiff of logsumexp would recompute the softmax in the backward)."""
+        if keep is None:
+            keep = jnp.ones(y.shape, bool)
+        return _fused_nll(z, y, keep, k, jnp.dtype(acc).name)
 
     def classdot(self, x: Any, w: Any, k: int) -> Any:
         return jnp.moveaxis(x, k, -1) @ w
@@ -172,6 +180,33 @@ class JaxBackend(NumpyBackend):
     @staticmethod
     def devices() -> list[str]:
         return [f"{d.platform}:{d.id}" for d in jax.devices()]
+
+
+def _nll_and_grad(z: Any, y: Any, keep: Any, k: int, acc: str) -> tuple[Any, Any]:
+    x = z.astype(acc)
+    m = jax.lax.stop_gradient(jnp.max(x, axis=k, keepdims=True))
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    e = jnp.exp(x - m)
+    s = jnp.sum(e, axis=k, keepdims=True)
+    xy = jnp.take_along_axis(x, jnp.expand_dims(y, k), axis=k)
+    l = jnp.squeeze(m + jnp.log(s) - xy, k)
+    classes = jax.lax.broadcasted_iota(y.dtype, x.shape, k)
+    onehot = classes == jnp.expand_dims(y, k)  # fused into the elementwise pass, never materialised
+    g = e / s - onehot.astype(x.dtype)
+    keep_c = jnp.expand_dims(keep, k)
+    return jnp.where(keep, l, 0.0), jnp.where(keep_c, g, 0.0)  # exact 0 where rows do not count
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _fused_nll(z: Any, y: Any, keep: Any, k: int, acc: str) -> Any:
+    return _nll_and_grad(z, y, keep, k, acc)[0]
+
+
+@_fused_nll.defjvp
+def _fused_nll_jvp(k: int, acc: str, primals: Any, tangents: Any) -> Any:
+    z, y, keep = primals
+    l, g = _nll_and_grad(z, y, keep, k, acc)
+    return l, jnp.sum(g * tangents[0].astype(acc), axis=k)
 
 
 BACKEND = JaxBackend()

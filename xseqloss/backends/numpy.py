@@ -51,13 +51,13 @@ class NumpyBackend:
     def nonzero(self, m: Any) -> Any:
         return m if m.dtype == np.bool_ else m != 0
 
-    def sample_rows(self, z: Any, k: int, n: int) -> np.ndarray:
-        return _common.rows(z[_common.sample_index(z.shape, k, n)], k)
 
     # ---- running the numeric core
     def run(self, fn: Any, st: Any, *arrays: Any) -> Any:
         with np.errstate(all="ignore"):
             out = fn(self, st, *arrays)
+        if isinstance(out, tuple):  # (result, flags)
+            return np.asarray(out[0]), out[1]
         return out if isinstance(out, dict) else np.asarray(out)
 
     def value_and_grad(self, fn: Any, st: Any, z: Any, *arrays: Any) -> tuple[Any, Any]:
@@ -91,8 +91,11 @@ class NumpyBackend:
     def max(self, x: Any, axis: int) -> Any:
         return np.max(x, axis=axis)
 
-    def any(self, x: Any, axis: int) -> Any:
+    def any(self, x: Any, axis: Any) -> Any:
         return np.any(x, axis=axis)
+
+    def all(self, x: Any, axis: Any) -> Any:
+        return np.all(x, axis=axis)
 
     def count(self, flags: Any, axis: Any) -> Any:
         return np.sum(flags, axis=axis, dtype=np.int64)

@@ -25,6 +25,9 @@ class TensorflowBackend:
     name = "tensorflow"
     type_name = "a tf.Tensor"
 
+    def __init__(self) -> None:
+        self._functions: dict[Any, Any] = {}
+
     # ---- conversion and inspection
     def convert(self, x: Any, argument: str, like: Any = None) -> Any:
         try:
@@ -74,11 +77,17 @@ class TensorflowBackend:
     def nonzero(self, m: Any) -> Any:
         return m if m.dtype == tf.bool else tf.not_equal(m, tf.zeros([], m.dtype))
 
-    def sample_rows(self, z: Any, k: int, n: int) -> np.ndarray:
-        return _common.rows(self.to_numpy(z[_common.sample_index(self.shape(z), k, n)]), k)
 
     def run(self, fn: Any, st: Any, *arrays: Any) -> Any:
-        return fn(self, st, *arrays)
+        if not tf.executing_eagerly():
+            return fn(self, st, *arrays)  # already inside the caller's graph
+        # eager: one traced call instead of ~30 eager ops (each costs 10-100 us of dispatch)
+        key = (fn, st)
+        f = self._functions.get(key)
+        if f is None:
+            f = tf.function(lambda *a: fn(self, st, *a), reduce_retracing=True)
+            self._functions[key] = f
+        return f(*arrays)
 
     def value_and_grad(self, fn: Any, st: Any, z: Any, *arrays: Any) -> tuple[Any, Any]:
         with tf.GradientTape() as tape:
@@ -121,8 +130,11 @@ class TensorflowBackend:
     def min(self, x: Any, axis: int) -> Any:
         return tf.reduce_min(x, axis=axis)
 
-    def any(self, x: Any, axis: int) -> Any:
+    def any(self, x: Any, axis: Any) -> Any:
         return tf.reduce_any(x, axis=axis)
+
+    def all(self, x: Any, axis: Any) -> Any:
+        return tf.reduce_all(x, axis=axis)
 
     def count(self, flags: Any, axis: Any) -> Any:
         return self.sum(tf.cast(flags, tf.int64), axis)

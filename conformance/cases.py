@@ -1,0 +1,365 @@
+"""The declarative case matrix of the conformance suite.
+
+A case is data: a layout, the sizes of its axes, how to fill the arrays and the
+keyword options of ``sequence_cross_entropy``.  ``expand()`` crosses every base
+case with its dtypes; ``make_inputs()`` turns one (case, dtype) into concrete
+NumPy arrays, deterministically from the case name.  Low-precision logits are
+rounded to their dtype *first*; the float64 reference is computed on the
+rounded values, so only the kernel's own error is measured.
+
+Keys of a base case (everything but ``name``, ``layout`` and ``shape`` is
+optional):
+
+``targets``   "index" (default) or "soft" (probabilities with logits' shape)
+``inputs``    "logits" (default), "log_probs" or "probs"; also passed as option
+``logits``    "normal" (default), "big" (+-1e4), "neginf" (-inf at non-target
+              classes), "uniform" (all equal)
+``mask``      fraction of masked positions, or "all" (every position masked)
+``lengths``   "random" or "with_zero" (the first sequence is empty)
+``weights``   "random" (multiples of 0.25 in [0, 2]), "negative" (in [-1, 2]),
+              "zeros" (all 0)
+``class_weights``  "random" (in [0.25, 2]) or "with_zero" (some classes 0)
+``ignore``    fraction of positions whose target is an ``ignore_index`` value
+``garbage``   True: NaN / +inf / -inf written into every position that does
+              not count (padding holds garbage)
+``target_dtype``  integer dtype of index targets (default "int64")
+``options``   keyword options passed unchanged
+``dtypes``    the dtypes to run (default all four)
+``jit``       True: also run under jax.jit and tf.function(jit_compile=True)
+``torch_compile``  True: also run under torch.compile (slow: a few cases only)
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}
+
+# The option sets that combine (mask x lengths x weights x class weights x ignore
+# x smoothing) live on this shape unless a case says otherwise.
+S = dict(N=2, T=4, C=6)
+MIX = dict(mask=0.25, lengths="random", weights="random", class_weights="random", ignore=0.2)
+# Where the logits' dtype matters little, fewer dtypes keep the full run short
+# (JAX compiles every new shape and option set: about 0.4 s a case on 2 cores).
+LABEL_DTYPES = ("float32", "bfloat16")       # label dtypes: labels must never pass through a float
+EMPTY_DTYPES = ("float64", "float32", "float16")
+
+
+def _c(name, layout="NTC", shape=None, **kw):
+    return dict(name=name, layout=layout, shape=dict(shape or S), **kw)
+
+
+BASE_CASES: list[dict[str, Any]] = [
+    # ---------------------------------------------------------------- layouts and shapes
+    _c("ntc", "NTC", dict(N=2, T=3, C=5), jit=True, torch_compile=True),
+    _c("nct", "NCT", dict(N=2, T=3, C=5), jit=True),
+    _c("tnc", "TNC", dict(N=2, T=3, C=5)),
+    _c("nc", "NC", dict(N=4, C=6)),
+    _c("cn", "CN", dict(N=4, C=6)),
+    _c("c", "C", dict(C=7)),
+    _c("tc", "TC", dict(T=4, C=5), options=dict(reduction="per_position")),
+    _c("cnt", "CNT", dict(N=2, T=3, C=5)),
+    _c("ctn_none", "CTN", dict(N=2, T=3, C=4), options=dict(reduction="none")),
+    _c("n1", "NTC", dict(N=1, T=4, C=5), options=dict(reduction="per_sequence")),
+    _c("t1", "NTC", dict(N=3, T=1, C=4), options=dict(reduction="per_position")),
+    _c("c1", "NTC", dict(N=2, T=3, C=1), options=dict(reduction="none")),
+    _c("c1_others", "NC", dict(N=3, C=1), options=dict(label_smoothing=0.2, smoothing="others")),
+    _c("c2", "NTC", dict(N=2, T=3, C=2), mask=0.3),
+    _c("c2_nct_smooth", "NCT", dict(N=2, T=3, C=2), options=dict(label_smoothing=0.1)),
+    _c("t_eq_c_nct", "NCT", dict(N=2, T=4, C=4), ignore=0.25, options=dict(num_classes=4)),
+    _c("vocab32k", "NTC", dict(N=2, T=3, C=32000), jit=True),
+    _c("vocab32k_nct_mix", "NCT", dict(N=2, T=3, C=32000), ignore=0.2, class_weights="random",
+       options=dict(label_smoothing=0.1)),
+    _c("vocab32k_zloss_cap", "NTC", dict(N=2, T=3, C=32000), mask=0.2,
+       options=dict(z_loss=1e-4, logit_softcap=30.0)),
+    _c("vocab32k_soft", "TNC", dict(N=2, T=3, C=32000), targets="soft", options=dict(label_smoothing=0.05)),
+    # ---------------------------------------------------------------- which tokens count
+    _c("mask", mask=0.3, jit=True),
+    _c("mask_numeric", mask=0.3, options=dict(reduction="none")),  # numeric mask: nonzero counts
+    _c("lengths", lengths="random", jit=True),
+    _c("lengths_zero_per_sequence", lengths="with_zero", options=dict(reduction="per_sequence")),
+    _c("ignore_default", ignore=0.3, jit=True, torch_compile=True),
+    _c("ignore_in_range", ignore=0.3, options=dict(ignore_index=0)),
+    _c("ignore_collection", ignore=0.4, options=dict(ignore_index=(-100, -1, 3))),
+    _c("ignore_none", options=dict(ignore_index=None)),
+    _c("mask_lengths_ignore", mask=0.2, lengths="random", ignore=0.2),
+    # ---------------------------------------------------------------- weights
+    _c("weights", weights="random"),
+    _c("weights_tokens", weights="random", options=dict(denominator="tokens")),
+    _c("weights_negative_tokens", weights="negative", mask=0.2, options=dict(denominator="tokens")),
+    _c("class_weights", class_weights="random", jit=True),
+    _c("class_weights_zero_ignore", class_weights="with_zero", ignore=0.2),
+    _c("weights_class_weights_none", weights="random", class_weights="random", options=dict(reduction="none")),
+    # ---------------------------------------------------------------- label smoothing
+    _c("smooth_uniform", options=dict(label_smoothing=0.1)),
+    _c("smooth_others", options=dict(label_smoothing=0.1, smoothing="others")),
+    _c("smooth_one", options=dict(label_smoothing=1.0)),
+    _c("smooth_others_one", options=dict(label_smoothing=1.0, smoothing="others")),
+    _c("mix_uniform", **MIX, options=dict(label_smoothing=0.15), jit=True, torch_compile=True),
+    _c("mix_others", **MIX, options=dict(label_smoothing=0.15, smoothing="others"), jit=True),
+    _c("mix_others_tnc", "TNC", **MIX, options=dict(label_smoothing=0.2, smoothing="others",
+                                                   ignore_index=(-100, 2))),
+    # ---------------------------------------------------------------- z-loss and softcap
+    _c("zloss", options=dict(z_loss=1e-2), jit=True),
+    _c("zloss_mix", **MIX, options=dict(z_loss=1e-3, label_smoothing=0.1)),
+    _c("softcap", logits="big", options=dict(logit_softcap=5.0), jit=True),
+    _c("softcap_zloss_mix", **MIX, options=dict(logit_softcap=3.0, z_loss=1e-2, label_smoothing=0.1)),
+    # ---------------------------------------------------------------- soft targets
+    _c("soft", targets="soft", jit=True),
+    _c("soft_smooth_cw", targets="soft", class_weights="random", options=dict(label_smoothing=0.1)),
+    _c("soft_others_mix", targets="soft", mask=0.25, lengths="random", weights="random",
+       class_weights="random", options=dict(label_smoothing=0.1, smoothing="others")),
+    _c("soft_nct_none", "NCT", targets="soft", mask=0.3, options=dict(reduction="none")),
+    _c("soft_ignore_unused", targets="soft", options=dict(ignore_index=0)),  # decisions.md 4
+    _c("soft_garbage", targets="soft", mask=0.4, garbage=True),
+    # ---------------------------------------------------------------- log_probs and probs inputs
+    _c("log_probs", inputs="log_probs", jit=True),
+    _c("log_probs_mix", inputs="log_probs", **MIX, options=dict(label_smoothing=0.1)),
+    _c("log_probs_garbage", inputs="log_probs", mask=0.4, garbage=True),
+    _c("probs", inputs="probs", jit=True),
+    _c("probs_mix", inputs="probs", **MIX, options=dict(label_smoothing=0.1, smoothing="others")),
+    _c("probs_soft", inputs="probs", targets="soft", mask=0.25),
+    # ---------------------------------------------------------------- reductions x denominators
+    _c("red_none", **MIX, options=dict(reduction="none")),
+    _c("red_sum", **MIX, options=dict(reduction="sum")),
+    *[_c(f"red_{r}_{d}", **MIX, options=dict(reduction=r, denominator=d), jit=(d == "weights"),
+         dtypes=("float64", "float32", "bfloat16"))
+      for r in ("mean", "per_sequence", "per_position", "sequence_mean")
+      for d in ("weights", "tokens", "positions")],
+    _c("red_per_sequence_tnc", "TNC", mask=0.3, lengths="random", options=dict(reduction="per_sequence")),
+    _c("red_per_position_nct", "NCT", mask=0.3, ignore=0.2, options=dict(reduction="per_position")),
+    _c("red_sequence_mean_cnt", "CNT", lengths="random", weights="random",
+       options=dict(reduction="sequence_mean", denominator="tokens")),
+    _c("red_per_sequence_nc", "NC", dict(N=5, C=4), ignore=0.4, options=dict(reduction="per_sequence")),
+    # ---------------------------------------------------------------- normalizer and empty
+    _c("normalizer_mean", **MIX, options=dict(normalizer=10.0), jit=True),
+    _c("normalizer_sequence_mean", **MIX, options=dict(reduction="sequence_mean", normalizer=3)),
+    _c("normalizer_zero_zero", mask=0.3, options=dict(normalizer=0.0), dtypes=EMPTY_DTYPES),
+    _c("normalizer_zero_nan", mask=0.3, options=dict(normalizer=0.0, empty="nan"), dtypes=EMPTY_DTYPES),
+    _c("all_masked_mean_zero", mask="all", jit=True),
+    _c("all_masked_mean_nan", mask="all", options=dict(empty="nan")),
+    _c("all_masked_sum", mask="all", options=dict(reduction="sum"), dtypes=EMPTY_DTYPES),
+    _c("all_masked_per_position_nan", mask="all", options=dict(reduction="per_position", empty="nan"),
+       dtypes=EMPTY_DTYPES),
+    _c("empty_sequence_nan", lengths="with_zero", options=dict(reduction="per_sequence", empty="nan")),
+    _c("empty_sequence_mean_nan", lengths="with_zero",
+       options=dict(reduction="sequence_mean", empty="nan")),
+    _c("zero_weight_sum_nan", weights="zeros", options=dict(empty="nan")),
+    _c("zero_weight_sum_zero", weights="zeros", dtypes=EMPTY_DTYPES),
+    # ---------------------------------------------------------------- edge values
+    _c("big_logits", logits="big", jit=True),
+    _c("big_logits_mix", logits="big", **MIX, options=dict(label_smoothing=0.1, z_loss=1e-4)),
+    _c("neginf_nontarget", logits="neginf", class_weights="random", mask=0.2),
+    _c("uniform_logits", logits="uniform", options=dict(reduction="none")),
+    _c("garbage_masked", mask=0.4, garbage=True, jit=True, torch_compile=True),
+    _c("garbage_mix", **MIX, garbage=True, options=dict(label_smoothing=0.1, z_loss=1e-3)),
+    _c("garbage_lengths_softcap", lengths="with_zero", garbage=True,
+       options=dict(logit_softcap=4.0, reduction="per_sequence")),
+    # ---------------------------------------------------------------- label dtypes (decisions.md 14)
+    _c("targets_int32", target_dtype="int32", ignore=0.2, dtypes=LABEL_DTYPES),
+    _c("targets_uint8", target_dtype="uint8", options=dict(ignore_index=None), dtypes=LABEL_DTYPES),
+    _c("targets_int8", target_dtype="int8", ignore=0.2, dtypes=LABEL_DTYPES),
+    _c("targets_int16_ignore_collection", target_dtype="int16", ignore=0.3,
+       options=dict(ignore_index=(-100, -1)), dtypes=LABEL_DTYPES),
+]
+
+
+@dataclass
+class Case:
+    """One base case at one dtype, with its concrete arrays (NumPy, float64 for floats)."""
+    name: str                      # "<base>/<dtype>"
+    base: str
+    dtype: str
+    layout: str
+    options: dict                  # keyword options, arrays excluded
+    arrays: dict                   # logits, targets and the side arrays that are set
+    target_dtype: str = "int64"
+    jit: bool = False
+    torch_compile: bool = False
+    spec: dict = field(default_factory=dict)
+
+    @property
+    def tolerance(self) -> float:
+        return TOLERANCE[self.dtype]
+
+    @property
+    def soft(self) -> bool:
+        return self.arrays["targets"].dtype.kind == "f"
+
+    def kwargs(self) -> dict:
+        """The full keyword options (side arrays as NumPy) for the reference, layout excluded."""
+        kw = {k: v for k, v in self.options.items() if k != "layout"}
+        for k in ("mask", "lengths", "weights", "class_weights"):
+            if k in self.arrays:
+                kw[k] = self.arrays[k]
+        return kw
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round float64 values to ``dtype`` (round to nearest even) and return them as float64."""
+    x = np.asarray(x, dtype=np.float64)
+    if dtype == "float64":
+        return x.copy()
+    if dtype in ("float32", "float16"):
+        return x.astype(dtype).astype(np.float64)
+    # bfloat16: the upper 16 bits of the float32 pattern, rounded to nearest even
+    # (written out so that ml_dtypes is not needed just to round).
+    f = x.astype(np.float32)
+    bits = f.view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    out = bits.astype(np.uint32).view(np.float32).astype(np.float64)
+    return np.where(np.isnan(x), np.nan, out)
+
+
+def _seed(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def make_case(spec: dict, dtype: str) -> Case:
+    """Concrete arrays for one base case at one dtype (deterministic in the case name)."""
+    rng = np.random.default_rng(_seed(spec["name"]))  # the same data for every dtype
+    layout = spec["layout"]
+    sizes = spec["shape"]
+    shape = tuple(sizes[a] for a in layout)
+    k = layout.index("C")
+    C = sizes["C"]
+    tok_layout = layout.replace("C", "")
+    tok_shape = tuple(sizes[a] for a in tok_layout)
+    options = dict(layout=layout, **spec.get("options", {}))
+    inputs = spec.get("inputs", "logits")
+    if inputs != "logits":
+        options["inputs"] = inputs
+    arrays: dict[str, np.ndarray] = {}
+
+    # targets
+    y = rng.integers(0, C, size=tok_shape)
+    ignore = options.get("ignore_index", -100)
+    ignore_values = [] if ignore is None else ([ignore] if isinstance(ignore, int) else list(ignore))
+    if spec.get("ignore") and ignore_values:
+        hit = rng.uniform(size=tok_shape) < spec["ignore"]
+        if not hit.any():
+            hit.flat[0] = True
+        y = np.where(hit, np.array(ignore_values)[rng.integers(0, len(ignore_values), tok_shape)], y)
+
+    # logits (or log-probabilities, probabilities), class axis moved last while building
+    last = (*tok_shape, C)
+    kind = spec.get("logits", "normal")
+    if inputs == "probs":
+        # exact multiples of 1/64 summing to 1 (representable in every dtype), zeros included
+        counts = np.stack([rng.multinomial(64, _softmax(rng.normal(0, 1.5, C), 0))
+                           for _ in range(int(np.prod(tok_shape)))]).reshape(last)
+        z = counts / 64.0
+    else:
+        z = rng.normal(0.0, 2.0, size=last)
+        if kind == "big":
+            z = z + 1e4 * rng.choice([-1.0, 1.0], size=last)
+        elif kind == "uniform":
+            z = np.full(last, 0.5)
+        if inputs == "log_probs":
+            m = z.max(-1, keepdims=True)
+            z = z - (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))
+    z = round_to(z, dtype)
+    if kind == "neginf":
+        idx = np.where(np.broadcast_to(y[..., None], last) < 0, 0, np.broadcast_to(y[..., None], last))
+        off = (np.arange(C) != idx) & (rng.uniform(size=last) < 0.4)
+        z = np.where(off, -np.inf, z)
+    soft = spec.get("targets", "index") == "soft"
+    if soft:
+        q = _softmax(rng.normal(0.0, 1.5, size=last), -1) if C > 1 else np.ones(last)
+        q = round_to(q, dtype)
+
+    # which positions count
+    if spec.get("mask") is not None:
+        if spec["mask"] == "all":
+            mask = np.zeros(tok_shape, dtype=bool)
+        else:
+            mask = rng.uniform(size=tok_shape) >= spec["mask"]
+            if not mask.any():
+                mask.flat[0] = True
+        if spec["name"] == "mask_numeric":
+            arrays["mask"] = mask * rng.integers(1, 4, size=tok_shape).astype(np.float32)
+        else:
+            arrays["mask"] = mask
+    if spec.get("lengths"):
+        N, T = sizes["N"], sizes["T"]
+        lengths = rng.integers(1, T + 1, size=N)
+        if spec["lengths"] == "with_zero":
+            lengths[0] = 0
+        arrays["lengths"] = lengths.astype(np.int64)
+    if spec.get("weights"):
+        if spec["weights"] == "zeros":
+            w = np.zeros(tok_shape)
+        elif spec["weights"] == "negative":
+            w = rng.integers(-4, 9, size=tok_shape) / 4.0
+        else:
+            w = rng.integers(0, 9, size=tok_shape) / 4.0
+        arrays["weights"] = w
+    if spec.get("class_weights"):
+        cw = rng.integers(1, 9, size=C) / 4.0
+        if spec["class_weights"] == "with_zero":
+            cw[rng.uniform(size=C) < 0.3] = 0.0
+            cw[0] = 0.0
+        arrays["class_weights"] = cw
+
+    # move the class axis to where the layout puts it
+    z = np.moveaxis(z, -1, k)
+    arrays["logits"] = z
+    if soft:
+        arrays["targets"] = np.moveaxis(q, -1, k)
+    else:
+        arrays["targets"] = y.astype(spec.get("target_dtype", "int64"))
+
+    case = Case(name=f"{spec['name']}/{dtype}", base=spec["name"], dtype=dtype, layout=layout,
+                options=options, arrays=arrays, target_dtype=spec.get("target_dtype", "int64"),
+                jit=bool(spec.get("jit")), torch_compile=bool(spec.get("torch_compile")), spec=spec)
+    if spec.get("garbage"):
+        _write_garbage(case)
+    return case
+
+
+def counted(case: Case) -> np.ndarray:
+    """Which positions count (token shape), computed with the reference's rule."""
+    from .reference import counted_positions
+    kw = case.kwargs()
+    return counted_positions(case.arrays["targets"], layout=case.layout, mask=kw.get("mask"),
+                             lengths=kw.get("lengths"), ignore_index=case.options.get("ignore_index", -100),
+                             soft=case.soft)
+
+
+def _write_garbage(case: Case) -> None:
+    """NaN, +inf and -inf in the rows of every position that does not count."""
+    k = case.layout.index("C")
+    z = np.moveaxis(case.arrays["logits"].copy(), k, -1)
+    off = ~counted(case)
+    pattern = np.array([np.nan, np.inf, -np.inf])
+    C = z.shape[-1]
+    rows = np.resize(pattern, C)
+    z[off] = rows
+    case.arrays["logits"] = np.moveaxis(z, -1, k)
+
+
+def expand(specs: list[dict] | None = None) -> list[Case]:
+    """Every base case crossed with its dtypes."""
+    out = []
+    for spec in (BASE_CASES if specs is None else specs):
+        for dtype in spec.get("dtypes", DTYPES):
+            out.append(make_case(spec, dtype))
+    return out
+
+
+def base_names() -> list[str]:
+    return [c["name"] for c in BASE_CASES]
+
+
+_names = base_names()
+assert len(_names) == len(set(_names)), "duplicate case names"

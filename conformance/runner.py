@@ -1,0 +1,275 @@
+"""Run the conformance suite: every installed backend, every device it reaches.
+
+``run()`` returns ``{"environment": {...}, "results": [...]}``; see checks.py
+for the record format and report.py for the Markdown report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import importlib
+import os
+import platform
+import sys
+import time
+import warnings
+from typing import Callable, Iterable
+
+from . import cases as case_matrix
+from .adapters import ADAPTERS
+from .checks import check_case, check_errors, reference_of
+
+BACKENDS = ("numpy", "torch", "tensorflow", "jax")
+
+# The quick subset (``xseqloss conformance --quick``, the CLI test): a few
+# cases that still touch every check kind.
+QUICK_CASES = ("ntc", "nct", "mix_uniform", "soft", "red_per_sequence_weights", "garbage_masked")
+QUICK_ERRORS = ("target_ge_C", "lengths_gt_T", "mask_shape", "unknown_reduction")
+
+
+
+def _version(module: str) -> str | None:
+    try:
+        m = importlib.import_module(module)
+    except Exception:
+        return None
+    return getattr(m, "__version__", "unknown")
+
+
+def _quiet_frameworks() -> None:
+    """Less noise while the suite runs (call inside warnings.catch_warnings())."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", message=".*did you pass softmax outputs.*")
+
+
+def environment(backends: Iterable[str], devices: dict) -> dict:
+    import xseqloss
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "xseqloss": getattr(xseqloss, "__version__", "unknown"),
+        "versions": {m: _version(m) for m in ("numpy", "ml_dtypes", "torch", "tensorflow", "keras", "jax",
+                                                "jaxlib", "optax")},
+        "backends": list(backends),
+        "devices": devices,
+    }
+    if "tensorflow" in env["backends"]:
+        try:  # the Keras natives run on the TensorFlow backend of Keras
+            import keras
+            env["keras_backend"] = keras.backend.backend()
+        except Exception:
+            pass
+    return env
+
+
+def numpy_accepts_bfloat16() -> tuple[bool, str]:
+    """Ask the package whether the numpy backend takes ml_dtypes.bfloat16 logits."""
+    import numpy as np
+    try:
+        import ml_dtypes
+    except ImportError:
+        return False, "ml_dtypes is not installed"
+    import xseqloss as xsl
+    x = np.zeros((1, 2, 3), dtype=ml_dtypes.bfloat16)
+    try:
+        with xsl.use_backend("numpy"):
+            xsl.sequence_cross_entropy(x, np.zeros((1, 2), np.int64))
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def select_cases(patterns: Iterable[str] | None = None, quick: bool = False) -> list[dict]:
+    specs = case_matrix.BASE_CASES
+    if quick:
+        specs = [s for s in specs if s["name"] in QUICK_CASES]
+    if patterns:
+        pats = list(patterns)
+        specs = [s for s in specs if any(fnmatch.fnmatchcase(s["name"], p) or p in s["name"] for p in pats)]
+    return specs
+
+
+def _device_wanted(device: str, wanted: Iterable[str] | None) -> bool:
+    if not wanted:
+        return True
+    kind = "cpu" if device == "cpu" else "gpu"
+    for w in wanted:
+        w = w.lower()
+        if w == device or w == kind or (w == "cuda" and kind == "gpu") or device.startswith(w + ":"):
+            return True
+    return False
+
+
+def _resolve_backends(backends: Iterable[str] | None) -> list[str]:
+    if backends is None:
+        return [b for b in BACKENDS if ADAPTERS[b].available()]
+    names = list(backends)
+    for b in names:
+        if b not in ADAPTERS:
+            raise ValueError(f"unknown backend {b!r}; choose from {list(BACKENDS)}")
+        if not ADAPTERS[b].available():
+            raise RuntimeError(f"backend {b!r} was requested but its framework is not installed")
+    return names
+
+
+def run(backends: Iterable[str] | None = None, devices: Iterable[str] | None = None,
+        progress: Callable[[str], None] | None = None, cases: Iterable[str] | None = None,
+        quick: bool = False, compiled: bool = True, errors: bool = True, jobs: int = 1) -> dict:
+    """Run the suite and return ``{"environment", "results", "not_applicable"}``.
+
+    backends: names to run (default: every installed one; a requested one that
+        is not installed raises).  devices: "cpu", "gpu"/"cuda" or a full label
+        such as "cuda:0" (default: all found).  cases: fnmatch patterns or
+        substrings of base case names.  quick: the small subset (QUICK_CASES).
+        jobs: run up to this many backends at once, each in its own process
+        (JAX spends most of its time compiling, on one core).
+    """
+    with warnings.catch_warnings():
+        _quiet_frameworks()
+        names = _resolve_backends(backends)
+        if jobs > 1 and len(names) > 1:
+            return _run_parallel(names, jobs, progress, dict(devices=None if devices is None else list(devices),
+                                                             cases=None if cases is None else list(cases),
+                                                             quick=quick, compiled=compiled, errors=errors))
+        return _run_here(names, devices, progress, cases, quick, compiled, errors)
+
+
+def _run_here(names: list[str], devices: Iterable[str] | None, progress: Callable[[str], None] | None,
+              cases: Iterable[str] | None, quick: bool, compiled: bool, errors: bool) -> dict:
+    say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    specs = select_cases(cases, quick)
+    all_cases = case_matrix.expand(specs)
+    error_names = list(QUICK_ERRORS) if quick else None
+    if cases and not quick:
+        error_names = []  # a case filter selects cases only
+    say(f"{len(specs)} base cases, {len(all_cases)} with dtypes; reference ...")
+    refs = {c.name: reference_of(c) for c in all_cases}
+    say(f"reference done in {time.perf_counter() - t0:.1f}s")
+
+    results: list[dict] = []
+    dev_map: dict[str, list[str]] = {}
+    not_applicable: list[dict] = []
+    timings: dict[str, float] = {}
+    for b in names:
+        adapter = ADAPTERS[b]
+        devs = [d for d in adapter.devices() if _device_wanted(d, devices)]
+        dev_map[b] = devs
+        todo = all_cases
+        if b == "numpy":
+            ok, why = numpy_accepts_bfloat16()
+            if not ok:
+                todo = [c for c in all_cases if c.dtype != "bfloat16"]
+                not_applicable.append({"backend": b, "dtype": "bfloat16", "cases": len(all_cases) - len(todo),
+                                       "reason": "the numpy backend does not accept ml_dtypes.bfloat16 logits: "
+                                                 + why})
+        for dev in devs:
+            tb = time.perf_counter()
+            say(f"[{b}/{dev}] {len(todo)} cases")
+            for i, case in enumerate(todo):
+                use_compiled = compiled and (case.torch_compile and case.dtype == "float32" if b == "torch"
+                                             else case.jit and case.dtype in COMPILED_DTYPES.get(b, ()))
+                results += check_case(adapter, case, dev, refs[case.name], compiled=use_compiled,
+                                      deterministic=(dev == "cpu"))
+                if (i + 1) % 50 == 0:
+                    say(f"[{b}/{dev}] {i + 1}/{len(todo)} cases, {time.perf_counter() - tb:.0f}s")
+            if errors and error_names != []:
+                say(f"[{b}/{dev}] error catalogue")
+                results += check_errors(adapter, dev, compiled=compiled, names=error_names)
+            timings[f"{b}/{dev}"] = round(time.perf_counter() - tb, 1)
+            fails = sum(1 for r in results if r["backend"] == b and r["device"] == dev and not r["passed"])
+            say(f"[{b}/{dev}] done in {timings[f'{b}/{dev}']}s, {fails} failing")
+    env = environment(names, dev_map)
+    env["seconds"] = round(time.perf_counter() - t0, 1)
+    env["seconds_per_backend"] = timings
+    env["gpu_found"] = any(d != "cpu" for ds in dev_map.values() for d in ds)
+    env["cases"] = {"base": len(specs), "with_dtypes": len(all_cases)}
+    return {"environment": env, "results": results, "not_applicable": not_applicable}
+
+
+# A child process: load this very suite (under the same module name, from the
+# same folder, so that the installed xseqloss._conformance and the repository's
+# conformance/ both work), run one backend and write its report as JSON.
+_CHILD = """
+import importlib, importlib.util, json, sys
+name, folder, out, backend, kw = sys.argv[1:6]
+try:
+    mod = importlib.import_module(name)
+except ImportError:
+    spec = importlib.util.spec_from_file_location(name, folder + "/__init__.py",
+                                                  submodule_search_locations=[folder])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+rep = mod.run(backends=[backend], progress=lambda m: print("[conformance] " + m, file=sys.stderr, flush=True),
+              **json.loads(kw))
+mod.write_json(rep, out)
+"""
+
+# Longest first, so that the slowest backend starts at once.
+_EXPECTED_ORDER = ("jax", "tensorflow", "torch", "numpy")
+
+
+def _run_parallel(names: list[str], jobs: int, progress: Callable[[str], None] | None, kw: dict) -> dict:
+    import json
+    import subprocess
+    import tempfile
+    from .report import read_json
+
+    say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    package = __name__.rsplit(".", 1)[0]
+    folder = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    # two frameworks may share one GPU: neither may grab all of its memory up front
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    env.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    queue = sorted(names, key=lambda b: _EXPECTED_ORDER.index(b) if b in _EXPECTED_ORDER else 99)
+    reports: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        running: dict[str, tuple] = {}
+        while queue or running:
+            while queue and len(running) < jobs:
+                b = queue.pop(0)
+                out = os.path.join(tmp, b + ".json")
+                proc = subprocess.Popen([sys.executable, "-c", _CHILD, package, folder, out, b, json.dumps(kw)],
+                                        env=env, stdout=subprocess.DEVNULL,
+                                        stderr=None if progress else subprocess.DEVNULL)
+                running[b] = (proc, out)
+                say(f"[{b}] started in its own process")
+            time.sleep(0.2)
+            for b, (proc, out) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[b]
+                if proc.returncode != 0 or not os.path.exists(out):
+                    raise RuntimeError(f"the conformance run of backend {b!r} failed "
+                                       f"(exit status {proc.returncode})")
+                reports[b] = read_json(out)
+    ordered = [reports[b] for b in names]
+    results = [r for rep in ordered for r in rep["results"]]
+    dev_map = {b: d for rep in ordered for b, d in rep["environment"]["devices"].items()}
+    env_out = environment(names, dev_map)
+    env_out["seconds"] = round(time.perf_counter() - t0, 1)
+    env_out["seconds_per_backend"] = {k: v for rep in ordered
+                                      for k, v in rep["environment"]["seconds_per_backend"].items()}
+    env_out["gpu_found"] = any(rep["environment"]["gpu_found"] for rep in ordered)
+    env_out["cases"] = ordered[0]["environment"]["cases"]
+    env_out["jobs"] = jobs
+    return {"environment": env_out, "results": results,
+            "not_applicable": [n for rep in ordered for n in rep["not_applicable"]]}
+
+
+# The dtypes a jit-flagged case runs compiled in: jax.jit compiles quickly,
+# XLA through tf.function more slowly (two dtypes keep the full run short).
+COMPILED_DTYPES = {"jax": ("float64", "float32", "bfloat16"),
+                   "tensorflow": ("float32", "bfloat16")}
+
+
+def failures(report: dict) -> list[dict]:
+    return [r for r in report["results"] if not r["passed"]]
