@@ -230,7 +230,6 @@ def make_case(spec: dict, dtype: str) -> Case:
     rng = np.random.default_rng(_seed(spec["name"]))  # the same data for every dtype
     layout = spec["layout"]
     sizes = spec["shape"]
-    shape = tuple(sizes[a] for a in layout)
     k = layout.index("C")
     C = sizes["C"]
     tok_layout = layout.replace("C", "")

@@ -184,7 +184,6 @@ def _nan_contract(adapter: Adapter, entry: dict, arrays: dict, options: dict, de
                   compiled: bool) -> tuple[float, str]:
     """Loss NaN at exactly the bad tokens, NaN gradient rows there, the rest equal to the reference."""
     dt = "float32"
-    tol = TOLERANCE[dt]
     bad = catalogue.nan_tokens(entry, arrays, options)
     ref_in = catalogue.reference_inputs(entry, arrays, bad)
     ref_opts = {k: v for k, v in options.items() if k not in ("layout",)}

@@ -139,6 +139,13 @@ def _parse_options(*, layout: Any, ignore_index: Any, inputs: Any, label_smoothi
                    denominator, empty, num_classes, validate, inplace_backward)
 
 
+def normalizer_reduction(reduction: str) -> None:
+    """``normalizer`` replaces D of "mean" and N of "sequence_mean"; anywhere else it is an error."""
+    if reduction not in ("mean", "sequence_mean"):
+        raise XSeqLossError(f"normalizer replaces the denominator of reduction='mean' or 'sequence_mean'; "
+                            f"it has no meaning with reduction={reduction!r}")
+
+
 # ----------------------------------------------------------------------------------------- shapes
 
 def fmt_shape(shape: Sequence[Any], letters: str | None = None) -> str:

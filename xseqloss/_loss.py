@@ -440,9 +440,7 @@ def _prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets:
         if not _checks.same_shape(be.shape(cw), (C,)):
             raise shape_error("class_weights", be.shape(cw), (C,), "C")
     if normalizer is not None:
-        if o.reduction not in ("mean", "sequence_mean"):
-            raise XSeqLossError(f"normalizer replaces the denominator of reduction='mean' or 'sequence_mean'; "
-                                f"it has no meaning with reduction={o.reduction!r}")
+        _checks.normalizer_reduction(o.reduction)
         if _dispatch.framework_of(normalizer) is None and np.ndim(normalizer) == 0 and not hasattr(normalizer, "dtype"):
             _checks.number(normalizer, "normalizer", 0.0)
         normalizer = _dispatch.side(be, normalizer, "normalizer", like)

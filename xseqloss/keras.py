@@ -104,9 +104,7 @@ class SequenceCrossEntropy(keras.losses.Loss):
                                      empty=empty, num_classes=num_classes, validate=validate,
                                      inplace_backward=False)
         if normalizer is not None:
-            if opts.reduction not in ("mean", "sequence_mean"):
-                raise XSeqLossError(f"normalizer replaces the denominator of reduction='mean' or 'sequence_mean'; "
-                                    f"it has no meaning with reduction={opts.reduction!r}")
+            _checks.normalizer_reduction(opts.reduction)
             normalizer = _checks.number(normalizer, "normalizer", 0.0)
         # Keras's base class only knows its own reductions; ours is kept in self.reduction after it.
         super().__init__(name=name, reduction="none", dtype=dtype)

@@ -73,9 +73,7 @@ class SequenceCrossEntropyLoss(nn.Module):
                                      empty=empty, num_classes=num_classes, validate=validate,
                                      inplace_backward=inplace_backward)
         if normalizer is not None:
-            if opts.reduction not in ("mean", "sequence_mean"):
-                raise XSeqLossError(f"normalizer replaces the denominator of reduction='mean' or 'sequence_mean'; "
-                                    f"it has no meaning with reduction={opts.reduction!r}")
+            _checks.normalizer_reduction(opts.reduction)
             if not isinstance(normalizer, torch.Tensor):
                 _checks.number(normalizer, "normalizer", 0.0)
         self.layout = layout

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import XSeqLossError, XSeqLossTypeError
-from . import _common
 from .numpy import NumpyBackend
 
 _I32 = np.iinfo(np.int32)
