@@ -45,21 +45,9 @@ def pytest_configure(config):
 # Confirmed package bugs, reported to the lead with a minimal repro.  Each
 # entry marks the matching tests xfail(strict=True): when the bug is fixed the
 # test XPASSes, the run fails, and the entry must be deleted.
-KNOWN_BUGS = {
-    r"test_gradients\.py::test_torch_gradcheck\[|test_torch_second_backward_with_retain_graph":
-        "package bug: the default torch path (inplace_backward=False) raises 'the fused backward "
-        "runs once' on a second backward with retain_graph=True, so torch.autograd.gradcheck fails",
-    r"test_helpers\.py::test_token_count_float32_weights\[":
-        "package bug: token_count without class_weights/num_classes fails (C is None in "
-        "_count_core: '<' between int and NoneType)",
-    r"test_helpers\.py::test_pool\[torch-\w+-(last|first)\]|"
-    r"test_pool_last_is_last_counted_step_not_index_minus_one\[torch\]":
-        "package bug: pool(torch, mask=..., method='last'/'first') without lengths: "
-        "TorchBackend.arange(like=None) raises AttributeError",
-    r"test_nan_safety\.py::test_garbage_soft_targets\[\w+-lengths\]":
-        "package bug: soft-target validation skips masked positions but not positions beyond "
-        "lengths, so garbage soft targets in length padding raise XSeqLossError",
-}
+# Confirmed package bugs, each marked strict-xfail until fixed (a fixed bug then fails the run, so
+# its entry must be removed). Empty: every bug found so far is fixed.
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -69,7 +69,7 @@ def test_options_are_keyword_only_and_checked_at_construction():
         SequenceCrossEntropyLoss(class_weights=[1.0, 1.0, 1.0], num_classes=4)
     with pytest.raises(xsl.XSeqLossError, match="normalizer"):
         SequenceCrossEntropyLoss(reduction="sum", normalizer=10)
-    with pytest.raises(xsl.XSeqLossError, match="needs inputs='logits'"):
+    with pytest.raises(xsl.XSeqLossError, match='needs inputs="logits"'):
         SequenceCrossEntropyLoss(inputs="probs", z_loss=1e-4)
 
 

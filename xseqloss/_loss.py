@@ -471,12 +471,10 @@ def _value_flags(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, length
     """One scalar flag per kind of value problem: a single backend call (jitted on JAX) and one
     host read per flag, so validation stays cheap; the details are looked up only on failure."""
     o, C = st.opts, st.C
-    m = None if mask is None else ops.nonzero(mask)
+    m = _counted(ops, st, y, mask, lengths, y if y is not None else ops.drop_class(t, o.k))[0]
     flags = {}
     if y is not None:
         bad = (y < 0) if C is None else ((y < 0) | (y >= C))
-        for v in o.ignore:
-            bad = bad & (y != v)
         flags["targets"] = ops.any(bad if m is None else (bad & m), None)
     if lengths is not None:
         T = ops.dim(y if y is not None else ops.drop_class(t, o.k), o.tok_layout.index("T"))
@@ -530,17 +528,23 @@ def _act_on_flags(call: _Call, flags: dict[str, Any]) -> None:
                       UserWarning, stacklevel=4)
 
 
+def _counted_tokens(ops: Any, st: Static, y: Any, t: Any, mask: Any, lengths: Any) -> Any:
+    like = y if y is not None else ops.drop_class(t, st.opts.k)
+    counted = _counted(ops, st, y, mask, lengths, like)[0]
+    return ops.true_like(like) if counted is None else counted
+
+
 def _raise_value_error(call: _Call, shape: tuple[Any, ...]) -> None:
     """The slow path: find the first offending element of the first problem and raise."""
     be, st = call.be, call.st
     o, C = st.opts, st.C
+    counted = None
+    if call.y is not None or call.t is not None:
+        counted = be.run(_counted_tokens, st, call.y, call.t, call.mask, call.lengths)
     if call.y is not None:
         y = call.y
         bad = (y < 0) if C is None else ((y < 0) | (y >= C))
-        for v in o.ignore:
-            bad = bad & (y != v)
-        if call.mask is not None:
-            bad = bad & be.nonzero(call.mask)
+        bad = bad & counted
         if be.any_true(bad):
             pos = _first(be, bad)
             if pos is not None:
@@ -575,21 +579,19 @@ def _raise_value_error(call: _Call, shape: tuple[Any, ...]) -> None:
         # soft targets: entries must be finite and >= 0 at tokens that count
         tt = be.to_numpy(call.t)
         bad = ~np.isfinite(tt.astype(np.float64)) | (tt.astype(np.float64) < 0)
-        if call.mask is not None:
-            bad &= np.expand_dims(be.to_numpy(be.nonzero(call.mask)), o.k)
+        bad &= np.expand_dims(be.to_numpy(counted), o.k)
         if bad.any():
             pos = tuple(int(i) for i in np.argwhere(bad)[0])
             raise XSeqLossError(f"targets{position(pos)} = {tt[pos]} is invalid: soft-target probabilities "
                                 f"must be finite and in [0, 1]")
     if call.z is not None and o.inputs == "probs":
-        _check_probs(call)
+        _check_probs(call, be.to_numpy(counted))
 
 
-def _check_probs(call: _Call) -> None:
+def _check_probs(call: _Call, keep: np.ndarray) -> None:
     be, o = call.be, call.st.opts
     p = be.to_numpy(call.z).astype(np.float64)
     p = np.moveaxis(p, o.k, -1)
-    keep = np.ones(p.shape[:-1], bool) if call.mask is None else be.to_numpy(be.nonzero(call.mask))
     out = ((p < 0) | (p > 1) | ~np.isfinite(p)) & keep[..., None]
     if out.any():
         idx = tuple(int(i) for i in np.argwhere(out)[0])
@@ -732,7 +734,7 @@ def _count_core(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths
     if d == "tokens" or (weights is None and cw is None):
         return ops.count(counted, None)
     acc = ops.acc_dtype(weights if weights is not None else cw)
-    if y is not None:
+    if y is not None and cw is not None:  # only class weights need the labels (C is then known)
         y = ops.where((y >= 0) & (y < st.C), y, 0)
     w = None if weights is None else ops.cast(weights, acc)
     cwc = None if cw is None else ops.cast(cw, acc)

@@ -74,7 +74,8 @@ def _pool_core(ops: Any, method: str, h: Any, steps: Any, lengths: Any) -> Any:
     has = ops.expand(ops.any(counted, 1), 1)
     safe = ops.where(ops.expand(counted, 2), h, 0.0)  # steps that do not count never reach the result
     if method in ("last", "first"):
-        t = ops.expand(ops.arange(T, like=lengths), 0)
+        n = ops.count(counted, 1)  # integer, on h's device: the index type for arange
+        t = ops.expand(ops.arange(T, like=lengths if lengths is not None else n), 0)
         if method == "last":
             idx = ops.max(ops.where(counted, t, -1), 1)
         else:

@@ -340,14 +340,21 @@ class _FusedTokenLoss(torch.autograd.Function):
         gbuf = z.detach() if st.opts.inplace else _gradient_buffer(z)
         out = _run_chunks(be, st, z.detach(), y, t, keep, cw, acc, gbuf)
         ctx.gbuf, ctx.k = gbuf, st.opts.k
+        # kept only to recompute the gradient for a second backward (retain_graph=True, gradcheck)
+        ctx.again = None if st.opts.inplace else (z.detach(), y, t, keep, cw, st, acc, be)
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # second-order use raises instead of giving 0
     def backward(ctx: Any, dl: Any) -> Any:
         g = ctx.gbuf
-        if g is None:
-            raise RuntimeError("xseqloss: the fused backward runs once (its buffer is reused in place); "
-                               "call backward only once, or compute the loss again")
+        if g is None:  # the stored gradient was scaled in place by the first backward: recompute it
+            if ctx.again is None:
+                raise RuntimeError("xseqloss: with inplace_backward=True the gradient lives in the logits' "
+                                   "storage and backward runs once; compute the loss again")
+            z, y, t, keep, cw, st, acc, be = ctx.again
+            g = _gradient_buffer(z)
+            _run_chunks(be, st, z, y, t, keep, cw, acc, g)
         ctx.gbuf = None
         g.mul_(dl.unsqueeze(ctx.k).to(g.dtype))
         return g, None, None, None, None, None, None, None
