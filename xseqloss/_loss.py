@@ -513,7 +513,7 @@ def _numeric_checked(ops: Any, st: Static, *arrays: Any) -> tuple[Any, dict[str,
 def _looks_like_probs(ops: Any, z: Any, shape: tuple[Any, ...], k: int) -> Any:
     """True when the first few rows are in [0, 1] and sum to 1 (reads a few rows, not the logits)."""
     rows = ops.cast(z[_sample_index(shape, k, _SAMPLE_ROWS)], ops.acc_dtype(z))
-    inside = ops.all((rows >= 0) & (rows <= 1), None)
+    inside = ops.all((rows >= 0) & (rows <= 1), None) & (ops.size(rows) > 0)  # shapes may be unknown
     return inside & ops.all(ops.abs(ops.sum(rows, k) - 1.0) <= 1e-3, None)
 
 
