@@ -32,7 +32,10 @@ def _env() -> dict:
 
 
 def test_perturbed_torch_kernel_fails_torch_only(monkeypatch):
-    torch = pytest.importorskip("torch")
+    from support import require_or_skip
+
+    require_or_skip("torch")  # an error, not a skip, when XSEQLOSS_REQUIRE_BACKENDS asks for torch
+    import torch
 
     suite = _suite()
     # The torch backend's fused plain kernel (xseqloss/backends/torch.py, _plain_chunk) takes the
