@@ -252,8 +252,8 @@ def _gradient_buffer(z: Any) -> Any:
     return buf
 
 
-def _chunks(z: Any, k: int, tok: Any) -> tuple[int, Any]:
-    """(class axis of a chunk, generator of (index over z, index over tokens)) slices."""
+def _chunks(z: Any, k: int) -> tuple[int, Any]:
+    """(class axis of a chunk, generator of chunk indices over z)."""
     C = z.shape[k]
     if k == z.ndim - 1 and z.is_contiguous():
         rows = max(1, _CHUNK_ELEMENTS // max(C, 1))
@@ -267,10 +267,8 @@ def _chunks(z: Any, k: int, tok: Any) -> tuple[int, Any]:
                for i in range(0, z.shape[a0], step))
 
 
-def _tok_index(idx: tuple, k: int, kk: int) -> tuple:
-    """The token-array index matching a chunk index over z (drop the class axis)."""
-    if kk == 1 and len(idx) == 1:  # rows mode: tokens are flattened too
-        return idx
+def _tok_index(idx: tuple, k: int) -> tuple:
+    """The token-array index matching a slab index over z (the class axis dropped)."""
     return tuple(s for a, s in enumerate(idx) if a != k)
 
 
@@ -298,7 +296,7 @@ def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, ac
 
     k = st.opts.k
     want_grad = gbuf is not None
-    kk, chunks = _chunks(z, k, y if y is not None else None)
+    kk, chunks = _chunks(z, k)
     rows = kk == 1 and k == z.ndim - 1 and z.is_contiguous()
     C = z.shape[k]
     tok_shape = tuple(d for a, d in enumerate(z.shape) if a != k)
@@ -311,7 +309,7 @@ def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, ac
     tf_ = None if t is None else (t.reshape(-1, C) if rows else t)
     scratch = None
     for idx in chunks:
-        ti = idx if rows else _tok_index(idx, k, kk)
+        ti = idx if rows else _tok_index(idx, k)
         zc = zf[idx]
         kc = None if kf is None else kf[ti]
         if st.plain:
@@ -368,9 +366,7 @@ def _fused_token_loss(self: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw:
         if (t is not None and t.requires_grad) or (cw is not None and cw.requires_grad):
             return None  # gradients into targets/class weights: plain autograd
         return _FusedTokenLoss.apply(z, y, t, keep, cw, st, acc, self)
-    with torch.no_grad():
-        if st.opts.inplace:
-            return _run_chunks(self, st, z, y, t, keep, cw, acc, None)
+    with torch.no_grad():  # forward only: no gradient buffer at all
         return _run_chunks(self, st, z, y, t, keep, cw, acc, None)
 
 
