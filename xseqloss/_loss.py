@@ -159,14 +159,16 @@ def _sum(ops: Any, x: Any, axes: tuple[int, ...] | None) -> Any:
     return x if axes == () else ops.sum(x, axes)
 
 
-def _safe_div(ops: Any, num: Any, den: Any, empty: str) -> tuple[Any, Any]:
-    """num / den with the empty rule where den == 0 (gradient exactly 0 there); also 1/den (or 0)."""
+def _inverse(ops: Any, den: Any) -> tuple[Any, Any]:
+    """(1/den, or 0 where den == 0; den == 0): the gradient through an empty denominator is exactly 0."""
     zero = den == 0
-    inv = ops.where(zero, 0.0, 1.0 / ops.where(zero, 1.0, den))
+    return ops.where(zero, 0.0, 1.0 / ops.where(zero, 1.0, den)), zero
+
+
+def _divide(ops: Any, num: Any, inv: Any, zero: Any, empty: str) -> Any:
+    """num / den from ``_inverse``'s output, with the empty rule where den == 0."""
     out = num * inv
-    if empty == "nan":
-        out = ops.where(zero, float("nan"), out)
-    return out, inv
+    return ops.where(zero, float("nan"), out) if empty == "nan" else out
 
 
 def _counted(ops: Any, st: Static, y: Any, mask: Any, lengths: Any, like: Any) -> tuple[Any, Any]:
@@ -258,46 +260,68 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
     if st.mark_bad and o.inputs == "probs" and bad is not None:
         # clamps and wheres would drop the NaN from parts of the row's gradient: poison the input row
         z = z * ops.expand(ops.cast(ops.where(bad, float("nan"), 1.0), ops.dtype(z)), o.k)
-    fused = getattr(ops, "fused_token_loss", None)  # a backend's own forward+backward kernel, if any
-    l = None if (want_grad or fused is None) else fused(st, z, y, t, counted, cw, acc)
-    g = None
-    if l is None:
-        l, g = token_loss(ops, st, z, y, t, counted, cw, acc, want_grad)
-
     # token weights W (for the denominator) and the multiplier of each token's loss
     w = None if weights is None else ops.cast(weights, acc)
     if counted is not None and w is not None:
         w = ops.where(counted, w, 0.0)
     mult = w
     if bad is not None:
-        nan_or_1 = ops.where(bad, float("nan"), 1.0)
-        nan_or_1 = ops.cast(nan_or_1, acc)
+        nan_or_1 = ops.cast(ops.where(bad, float("nan"), 1.0), acc)
         mult = nan_or_1 if mult is None else mult * nan_or_1
-    out = l if mult is None else l * mult
-    if counted is not None and mult is not None:
-        out = ops.where(counted, out, 0.0)
 
+    # the denominators never depend on the losses: coef = d result / d (weighted token loss), known
+    # before the loss is computed, so a fused kernel can fold it into the gradient it forms in its
+    # forward pass (see expected_dl below)
     red = o.reduction
     coef: Any = 1.0
-    if red in ("none", "sum"):
-        result = out if red == "none" else ops.sum(out, None)
-    else:
+    inv = zero = inv2 = zero2 = axes = None
+    if red not in ("none", "sum"):
         W = _denominator_weights(ops, st, y, counted, w, cw)
         if red == "mean":
-            D = ops.cast(normalizer, acc) if normalizer is not None else _den(ops, st, W, counted, l, None, acc)
-            result, coef = _safe_div(ops, ops.sum(out, None), D, o.empty)
+            D = ops.cast(normalizer, acc) if normalizer is not None else _den(ops, st, W, counted, like, None, acc)
+            inv, zero = _inverse(ops, D)
+            coef = inv
         else:
             over = "T" if red in ("per_sequence", "sequence_mean") else "N"
             axes = _axes(tok, over)
-            result, inv = _safe_div(ops, _sum(ops, out, axes), _den(ops, st, W, counted, l, axes, acc), o.empty)
+            inv, zero = _inverse(ops, _den(ops, st, W, counted, like, axes, acc))
             coef = ops.expand(inv, tok.index(over)) if axes else inv
             if red == "sequence_mean":
-                n_seq = ops.cast(normalizer if normalizer is not None else ops.dim(l, tok.index("N")), acc)
-                result, inv2 = _safe_div(ops, ops.sum(result, None), n_seq, o.empty)
+                n_seq = ops.cast(normalizer if normalizer is not None else ops.dim(like, tok.index("N")), acc)
+                inv2, zero2 = _inverse(ops, n_seq)
                 coef = coef * inv2
+
+    def expected_dl() -> Any:
+        """d result / d l per token when result's own upstream gradient is 1 (bad-token NaNs left
+        out): what a fused kernel's backward receives in the common case."""
+        ct = ops.full_tokens(like, 1.0, acc) * coef  # coef may be a Python float or a 0-d array
+        if w is None:
+            return ct
+        ct = ct * w
+        return ct if counted is None else ops.where(counted, ct, 0.0)  # as ``out`` below
+
+    fused = getattr(ops, "fused_token_loss", None)  # a backend's own forward+backward kernel, if any
+    l = None if (want_grad or fused is None) else fused(st, z, y, t, counted, cw, acc, expected_dl)
+    g = None
+    if l is None:
+        l, g = token_loss(ops, st, z, y, t, counted, cw, acc, want_grad)
+
+    out = l if mult is None else l * mult
+    if counted is not None and mult is not None:
+        out = ops.where(counted, out, 0.0)
+    if red == "none":
+        result = out
+    elif red == "sum":
+        result = ops.sum(out, None)
+    elif red == "mean":
+        result = _divide(ops, ops.sum(out, None), inv, zero, o.empty)
+    else:
+        result = _divide(ops, _sum(ops, out, axes), inv, zero, o.empty)
+        if red == "sequence_mean":
+            result = _divide(ops, ops.sum(result, None), inv2, zero2, o.empty)
     if not want_grad:
         return result
-    ct = ops.full_tokens(l, 1.0, acc) * coef  # coef may be a Python float or a 0-d array
+    ct = ops.full_tokens(l, 1.0, acc) * coef
     if mult is not None:
         ct = ct * mult
     if counted is not None:

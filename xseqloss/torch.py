@@ -25,8 +25,9 @@ from torch import nn
 from . import _checks
 from ._errors import XSeqLossError, XSeqLossTypeError
 from ._loss import sequence_cross_entropy
+from .backends.torch import empty_cache
 
-__all__ = ["SequenceCrossEntropyLoss"]
+__all__ = ["SequenceCrossEntropyLoss", "empty_cache"]
 
 # Options whose value is shown by ``repr`` when it differs from the function's default.
 _DEFAULTS = dict(layout="NTC", ignore_index=-100, inputs="logits", label_smoothing=0.0, smoothing="uniform",

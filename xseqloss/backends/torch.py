@@ -215,41 +215,64 @@ BACKEND = TorchBackend()
 # gradient. The general options reuse _loss.token_loss per chunk, so the semantics stay in one place.
 
 _CHUNK_ELEMENTS = 1 << 21  # ~8 MB of float32 per chunk: stays in cache, amortises op dispatch
-_HUGE = 1 << 21            # 2 MB: a transparent huge page on x86-64 Linux
-_MIN_HUGE_BYTES = 64 << 20
+_MIN_CACHED_BYTES = 64 << 20
 
 
-def _madvise_hugepage() -> Any:
-    try:
-        import ctypes
-        import sys
+class _BufferCache:
+    """One reusable CPU gradient buffer.
 
-        if not sys.platform.startswith("linux"):
-            return None
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.madvise
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return fn
-    except Exception:  # pragma: no cover - no libc: plain buffers
-        return None
+    PyTorch's CPU allocator returns large blocks to the OS on free, so every step's fresh 1 GB
+    gradient would pay ~0.2-0.4 s of page faults on first touch (more than the loss itself). The
+    slot keeps the last large buffer and hands it out again only when nothing else references its
+    storage: not the user (``z.grad``), not a pending backward (``ctx``), not a view. On CUDA the
+    caching allocator already does this. ``xseqloss.torch.empty_cache()`` releases the slot.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.raw: Any = None
+        probe = torch.empty(1)
+        self.idle = self._uses(probe)  # the count when only the slot's own tensor holds the storage
+
+    @staticmethod
+    def _uses(t: Any) -> int:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+    def get(self, z: Any) -> Any:
+        n, nbytes = z.numel(), z.numel() * z.element_size()
+        if z.device.type != "cpu" or nbytes < _MIN_CACHED_BYTES or not z.is_contiguous():
+            return torch.empty_like(z)
+        with self.lock:
+            raw = self.raw
+            if (raw is None or raw.dtype != z.dtype or not (n <= raw.numel() <= 2 * n)
+                    or self._uses(raw) != self.idle):
+                raw = self.raw = None  # release the old one (if unused) before allocating
+                raw = self.raw = torch.empty(n, dtype=z.dtype)
+            # a new tensor object over the storage (never the slot's own): autograd then adopts it
+            # as .grad without a copy, and the storage's use count tells when it is free again
+            return raw[:n].view(z.shape)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.raw = None
 
 
-_MADVISE = _madvise_hugepage()
+try:
+    _BUFFERS: Any = _BufferCache()
+except Exception:  # pragma: no cover - a torch without storage use counts: plain buffers
+    _BUFFERS = None
 
 
 def _gradient_buffer(z: Any) -> Any:
-    """A buffer like z for the gradient. On CPU, a large one is 2 MB-aligned and advised as
-    transparent huge pages (what PyTorch's THP_MEM_ALLOC_ENABLE=1 does for every allocation): the
-    first touch of a fresh 1 GB buffer then costs ~0.1 s instead of ~0.4 s of 4 kB page faults."""
-    nbytes = z.numel() * z.element_size()
-    if z.device.type != "cpu" or _MADVISE is None or nbytes < _MIN_HUGE_BYTES or not z.is_contiguous():
-        return torch.empty_like(z)
-    pad = _HUGE // z.element_size()
-    raw = torch.empty(z.numel() + pad, dtype=z.dtype)
-    off = ((-raw.data_ptr()) % _HUGE) // z.element_size()
-    buf = raw[off:off + z.numel()].view(z.shape)
-    _MADVISE(buf.data_ptr(), (nbytes // _HUGE) * _HUGE, 14)  # MADV_HUGEPAGE; a failure is harmless
-    return buf
+    return torch.empty_like(z) if _BUFFERS is None else _BUFFERS.get(z)
+
+
+def empty_cache() -> None:
+    """Release the reusable CPU gradient buffer (it is reallocated on the next large backward)."""
+    if _BUFFERS is not None:
+        _BUFFERS.clear()
 
 
 def _chunks(z: Any, k: int) -> tuple[int, Any]:
@@ -272,8 +295,9 @@ def _tok_index(idx: tuple, k: int) -> tuple:
     return tuple(s for a, s in enumerate(idx) if a != k)
 
 
-def _plain_chunk(x: Any, y: Any, keep: Any, g: Any, kk: int, want_grad: bool) -> Any:
-    """lse - x[y] for one chunk; if want_grad, softmax - onehot written into g (float32/64 chunk)."""
+def _plain_chunk(x: Any, y: Any, keep: Any, g: Any, kk: int, want_grad: bool, scale: Any = None) -> Any:
+    """lse - x[y] for one chunk; if want_grad, (softmax - onehot) * scale written into g (float32/64
+    chunk; scale per row, keepdim, or None for 1)."""
     m = x.amax(kk, keepdim=True)
     m = torch.where(m == -torch.inf, 0.0, m)
     xy = x.gather(kk, y.unsqueeze(kk))
@@ -282,16 +306,31 @@ def _plain_chunk(x: Any, y: Any, keep: Any, g: Any, kk: int, want_grad: bool) ->
     s = g.sum(kk, keepdim=True)
     l = (m + s.log() - xy).squeeze(kk)
     if want_grad:
-        g.div_(s)
-        g.scatter_add_(kk, y.unsqueeze(kk), torch.full_like(xy, -1.0))
+        if scale is None:
+            g.div_(s)
+            g.scatter_add_(kk, y.unsqueeze(kk), torch.full_like(xy, -1.0))
+        else:
+            g.mul_(scale / s)
+            g.scatter_add_(kk, y.unsqueeze(kk), -scale.to(g.dtype))
         if keep is not None:
-            g.masked_fill_(~keep.unsqueeze(kk), 0.0)  # exact 0 even where the row holds NaN
+            _zero_rows(g, keep, kk)
     return l if keep is None else torch.where(keep, l, 0.0)
 
 
+def _zero_rows(g: Any, keep: Any, kk: int) -> None:
+    """Exact 0 in the gradient rows that do not count, even where the row holds NaN."""
+    if g.device.type == "cpu" and g.ndim == 2 and kk == 1:
+        drop = (~keep).nonzero().squeeze(1)  # a broadcast masked_fill_ is ~10x slower on CPU
+        if drop.numel():
+            g.index_fill_(0, drop, 0.0)
+    else:
+        g.masked_fill_(~keep.unsqueeze(kk), 0.0)
+
+
 def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
-                gbuf: Any) -> Any:
-    """Per-token losses (acc dtype); with gbuf, dl/dz written into it (gbuf may be z itself)."""
+                gbuf: Any, scale: Any = None) -> Any:
+    """Per-token losses (acc dtype); with gbuf, dl/dz times ``scale`` (token-shaped, acc dtype, or
+    None for 1) written into it (gbuf may be z itself)."""
     from .. import _loss
 
     k = st.opts.k
@@ -307,11 +346,13 @@ def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, ac
     yf = None if y is None else (y.reshape(-1) if rows else y)
     kf = None if keep is None else (keep.reshape(-1) if rows else keep)
     tf_ = None if t is None else (t.reshape(-1, C) if rows else t)
+    sf = None if scale is None else (scale.reshape(-1) if rows else scale)
     scratch = None
     for idx in chunks:
         ti = idx if rows else _tok_index(idx, k)
         zc = zf[idx]
         kc = None if kf is None else kf[ti]
+        sc = None if sf is None else sf[ti].unsqueeze(kk)
         if st.plain:
             x = zc if zc.dtype == acc else zc.to(acc)
             if gf is not None and gf.dtype == acc:
@@ -320,7 +361,7 @@ def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, ac
                 if scratch is None or scratch.shape != x.shape:
                     scratch = torch.empty_like(x)
                 g = scratch
-            of[ti] = _plain_chunk(x, yf[ti], kc, g, kk, want_grad)
+            of[ti] = _plain_chunk(x, yf[ti], kc, g, kk, want_grad, sc)
             if gf is not None and g is not gf[idx] and gf.dtype != acc:
                 gf[idx].copy_(g)
         else:
@@ -328,16 +369,26 @@ def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, ac
                                     kc, cw, acc, want_grad, k=kk)
             of[ti] = l
             if gf is not None:
-                gf[idx].copy_(g)
+                if sc is None:
+                    gf[idx].copy_(g)
+                else:
+                    torch.mul(g, sc, out=g)
+                    gf[idx].copy_(g)
     return out
 
 
 class _FusedTokenLoss(torch.autograd.Function):
+    """Per-token losses whose gradient is formed during the forward pass, already multiplied by
+    ``hint``: the upstream gradient backward expects (``_loss._numeric``'s expected_dl). When it
+    arrives as expected (loss.backward() of a reduced loss) backward returns the buffer untouched;
+    otherwise one pass rescales it by dl / hint."""
+
     @staticmethod
-    def forward(ctx: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, st: Any, acc: Any, be: Any) -> Any:
+    def forward(ctx: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, st: Any, acc: Any, be: Any,
+                hint: Any) -> Any:
         gbuf = z.detach() if st.opts.inplace else _gradient_buffer(z)
-        out = _run_chunks(be, st, z.detach(), y, t, keep, cw, acc, gbuf)
-        ctx.gbuf, ctx.k = gbuf, st.opts.k
+        out = _run_chunks(be, st, z.detach(), y, t, keep, cw, acc, gbuf, hint)
+        ctx.gbuf, ctx.k, ctx.hint = gbuf, st.opts.k, hint
         # kept only to recompute the gradient for a second backward (retain_graph=True, gradcheck)
         ctx.again = None if st.opts.inplace else (z.detach(), y, t, keep, cw, st, acc, be)
         return out
@@ -345,27 +396,59 @@ class _FusedTokenLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # second-order use raises instead of giving 0
     def backward(ctx: Any, dl: Any) -> Any:
-        g = ctx.gbuf
-        if g is None:  # the stored gradient was scaled in place by the first backward: recompute it
-            if ctx.again is None:
-                raise RuntimeError("xseqloss: with inplace_backward=True the gradient lives in the logits' "
-                                   "storage and backward runs once; compute the loss again")
-            z, y, t, keep, cw, st, acc, be = ctx.again
-            g = _gradient_buffer(z)
-            _run_chunks(be, st, z, y, t, keep, cw, acc, g)
+        g, hint = ctx.gbuf, ctx.hint
         ctx.gbuf = None
-        g.mul_(dl.unsqueeze(ctx.k).to(g.dtype))
-        return g, None, None, None, None, None, None, None
+        if g is None:  # used by an earlier backward (retain_graph, gradcheck): recompute it, the same way
+            g = _recompute(ctx, hint)
+        factor = _upstream_factor(dl, hint)
+        if factor is _RECOMPUTE:
+            g = _recompute(ctx, None)
+            factor = dl
+        if factor is not None:
+            g.mul_(factor.unsqueeze(ctx.k).to(g.dtype))
+        return g, None, None, None, None, None, None, None, None
 
 
-def _fused_token_loss(self: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any) -> Any:
+_RECOMPUTE = object()
+
+
+def _upstream_factor(dl: Any, hint: Any) -> Any:
+    """What the stored gradient (formed times ``hint``) must still be multiplied by: None when dl is
+    hint exactly (loss.backward() of the reduced loss: no pass at all), else a per-token factor, or
+    _RECOMPUTE when a row the fold scaled to 0 now needs a nonzero multiple (never through
+    _numeric, where dl is always proportional to hint)."""
+    if hint is None:
+        return dl
+    if torch.equal(dl, hint):
+        return None
+    nz = hint != 0
+    if bool((~nz & (dl != 0) & ~torch.isnan(dl)).any()):
+        return _RECOMPUTE
+    return torch.where(nz, dl / torch.where(nz, hint, 1.0), dl * 0.0)  # NaN stays NaN, 0 stays 0
+
+
+def _recompute(ctx: Any, hint: Any) -> Any:
+    if ctx.again is None:
+        raise RuntimeError("xseqloss: with inplace_backward=True the gradient lives in the logits' "
+                           "storage and cannot be formed twice (a second backward, or an upstream "
+                           "gradient that zeroes nothing the loss did not); compute the loss again")
+    z, y, t, keep, cw, st, acc, be = ctx.again
+    g = _gradient_buffer(z)
+    _run_chunks(be, st, z, y, t, keep, cw, acc, g, hint)
+    return g
+
+
+def _fused_token_loss(self: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
+                      expected_dl: Any = None) -> Any:
     if _compiling() or z.numel() == 0:
         return None  # inductor fuses the generic path itself; the chunk loop would unroll
     needs_grad = torch.is_grad_enabled() and z.requires_grad
     if needs_grad:
         if (t is not None and t.requires_grad) or (cw is not None and cw.requires_grad):
             return None  # gradients into targets/class weights: plain autograd
-        return _FusedTokenLoss.apply(z, y, t, keep, cw, st, acc, self)
+        with torch.no_grad():
+            hint = None if expected_dl is None else expected_dl()
+        return _FusedTokenLoss.apply(z, y, t, keep, cw, st, acc, self, hint)
     with torch.no_grad():  # forward only: no gradient buffer at all
         return _run_chunks(self, st, z, y, t, keep, cw, acc, None)
 
