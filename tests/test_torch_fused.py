@@ -20,7 +20,12 @@ OPTION_SETS = {
 
 
 @pytest.fixture
-def torch():
+def torch(monkeypatch):
+    from xseqloss.backends import torch as tb
+
+    # small default calls run F.cross_entropy itself; here every call takes the fused path, as
+    # large inputs do
+    monkeypatch.setattr(tb, "_NATIVE_MAX_ELEMENTS", -1)
     return get_backend("torch").torch
 
 
@@ -213,6 +218,47 @@ def test_pending_backwards_never_share_a_buffer(xsl, torch, rng, small_cache):
         _, g1 = reference(logits.astype(np.float32), targets, with_grad=True)
         _, g2 = reference(logits.astype(np.float32), targets2, with_grad=True)
         assert_close(x.grad.numpy(), g1 + g2, "float32", what="summed gradient")
+
+
+def test_small_default_calls_run_the_native_loss(xsl, monkeypatch, rng):
+    """The shortcut for the default call (F.cross_entropy itself) against the reference, with an
+    ignore value, none, an empty mean, C at dim 1, and a bad label (still our error)."""
+    be = get_backend("torch")
+    torch = be.torch
+    from xseqloss.backends import torch as tb
+
+    calls = []
+    real = tb._native_default_loss
+    monkeypatch.setattr(tb.TorchBackend, "native_default_loss",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    logits, targets, _ = _case("plain", rng)
+    targets[0, :2] = -100
+    for reduction in ("mean", "sum", "none"):
+        for ignore in (-100, 3, None):
+            tg = targets.copy()
+            tg[tg == -100] = 2 if ignore is None else ignore
+            x = torch.tensor(logits, requires_grad=True)
+            out = xsl.sequence_cross_entropy(x, torch.tensor(tg), reduction=reduction, ignore_index=ignore)
+            out.sum().backward()
+            ref, gref = reference(logits, tg, reduction=reduction, ignore_index=ignore, with_grad=True)
+            assert_close(be.float_out(out), ref)
+            assert_close(be.float_out(x.grad), gref, what="gradient")
+    n = len(calls)
+    assert n > 0
+    x = torch.tensor(np.moveaxis(logits, 2, 1))  # NCT
+    assert_close(be.float_out(xsl.sequence_cross_entropy(x, torch.tensor(targets), layout="NCT")),
+                 reference(logits, targets))
+    empty = torch.full(targets.shape, -100)
+    assert float(xsl.sequence_cross_entropy(torch.tensor(logits), empty)) == 0.0
+    assert np.isnan(float(xsl.sequence_cross_entropy(torch.tensor(logits), empty, empty="nan")))
+    bad = targets.copy()
+    bad[1, 3] = 7
+    with pytest.raises(ValueError, match=r"targets\[1, 3\] = 7 is out of range"):
+        xsl.sequence_cross_entropy(torch.tensor(logits), torch.tensor(bad))
+    bad[1, 3] = -2
+    with pytest.raises(ValueError, match=r"targets\[1, 3\] = -2 is out of range"):
+        xsl.sequence_cross_entropy(torch.tensor(logits), torch.tensor(bad))
+    assert len(calls) == n + 5
 
 
 def test_a_smaller_input_reuses_a_larger_free_buffer(xsl, torch, rng, small_cache):

@@ -46,6 +46,17 @@ class Static:
     has_normalizer: bool
 
     @property
+    def native_default(self) -> bool:
+        """The default call (plain logits, at most one ignore value, no mask, lengths, weights or
+        normalizer, values checked, mean over tokens, sum or none): exactly a framework's own
+        ``cross_entropy(ignore_index=...)``, which a backend may run directly
+        (``native_default_loss``) when that is the fastest way."""
+        o = self.opts
+        return (self.plain and not (self.has_mask or self.has_lengths or self.has_weights or self.has_normalizer)
+                and not self.mark_bad and len(o.ignore) <= 1 and o.reduction in ("mean", "sum", "none")
+                and o.denominator != "positions")
+
+    @property
     def plain(self) -> bool:
         """Plain index cross-entropy on logits: the backend's fused native kernel applies."""
         o = self.opts
@@ -191,11 +202,15 @@ def _counted(ops: Any, st: Static, y: Any, mask: Any, lengths: Any, like: Any) -
             bad = seq_bad
         counted = inside if counted is None else (counted & inside)
     if not st.soft and o.ignore:
-        ignored = None
-        for v in o.ignore:
-            hit = y == v
-            ignored = hit if ignored is None else (ignored | hit)
-        counted = ~ignored if counted is None else (counted & ~ignored)
+        if len(o.ignore) == 1:
+            kept = y != o.ignore[0]
+        else:
+            ignored = None
+            for v in o.ignore:
+                hit = y == v
+                ignored = hit if ignored is None else (ignored | hit)
+            kept = ~ignored
+        counted = kept if counted is None else (counted & kept)
     if bad is not None and counted is not None:
         bad = bad & counted
     return counted, bad
@@ -236,6 +251,11 @@ def _denominator_weights(ops: Any, st: Static, y: Any, counted: Any, w: Any, cw:
 def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: Any, weights: Any,
              cw: Any, normalizer: Any, want_grad: bool = False) -> Any:
     o = st.opts
+    if st.native_default and not want_grad:
+        native = getattr(ops, "native_default_loss", None)
+        result = None if native is None else native(st, z, y)
+        if result is not None:
+            return result
     tok = o.tok_layout
     acc = ops.acc_dtype(z)
     like = y if y is not None else ops.drop_class(z, o.k)
@@ -518,20 +538,44 @@ def _value_flags(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, length
 
 
 def _check_values(call: _Call) -> None:
-    """Validate values in a call of their own (value_and_grad, token_count)."""
+    """Validate values in a call of their own (value_and_grad, token_count): no softmax probe."""
     flags = call.be.run(_value_flags, call.st, *call.arrays)
-    _act_on_flags(call, flags)
+    if any(call.be.to_numpy(f) for f in flags.values()):
+        _raise_value_error(call, call.shape)
 
 
-def _numeric_checked(ops: Any, st: Static, *arrays: Any) -> tuple[Any, dict[str, Any]]:
-    """The loss and the value-check flags in one backend call (one jit dispatch on JAX, one traced
-    call on TensorFlow): on bad input the loss is discarded and the error raised on the host."""
+def _numeric_checked(ops: Any, st: Static, *arrays: Any) -> tuple[Any, Any]:
+    """The loss and the value-check flags (one vector, ``_flag_names`` order) in one backend call
+    (one jit dispatch on JAX, one traced call on TensorFlow, one host read everywhere): on bad input
+    the loss is discarded and the error raised on the host."""
     flags = _value_flags(ops, st, *arrays)
     z, k = arrays[0], st.opts.k
     shape = ops.shape(z) if z is not None else ()
-    if st.opts.inputs == "logits" and shape and shape[k] is not None and shape[k] >= 2 and 0 not in shape:
+    if _probe_in_core(ops, st, shape):
         flags["looks_like_probs"] = _looks_like_probs(ops, z, shape, k)
-    return _numeric(ops, st, *arrays), flags
+    return _numeric(ops, st, *arrays), (ops.stack(list(flags.values())) if flags else None)
+
+
+def _probe_in_core(ops: Any, st: Static, shape: tuple[Any, ...]) -> bool:
+    """The softmax-input probe rides in the core on JAX and TensorFlow (one program); eager NumPy
+    and PyTorch read a few rows on the host instead (ops there cost a dispatch each)."""
+    return not getattr(ops, "host_probe", False) and _probe_applies(st, shape)
+
+
+def _probe_applies(st: Static, shape: tuple[Any, ...]) -> bool:
+    k = st.opts.k
+    return st.opts.inputs == "logits" and bool(shape) and shape[k] is not None and shape[k] >= 2 and 0 not in shape
+
+
+def _flag_names(call: _Call) -> list[str]:
+    """The order of ``_value_flags``' entries (then the probe), known without running it."""
+    names = [n for n, present in (("targets", call.y is not None), ("lengths", call.lengths is not None),
+                                  ("class_weights", call.cw is not None), ("normalizer", call.normalizer is not None),
+                                  ("soft", call.t is not None),
+                                  ("probs", call.z is not None and call.st.opts.inputs == "probs")) if present]
+    if call.z is not None and _probe_in_core(call.be, call.st, call.shape):
+        names.append("looks_like_probs")
+    return names
 
 
 def _looks_like_probs(ops: Any, z: Any, shape: tuple[Any, ...], k: int) -> Any:
@@ -541,12 +585,24 @@ def _looks_like_probs(ops: Any, z: Any, shape: tuple[Any, ...], k: int) -> Any:
     return inside & ops.all(ops.abs(ops.sum(rows, k) - 1.0) <= 1e-3, None)
 
 
-def _act_on_flags(call: _Call, flags: dict[str, Any]) -> None:
+def _looks_like_probs_host(call: _Call) -> bool:
+    """The same probe on the host, short-circuiting on the first value outside [0, 1]."""
+    rows = call.be.to_numpy(call.z[_sample_index(call.shape, call.st.opts.k, _SAMPLE_ROWS)])
+    if rows.size == 0 or rows.min() < 0 or rows.max() > 1:
+        return False
+    return bool(np.all(np.abs(rows.astype(np.float64).sum(call.st.opts.k) - 1.0) <= 1e-3))
+
+
+def _act_on_flags(call: _Call, flagvec: Any) -> None:
     be = call.be
-    probs_like = flags.pop("looks_like_probs", None)
-    if any(be.to_numpy(f) for f in flags.values()):
+    values = {} if flagvec is None else dict(zip(_flag_names(call), be.to_numpy(flagvec).tolist()))
+    probs_like = values.pop("looks_like_probs", None)
+    if any(values.values()):
         _raise_value_error(call, call.shape)
-    if probs_like is not None and be.to_numpy(probs_like):
+    if probs_like is None and call.z is not None and getattr(be, "host_probe", False) \
+            and _probe_applies(call.st, call.shape):
+        probs_like = _looks_like_probs_host(call)
+    if probs_like:
         warnings.warn("xseqloss: the logits look like probability rows (in [0, 1], summing to 1): did you "
                       'pass softmax outputs? Use inputs="probs" for probabilities, or pass raw logits.',
                       UserWarning, stacklevel=4)

@@ -18,6 +18,7 @@ _I32 = np.iinfo(np.int32)
 
 class JaxBackend(NumpyBackend):
     name = "jax"
+    host_probe = False  # the probe rides in the jitted core
     type_name = "a jax.Array"
 
     def __init__(self) -> None:
@@ -100,6 +101,9 @@ class JaxBackend(NumpyBackend):
         return self._jit(fn, True)(st, z, *arrays)
 
     # ---- ops
+    def stack(self, xs: Any) -> Any:
+        return jnp.stack(xs)
+
     def acc_dtype(self, z: Any) -> Any:
         return jnp.float64 if z.dtype == jnp.float64 else jnp.float32
 

@@ -12,6 +12,7 @@ from . import _common
 
 class NumpyBackend:
     name = "numpy"
+    host_probe = True  # eager: the softmax-input probe reads a few rows on the host
     type_name = "a NumPy array"
 
     # ---- conversion and inspection
@@ -66,6 +67,9 @@ class NumpyBackend:
         return np.asarray(value), np.asarray(grad).astype(z.dtype, copy=False)
 
     # ---- ops
+    def stack(self, xs: Any) -> Any:
+        return np.stack(xs)
+
     def acc_dtype(self, z: Any) -> Any:
         return np.float64 if z.dtype == np.float64 else np.float32
 

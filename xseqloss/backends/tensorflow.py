@@ -97,6 +97,9 @@ class TensorflowBackend:
         return out, tape.gradient(total, z)
 
     # ---- ops
+    def stack(self, xs: Any) -> Any:
+        return tf.stack(xs)
+
     def acc_dtype(self, z: Any) -> Any:
         return tf.float64 if z.dtype == tf.float64 else tf.float32
 

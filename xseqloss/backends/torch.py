@@ -19,6 +19,7 @@ def _compiling() -> bool:
 
 class TorchBackend:
     name = "torch"
+    host_probe = True  # eager: the softmax-input probe reads a few rows on the host
     type_name = "a torch.Tensor"
 
     # ---- conversion and inspection
@@ -83,6 +84,9 @@ class TorchBackend:
         return out.detach(), g
 
     # ---- ops
+    def stack(self, xs: Any) -> Any:
+        return torch.stack(xs)
+
     def acc_dtype(self, z: Any) -> Any:
         return torch.float64 if z.dtype == torch.float64 else torch.float32
 
@@ -454,3 +458,42 @@ def _fused_token_loss(self: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw:
 
 
 TorchBackend.fused_token_loss = _fused_token_loss  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------- small default calls
+#
+# For the default call (``Static.native_default``) F.cross_entropy(ignore_index=...) means exactly
+# what we mean; at small sizes one native op beats the ~30 ops of the general core (each eager op
+# costs a few microseconds of dispatch). Large inputs keep the fused path: F.cross_entropy
+# materialises its log-softmax (3x the logits in forward+backward).
+
+_NATIVE_MAX_ELEMENTS = 1 << 16
+
+
+def _native_default_loss(self: Any, st: Any, z: Any, y: Any) -> Any:
+    if (z.numel() > _NATIVE_MAX_ELEMENTS or z.dtype not in (torch.float32, torch.float64)
+            or z.numel() == 0 or _compiling()):
+        return None
+    o, C, k = st.opts, st.C, st.opts.k
+    ig = o.ignore[0] if o.ignore else -100
+    # labels out of range raise after this call (the value flags); meanwhile never index outside [0, C)
+    yy = torch.where((y < 0) | (y >= C), ig if o.ignore else 0, y)  # the ignore value itself may be >= C
+    red = "none" if o.reduction == "none" else "sum"
+    if o.ignore and torch.is_grad_enabled() and z.requires_grad:
+        # an ignored row gives exactly 0 gradient whatever it holds (log_softmax's backward would
+        # turn a NaN there into a NaN row)
+        z = torch.where((y != ig).unsqueeze(k), z, 0.0)
+    if z.ndim == 1:
+        l = F.cross_entropy(z, yy, ignore_index=ig, reduction=red)
+    elif k == z.ndim - 1:
+        l = F.cross_entropy(z.reshape(-1, C), yy.reshape(-1), ignore_index=ig, reduction=red)
+        l = l.reshape(y.shape) if red == "none" else l
+    else:  # classes moved to dim 1: the other axes keep their order, as the targets'
+        l = F.cross_entropy(z.movedim(k, 1), yy, ignore_index=ig, reduction=red)
+    if o.reduction != "mean":
+        return l
+    n = (y != ig).sum() if o.ignore else torch.tensor(y.numel(), device=y.device)
+    return l / (n.clamp_min(1) if o.empty == "zero" else n)  # an empty mean: 0 (or 0/0 = NaN)
+
+
+TorchBackend.native_default_loss = _native_default_loss  # type: ignore[attr-defined]
