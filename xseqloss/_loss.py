@@ -588,9 +588,10 @@ def _looks_like_probs(ops: Any, z: Any, shape: tuple[Any, ...], k: int) -> Any:
 def _looks_like_probs_host(call: _Call) -> bool:
     """The same probe on the host, short-circuiting on the first value outside [0, 1]."""
     rows = call.be.to_numpy(call.z[_sample_index(call.shape, call.st.opts.k, _SAMPLE_ROWS)])
-    if rows.size == 0 or rows.min() < 0 or rows.max() > 1:
-        return False
-    return bool(np.all(np.abs(rows.astype(np.float64).sum(call.st.opts.k) - 1.0) <= 1e-3))
+    with np.errstate(invalid="ignore"):  # NaN compares false: not a probability row
+        if rows.size == 0 or not (rows.min() >= 0 and rows.max() <= 1):
+            return False
+        return bool(np.all(np.abs(rows.astype(np.float64).sum(call.st.opts.k) - 1.0) <= 1e-3))
 
 
 def _act_on_flags(call: _Call, flagvec: Any) -> None:
