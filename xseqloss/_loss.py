@@ -293,7 +293,7 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
     # before the loss is computed, so a fused kernel can fold it into the gradient it forms in its
     # forward pass (see expected_dl below)
     red = o.reduction
-    coef: Any = 1.0
+    coef = 1.0  # (no annotation: autograph cannot convert an annotated name a closure reads)
     inv = zero = inv2 = zero2 = axes = None
     if red not in ("none", "sum"):
         W = _denominator_weights(ops, st, y, counted, w, cw)

@@ -16,10 +16,12 @@ def logsumexp(ops: Any, x: Any, k: int) -> Any:
     return ops.log(ops.sum(ops.exp(x - ops.expand(m, k)), k)) + m
 
 
-def nll(ops: Any, z: Any, y: Any, keep: Any, k: int, acc: Any) -> Any:
-    """lse(z) - z[y] per token; rows where ``keep`` is false give exactly 0 and exactly 0 gradient."""
+def nll(ops: Any, z: Any, y: Any, keep: Any, k: int, acc: Any, differentiable: bool = True) -> Any:
+    """lse(z) - z[y] per token; rows where ``keep`` is false give exactly 0 and exactly 0 gradient.
+    Without autodiff (``differentiable=False``) the inputs need no masking: the final where hides
+    whatever a dropped row computed."""
     x = ops.cast(z, acc)
-    if keep is not None:
+    if keep is not None and differentiable:
         x = ops.where(ops.expand(keep, k), x, 0.0)
     l = ops.logsumexp(x, k) - ops.take_class(x, y, k)
     return l if keep is None else ops.where(keep, l, 0.0)

@@ -108,7 +108,7 @@ class NumpyBackend:
         return _common.logsumexp(self, x, k)
 
     def nll(self, z: Any, y: Any, keep: Any, k: int, acc: Any) -> Any:
-        return _common.nll(self, z, y, keep, k, acc)
+        return _common.nll(self, z, y, keep, k, acc, differentiable=False)  # NumPy has no autodiff
 
     def take(self, vec: Any, idx: Any) -> Any:
         return vec[idx]
