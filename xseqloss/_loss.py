@@ -545,9 +545,9 @@ def _check_values(call: _Call) -> None:
 
 
 def _numeric_checked(ops: Any, st: Static, *arrays: Any) -> tuple[Any, Any]:
-    """The loss and the value-check flags (one vector, ``_flag_names`` order) in one backend call
-    (one jit dispatch on JAX, one traced call on TensorFlow, one host read everywhere): on bad input
-    the loss is discarded and the error raised on the host."""
+    """The loss and the value-check flags (one vector, the softmax probe last when it rides here) in
+    one backend call (one jit dispatch on JAX, one traced call on TensorFlow, one host read
+    everywhere): on bad input the loss is discarded and the error raised on the host."""
     flags = _value_flags(ops, st, *arrays)
     z, k = arrays[0], st.opts.k
     shape = ops.shape(z) if z is not None else ()
@@ -565,17 +565,6 @@ def _probe_in_core(ops: Any, st: Static, shape: tuple[Any, ...]) -> bool:
 def _probe_applies(st: Static, shape: tuple[Any, ...]) -> bool:
     k = st.opts.k
     return st.opts.inputs == "logits" and bool(shape) and shape[k] is not None and shape[k] >= 2 and 0 not in shape
-
-
-def _flag_names(call: _Call) -> list[str]:
-    """The order of ``_value_flags``' entries (then the probe), known without running it."""
-    names = [n for n, present in (("targets", call.y is not None), ("lengths", call.lengths is not None),
-                                  ("class_weights", call.cw is not None), ("normalizer", call.normalizer is not None),
-                                  ("soft", call.t is not None),
-                                  ("probs", call.z is not None and call.st.opts.inputs == "probs")) if present]
-    if call.z is not None and _probe_in_core(call.be, call.st, call.shape):
-        names.append("looks_like_probs")
-    return names
 
 
 def _looks_like_probs(ops: Any, z: Any, shape: tuple[Any, ...], k: int) -> Any:
@@ -596,9 +585,9 @@ def _looks_like_probs_host(call: _Call) -> bool:
 
 def _act_on_flags(call: _Call, flagvec: Any) -> None:
     be = call.be
-    values = {} if flagvec is None else dict(zip(_flag_names(call), be.to_numpy(flagvec).tolist()))
-    probs_like = values.pop("looks_like_probs", None)
-    if any(values.values()):
+    values = [] if flagvec is None else be.to_numpy(flagvec).tolist()
+    probs_like = values.pop() if call.z is not None and _probe_in_core(be, call.st, call.shape) else None
+    if any(values):  # which check fired is found again on the slow path, with its position and value
         _raise_value_error(call, call.shape)
     if probs_like is None and call.z is not None and getattr(be, "host_probe", False) \
             and _probe_applies(call.st, call.shape):

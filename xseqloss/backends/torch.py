@@ -375,9 +375,10 @@ def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, ac
             if gf is not None:
                 if sc is None:
                     gf[idx].copy_(g)
+                elif gf.dtype == g.dtype:
+                    torch.mul(g, sc, out=gf[idx])  # scale and store in one pass
                 else:
-                    torch.mul(g, sc, out=g)
-                    gf[idx].copy_(g)
+                    gf[idx].copy_(g.mul_(sc))
     return out
 
 
