@@ -320,9 +320,21 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
         ct = ct * w
         return ct if counted is None else ops.where(counted, ct, 0.0)  # as ``out`` below
 
-    fused = getattr(ops, "fused_token_loss", None)  # a backend's own forward+backward kernel, if any
-    l = None if (want_grad or fused is None) else fused(st, z, y, t, counted, cw, acc, expected_dl)
-    g = None
+    def cotangent() -> Any:
+        """d result / d l per token, bad-token NaNs included: the gradient's per-row factor."""
+        ct = ops.full_tokens(like, 1.0, acc) * coef
+        if mult is not None:
+            ct = ct * mult
+        return ct if counted is None else ops.where(counted, ct, 0.0)
+
+    l = g = grad = None
+    if want_grad:  # without autodiff (NumPy): a backend's kernel forms the scaled gradient itself
+        fused_vg = getattr(ops, "fused_value_and_grad", None)
+        if fused_vg is not None:
+            l, grad = fused_vg(st, z, y, t, counted, cw, acc, cotangent())
+    else:
+        fused = getattr(ops, "fused_token_loss", None)  # a backend's own forward+backward kernel, if any
+        l = None if fused is None else fused(st, z, y, t, counted, cw, acc, expected_dl)
     if l is None:
         l, g = token_loss(ops, st, z, y, t, counted, cw, acc, want_grad)
 
@@ -341,12 +353,8 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
             result = _divide(ops, ops.sum(result, None), inv2, zero2, o.empty)
     if not want_grad:
         return result
-    ct = ops.full_tokens(l, 1.0, acc) * coef
-    if mult is not None:
-        ct = ct * mult
-    if counted is not None:
-        ct = ops.where(counted, ct, 0.0)
-    grad = g * ops.expand(ct, o.k)
+    if grad is None:
+        grad = g * ops.expand(cotangent(), o.k)
     return result, grad
 
 

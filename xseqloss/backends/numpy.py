@@ -1,4 +1,5 @@
-"""NumPy backend: logsumexp along any class axis; the gradient is analytic (``_loss.token_loss``)."""
+"""NumPy backend: logsumexp along any class axis; the gradient is analytic, formed chunk by chunk in
+one output buffer (``fused_value_and_grad``)."""
 
 from __future__ import annotations
 
@@ -164,6 +165,86 @@ class NumpyBackend:
 
 
 BACKEND = NumpyBackend()
+
+
+# ------------------------------------------------------------------------ fused loss and gradient
+#
+# value_and_grad's gradient is (softmax - onehot) times the per-token cotangent. Built from whole
+# arrays it takes several logits-sized temporaries and passes; here it is formed chunk by chunk
+# (~8 MB of logits, in cache) straight into one output buffer in the logits' dtype: max, exp in
+# place, row sums, then one scaling pass and the target column. The general options run
+# _loss.token_loss on each chunk, so the formula stays in one place.
+
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def _row_blocks(zv: np.ndarray) -> Any:
+    """Index tuples of row blocks over ``zv`` (class axis last) such that each block is (rows, C)."""
+    C = zv.shape[-1]
+    rows = max(1, _CHUNK_ELEMENTS // max(C, 1))
+    if zv.ndim == 1:
+        yield (None,)  # one token
+        return
+    R = zv.shape[-2]
+    for lead in np.ndindex(*zv.shape[:-2]):
+        for i in range(0, R, rows):
+            yield lead + (slice(i, min(i + rows, R)),)
+
+
+def _fused_value_and_grad(ops: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
+                          ct: Any) -> tuple[Any, Any]:
+    from .._loss import token_loss  # the one analytic formula of the package
+
+    k = st.opts.k
+    grad = np.empty_like(z)  # the logits' memory order, so both views below flatten alike
+    zv, gv = np.moveaxis(z, k, -1), np.moveaxis(grad, k, -1)
+    if zv.ndim > 2 and zv.flags.c_contiguous and gv.flags.c_contiguous:  # flatten without a copy
+        C = zv.shape[-1]
+        zv, gv = zv.reshape(-1, C), gv.reshape(-1, C)
+    tokens = zv.shape[:-1]
+    tv = None if t is None else np.moveaxis(t, k, -1).reshape(zv.shape)
+    yv = None if y is None else np.reshape(y, tokens)
+    kv = None if keep is None else np.reshape(keep, tokens)
+    cv = np.reshape(ct, tokens)
+    loss = np.empty(tokens, acc)
+    for idx in _row_blocks(zv):
+        x, g = zv[idx], gv[idx]  # (rows, C)
+        take = (lambda a: None if a is None else np.reshape(a[idx], x.shape[:1]))
+        yc, kc, cc = take(yv), take(kv), take(cv)
+        x = x if x.dtype == acc else x.astype(acc)
+        work = g if g.dtype == acc else np.empty(x.shape, acc)
+        if st.plain:
+            l = _plain_chunk(x, yc, work, cc)
+        else:
+            l, gc = token_loss(ops, st, x, yc, None if tv is None else tv[idx].reshape(x.shape), None, cw, acc,
+                               want_grad=True, k=-1)
+            np.multiply(gc, cc[:, None], out=work)
+        if kc is not None and not kc.all():  # rows that do not count: exactly 0, whatever they hold
+            drop = ~kc
+            work[drop] = 0.0
+            l[drop] = 0.0
+        if work is not g:
+            g[...] = work
+        loss[idx] = l.reshape(loss[idx].shape)
+    return loss.reshape(np.shape(ct)), grad
+
+
+def _plain_chunk(x: np.ndarray, y: np.ndarray, g: np.ndarray, ct: np.ndarray) -> np.ndarray:
+    """lse - x[y] per row, and (softmax - onehot) * ct written into g."""
+    m = x.max(axis=1)
+    m[m == -np.inf] = 0.0
+    rows = np.arange(x.shape[0])
+    xy = x[rows, y]
+    np.subtract(x, m[:, None], out=g)
+    np.exp(g, out=g)
+    s = g.sum(axis=1)
+    l = np.log(s) + m - xy
+    np.multiply(g, (ct / s)[:, None], out=g)
+    g[rows, y] -= ct
+    return l
+
+
+NumpyBackend.fused_value_and_grad = _fused_value_and_grad  # type: ignore[attr-defined]
 
 
 def _version() -> str:
