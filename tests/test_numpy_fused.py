@@ -103,3 +103,60 @@ def test_one_buffer_no_logits_sized_temporaries(xsl, rng):
     finally:
         nb._CHUNK_ELEMENTS = old
     assert peak <= z.nbytes * 1.25, peak / z.nbytes
+
+
+# ------------------------------------------------------------------ the default call's own kernel
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Records each result of NumPy's default-call kernel (None: it handed over to the general path)."""
+    from xseqloss.backends import numpy as nb
+
+    seen = []
+    real = nb._native_default_loss
+    monkeypatch.setattr(nb.NumpyBackend, "native_default_loss",
+                        lambda self, *a: seen.append(real(self, *a)) or seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["NTC", "NCT"])
+@pytest.mark.parametrize("ignore", [-100, 3, None])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_default_call_kernel_matches_reference(xsl, native_calls, rng, reduction, ignore, layout):
+    logits, targets, _ = make_case(rng, N=3, T=5, C=7, layout=layout, ignore=ignore if ignore is not None else None)
+    if ignore is not None:
+        logits = np.array(logits)
+        tok = np.argwhere(targets == ignore)
+        if len(tok):  # an ignored row may hold anything
+            idx = list(tok[0])
+            idx.insert(layout.index("C"), slice(None))
+            logits[tuple(idx)] = np.nan
+    for validate in (True, False):
+        out = xsl.sequence_cross_entropy(logits, targets, layout=layout, reduction=reduction,
+                                         ignore_index=ignore, validate=validate)
+        assert native_calls and native_calls[-1] is not None
+        assert_close(out, reference(logits, targets, layout=layout, reduction=reduction, ignore_index=ignore))
+
+
+def test_default_call_kernel_edge_cases(xsl, native_calls, rng):
+    logits, targets, _ = make_case(rng, N=2, T=4, C=5)
+    empty = np.full(targets.shape, -100)
+    assert float(xsl.sequence_cross_entropy(logits, empty)) == 0.0
+    assert np.isnan(float(xsl.sequence_cross_entropy(logits, empty, empty="nan")))
+    minus_inf = logits.copy()
+    minus_inf[0, 0] = -np.inf  # lse = -inf: a NaN token, as the general path gives
+    out = xsl.sequence_cross_entropy(minus_inf, targets, reduction="none")
+    assert np.isnan(out[0, 0]) and np.all(np.isfinite(out.ravel()[1:]))
+    assert all(r is not None for r in native_calls)
+
+
+@pytest.mark.parametrize("bad", [5, -2, -100])
+def test_default_call_kernel_hands_bad_labels_to_the_general_path(xsl, native_calls, rng, bad):
+    logits, targets, _ = make_case(rng, N=2, T=4, C=5)
+    targets[1, 2] = bad
+    ignore = None if bad == -100 else -100  # with no ignore value, -100 is just out of range
+    with pytest.raises(ValueError, match=rf"targets\[1, 2\] = {bad} is out of range"):
+        xsl.sequence_cross_entropy(logits, targets, ignore_index=ignore)
+    out = xsl.sequence_cross_entropy(logits, targets, ignore_index=ignore, validate=False, reduction="none")
+    assert np.isnan(out[1, 2]) and np.isfinite(np.delete(out.ravel(), 6)).all()
+    assert native_calls == [None, None]

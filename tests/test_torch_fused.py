@@ -275,3 +275,38 @@ def test_a_smaller_input_reuses_a_larger_free_buffer(xsl, torch, rng, small_cach
     del g
     small.grad = None
     assert _step(xsl, torch, tiny, targets[:1, :1]).data_ptr() != p
+
+
+@pytest.mark.parametrize("bad", [7, -2, -100])
+def test_small_default_calls_hand_bad_labels_to_the_general_path(xsl, monkeypatch, rng, bad):
+    """F.cross_entropy's own bound check (CPU) is the label check of the shortcut: a bad label gives
+    None there, and the general path raises our error, or marks the token NaN with validate=False."""
+    torch = get_backend("torch").torch
+    from xseqloss.backends import torch as tb
+
+    seen = []
+    real = tb._native_default_loss
+    monkeypatch.setattr(tb.TorchBackend, "native_default_loss",
+                        lambda self, *a: seen.append(real(self, *a)) or seen[-1])
+    logits, targets, _ = _case("plain", rng)
+    ignore = None if bad == -100 else -100  # with no ignore value, -100 is just out of range
+    good = xsl.sequence_cross_entropy(torch.tensor(logits), torch.tensor(targets), ignore_index=ignore,
+                                      validate=False)
+    assert seen[-1] is not None
+    assert_close(be_float(good), reference(logits, targets, ignore_index=ignore))
+    targets[1, 3] = bad
+    with pytest.raises(ValueError, match=rf"targets\[1, 3\] = {bad} is out of range"):
+        xsl.sequence_cross_entropy(torch.tensor(logits), torch.tensor(targets), ignore_index=ignore)
+    x = torch.tensor(logits, requires_grad=True)
+    out = xsl.sequence_cross_entropy(x, torch.tensor(targets), ignore_index=ignore, validate=False,
+                                     reduction="none")
+    out.sum().backward()
+    assert torch.isnan(out[1, 3]) and torch.isnan(x.grad[1, 3]).all()
+    keep = torch.ones(out.shape, dtype=torch.bool)
+    keep[1, 3] = False
+    assert torch.isfinite(out[keep]).all() and torch.isfinite(x.grad[keep]).all()
+    assert seen[1:] == [None, None]
+
+
+def be_float(x):
+    return get_backend("torch").float_out(x)

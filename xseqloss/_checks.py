@@ -96,8 +96,9 @@ _OPTIONS_CACHE: dict[tuple, Options] = {}
 
 def parse_options(**kw: Any) -> Options:
     """Validated options; cached per distinct set of (hashable) values, since most calls repeat them."""
+    vals = tuple(kw.values())
     try:
-        key = tuple((k, type(v), v) for k, v in sorted(kw.items()))
+        key = (tuple(kw), vals, tuple(map(type, vals)))  # types: 1 == 1.0 == True must not share
         hit = _OPTIONS_CACHE.get(key)
     except TypeError:  # an unhashable value (a list of ignore indices): parse it every time
         return _parse_options(**kw)

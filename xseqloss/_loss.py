@@ -17,6 +17,7 @@ and nowhere else. Labels are clamped into [0, C) before any gather, so nothing r
 from __future__ import annotations
 
 import warnings
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,12 +49,12 @@ class Static:
     @property
     def native_default(self) -> bool:
         """The default call (plain logits, at most one ignore value, no mask, lengths, weights or
-        normalizer, values checked, mean over tokens, sum or none): exactly a framework's own
-        ``cross_entropy(ignore_index=...)``, which a backend may run directly
-        (``native_default_loss``) when that is the fastest way."""
+        normalizer, mean over tokens, sum or none): exactly a framework's own
+        ``cross_entropy(ignore_index=...)``, which an eager backend may run directly
+        (``native_default_loss``, see ``_native_default``) when that is the fastest way."""
         o = self.opts
         return (self.plain and not (self.has_mask or self.has_lengths or self.has_weights or self.has_normalizer)
-                and not self.mark_bad and len(o.ignore) <= 1 and o.reduction in ("mean", "sum", "none")
+                and len(o.ignore) <= 1 and o.reduction in ("mean", "sum", "none")
                 and o.denominator != "positions")
 
     @property
@@ -62,6 +63,20 @@ class Static:
         o = self.opts
         return (not self.soft and o.inputs == "logits" and self.eps == 0.0 and not self.has_cw
                 and o.z_loss == 0.0 and o.cap is None)
+
+
+_STATIC_CACHE: dict[tuple, Static] = {}
+
+
+def _static(o: Options, C: int | None, soft: bool, mark_bad: bool, *has: bool) -> Static:
+    """The call's Static, cached: most calls repeat their options and shapes."""
+    key = (o, C, soft, mark_bad, has)
+    st = _STATIC_CACHE.get(key)
+    if st is None:
+        st = Static(o, C, soft, 0.0 if C is None else _uniform_eps(o, C), mark_bad, *has)
+        if len(_STATIC_CACHE) < 1024:
+            _STATIC_CACHE[key] = st
+    return st
 
 
 def _uniform_eps(opts: Options, C: int) -> float:
@@ -251,11 +266,6 @@ def _denominator_weights(ops: Any, st: Static, y: Any, counted: Any, w: Any, cw:
 def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: Any, weights: Any,
              cw: Any, normalizer: Any, want_grad: bool = False) -> Any:
     o = st.opts
-    if st.native_default and not want_grad:
-        native = getattr(ops, "native_default_loss", None)
-        result = None if native is None else native(st, z, y)
-        if result is not None:
-            return result
     tok = o.tok_layout
     acc = ops.acc_dtype(z)
     like = y if y is not None else ops.drop_class(z, o.k)
@@ -375,6 +385,7 @@ class _Call:
     cw: Any
     normalizer: Any
     shape: tuple[Any, ...] = ()
+    tracing: bool = False
 
     @property
     def arrays(self) -> tuple[Any, ...]:
@@ -500,11 +511,11 @@ def _prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets:
             raise XSeqLossError(f"normalizer must be a scalar, got shape {fmt_shape(be.shape(normalizer))}")
     tracing = be.tracing(like)
     check_values = o.validate and not tracing
-    st = Static(o, None if C is None else int(C), soft, 0.0 if C is None else _uniform_eps(o, int(C)), mark_bad=not check_values,
-                has_mask=mask is not None, has_lengths=lengths is not None, has_weights=weights is not None,
-                has_cw=cw is not None, has_normalizer=normalizer is not None)
+    st = _static(o, None if C is None else int(C), soft, not check_values, mask is not None, lengths is not None,
+                 weights is not None, cw is not None, normalizer is not None)
     call = _Call(be, st, z, y, t, mask, lengths, weights, cw, normalizer)
     call.shape = shape
+    call.tracing = tracing
     return call
 
 
@@ -584,9 +595,11 @@ def _looks_like_probs(ops: Any, z: Any, shape: tuple[Any, ...], k: int) -> Any:
 
 def _looks_like_probs_host(call: _Call) -> bool:
     """The same probe on the host, short-circuiting on the first value outside [0, 1]."""
-    rows = call.be.to_numpy(call.z[_sample_index(call.shape, call.st.opts.k, _SAMPLE_ROWS)])
-    with np.errstate(invalid="ignore"):  # NaN compares false: not a probability row
-        if rows.size == 0 or not (rows.min() >= 0 and rows.max() <= 1):
+    idx = _sample_index(call.shape, call.st.opts.k, _SAMPLE_ROWS)
+    host = call.be.host_view(call.z)  # the whole array without a copy, or None (then copy the rows)
+    rows = call.be.to_numpy(call.z[idx]) if host is None else host[idx]
+    with np.errstate(invalid="ignore"):  # NaN is not >= 0: not a probability row
+        if rows.size == 0 or not (rows.min() >= 0 and rows.max() <= 1):  # logits: min < 0 at once
             return False
         return bool(np.all(np.abs(rows.astype(np.float64).sum(call.st.opts.k) - 1.0) <= 1e-3))
 
@@ -690,6 +703,7 @@ def _check_probs(call: _Call, keep: np.ndarray) -> None:
 _SAMPLE_ROWS = 4
 
 
+@functools.lru_cache(maxsize=256)
 def _sample_index(shape: tuple[Any, ...], k: int, n: int) -> tuple[slice, ...]:
     """Static slices selecting at most n class rows at the start of the array (a small view)."""
     idx = [slice(0, 1)] * len(shape)
@@ -744,10 +758,29 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
                     logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
                     normalizer=normalizer, empty=empty, num_classes=num_classes, validate=validate,
                     backend=backend, inplace_backward=inplace_backward)
+    if call.st.native_default and not call.tracing:
+        result = _native_default(call)
+        if result is not None:
+            return result
     if call.st.mark_bad:
         return call.be.run(_numeric, call.st, *call.arrays)
     result, flags = call.be.run(_numeric_checked, call.st, *call.arrays)
     _act_on_flags(call, flags)
+    return result
+
+
+def _native_default(call: _Call) -> Any:
+    """The default call (``Static.native_default``) through the backend's own small kernel, or None.
+
+    Eager calls only. ``native_default_loss(st, z, y)`` returns the loss only when every label is in [0, C) or is the
+    ignore value (the backend checks that as part of its kernel); otherwise, and where it does not
+    apply (size, dtype, device, tracing), it returns None and the general path runs, which raises the
+    error (validate=True) or marks the bad tokens NaN (validate=False). decisions.md item 21.
+    """
+    native = getattr(call.be, "native_default_loss", None)
+    result = None if native is None else native(call.st, call.z, call.y)
+    if result is not None and not call.st.mark_bad:
+        _act_on_flags(call, None)  # the softmax probe
     return result
 
 

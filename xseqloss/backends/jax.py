@@ -20,6 +20,10 @@ class JaxBackend(NumpyBackend):
     name = "jax"
     host_probe = False  # the probe rides in the jitted core
     type_name = "a jax.Array"
+    # NumPy's eager kernels (in-place writes) do not apply: the jitted core and jax.grad do it all
+    native_default_loss = None
+    fused_value_and_grad = None
+    host_view = None
 
     def __init__(self) -> None:
         self._jitted: dict[Any, Any] = {}

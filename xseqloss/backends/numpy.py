@@ -44,6 +44,9 @@ class NumpyBackend:
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)
 
+    def host_view(self, x: Any) -> Any:
+        return x
+
     def any_true(self, x: Any) -> bool:
         return bool(np.any(x))
 
@@ -245,6 +248,44 @@ def _plain_chunk(x: np.ndarray, y: np.ndarray, g: np.ndarray, ct: np.ndarray) ->
 
 
 NumpyBackend.fused_value_and_grad = _fused_value_and_grad  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------- the default call
+#
+# The default call (``Static.native_default``: index targets, at most one ignore value, mean, sum
+# or none) in a few whole-array ops, without the general core's wrappers: the same arithmetic as
+# _common.nll, with the label check first (a label out of range gives None, and the general path
+# raises or marks it NaN). decisions.md item 21.
+
+def _native_default_loss(self: Any, st: Any, z: Any, y: Any) -> Any:
+    if z.dtype not in (np.float32, np.float64) or z.size == 0:
+        return None
+    o, C, k = st.opts, st.C, st.opts.k
+    bad = (y < 0) | (y >= C)
+    keep = None
+    if o.ignore:
+        keep = y != o.ignore[0]
+        bad &= keep
+        y = np.where(keep, y, 0)
+    if bad.any():
+        return None
+    with np.errstate(all="ignore"):
+        m = z.max(axis=k, keepdims=True)
+        m[m == -np.inf] = 0.0  # a row of -inf: lse = -inf, as _common.logsumexp
+        lse = np.log(np.exp(z - m).sum(axis=k)) + m.squeeze(k)
+        l = lse - np.take_along_axis(z, np.expand_dims(y, k), axis=k).squeeze(k)
+        if keep is not None:
+            l = np.where(keep, l, 0.0)  # an ignored row gives 0, whatever it holds
+        if o.reduction == "none":
+            return l
+        total = np.asarray(l.sum())
+        if o.reduction == "sum":
+            return total
+        n = l.size if keep is None else int(np.count_nonzero(keep))
+        return np.asarray(total / (max(n, 1) if o.empty == "zero" else n))  # empty: 0, or 0/0 = NaN
+
+
+NumpyBackend.native_default_loss = _native_default_loss  # type: ignore[attr-defined]
 
 
 def _version() -> str:

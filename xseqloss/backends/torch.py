@@ -63,6 +63,12 @@ class TorchBackend:
             x = x.float()
         return x.numpy()
 
+    def host_view(self, x: Any) -> Any:
+        """The tensor as a NumPy array without a copy (CPU), or None."""
+        if x.device.type != "cpu" or x.dtype == torch.bfloat16:
+            return None
+        return x.detach().numpy()
+
     def any_true(self, x: Any) -> bool:
         return bool(x.any())
 
@@ -465,32 +471,40 @@ TorchBackend.fused_token_loss = _fused_token_loss  # type: ignore[attr-defined]
 #
 # For the default call (``Static.native_default``) F.cross_entropy(ignore_index=...) means exactly
 # what we mean; at small sizes one native op beats the ~30 ops of the general core (each eager op
-# costs a few microseconds of dispatch). Large inputs keep the fused path: F.cross_entropy
-# materialises its log-softmax (3x the logits in forward+backward).
+# costs a few microseconds of dispatch). On CPU its kernel checks every label that is not the
+# ignore value against [0, C) and raises, which is our label check for free: on a bad label this
+# returns None and the general path raises our error (or, with validate=False, marks the token
+# NaN). On CUDA a bad label is a device-side assert, so there the general path runs. Large inputs
+# keep the fused path: F.cross_entropy materialises its log-softmax (3x the logits in
+# forward+backward).
 
 _NATIVE_MAX_ELEMENTS = 1 << 16
+_NO_IGNORE = -(1 << 63)
 
 
 def _native_default_loss(self: Any, st: Any, z: Any, y: Any) -> Any:
     if (z.numel() > _NATIVE_MAX_ELEMENTS or z.dtype not in (torch.float32, torch.float64)
-            or z.numel() == 0 or _compiling()):
+            or z.device.type != "cpu" or z.numel() == 0):
         return None
     o, C, k = st.opts, st.C, st.opts.k
-    ig = o.ignore[0] if o.ignore else -100
-    # labels out of range raise after this call (the value flags); meanwhile never index outside [0, C)
-    yy = torch.where((y < 0) | (y >= C), ig if o.ignore else 0, y)  # the ignore value itself may be >= C
+    ig = o.ignore[0] if o.ignore else _NO_IGNORE  # no ignore value: a value no other label equals
+    if not o.ignore and bool((y == _NO_IGNORE).any()):
+        return None
     red = "none" if o.reduction == "none" else "sum"
     if o.ignore and torch.is_grad_enabled() and z.requires_grad:
         # an ignored row gives exactly 0 gradient whatever it holds (log_softmax's backward would
         # turn a NaN there into a NaN row)
         z = torch.where((y != ig).unsqueeze(k), z, 0.0)
-    if z.ndim == 1:
-        l = F.cross_entropy(z, yy, ignore_index=ig, reduction=red)
-    elif k == z.ndim - 1:
-        l = F.cross_entropy(z.reshape(-1, C), yy.reshape(-1), ignore_index=ig, reduction=red)
-        l = l.reshape(y.shape) if red == "none" else l
-    else:  # classes moved to dim 1: the other axes keep their order, as the targets'
-        l = F.cross_entropy(z.movedim(k, 1), yy, ignore_index=ig, reduction=red)
+    try:
+        if z.ndim == 1:
+            l = F.cross_entropy(z, y, ignore_index=ig, reduction=red)
+        elif k == z.ndim - 1:
+            l = F.cross_entropy(z.reshape(-1, C), y.reshape(-1), ignore_index=ig, reduction=red)
+            l = l.reshape(y.shape) if red == "none" else l
+        else:  # classes moved to dim 1: the other axes keep their order, as the targets'
+            l = F.cross_entropy(z.movedim(k, 1), y, ignore_index=ig, reduction=red)
+    except IndexError:  # a label out of range ("Target 7 is out of bounds"): the general path says which
+        return None
     if o.reduction != "mean":
         return l
     n = (y != ig).sum() if o.ignore else torch.tensor(y.numel(), device=y.device)
