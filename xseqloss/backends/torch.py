@@ -3,6 +3,7 @@ logits' device."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -490,25 +491,28 @@ def _native_default_loss(self: Any, st: Any, z: Any, y: Any) -> Any:
     ig = o.ignore[0] if o.ignore else _NO_IGNORE  # no ignore value: a value no other label equals
     if not o.ignore and bool((y == _NO_IGNORE).any()):
         return None
-    red = "none" if o.reduction == "none" else "sum"
-    if o.ignore and torch.is_grad_enabled() and z.requires_grad:
-        # an ignored row gives exactly 0 gradient whatever it holds (log_softmax's backward would
-        # turn a NaN there into a NaN row)
+    if o.ignore and torch.is_grad_enabled() and z.requires_grad and not bool(torch.isfinite(z).all()):
+        # an ignored row gives exactly 0 gradient whatever it holds: log_softmax's backward gives
+        # 0 - exp(out) * 0 there, exactly 0 for finite rows but NaN for a row holding NaN or inf
         z = torch.where((y != ig).unsqueeze(k), z, 0.0)
     try:
-        if z.ndim == 1:
-            l = F.cross_entropy(z, y, ignore_index=ig, reduction=red)
-        elif k == z.ndim - 1:
-            l = F.cross_entropy(z.reshape(-1, C), y.reshape(-1), ignore_index=ig, reduction=red)
-            l = l.reshape(y.shape) if red == "none" else l
-        else:  # classes moved to dim 1: the other axes keep their order, as the targets'
-            l = F.cross_entropy(z.movedim(k, 1), y, ignore_index=ig, reduction=red)
+        l = _cross_entropy(z, y, ig, o.reduction, C, k)
     except IndexError:  # a label out of range ("Target 7 is out of bounds"): the general path says which
         return None
-    if o.reduction != "mean":
-        return l
-    n = (y != ig).sum() if o.ignore else torch.tensor(y.numel(), device=y.device)
-    return l / (n.clamp_min(1) if o.empty == "zero" else n)  # an empty mean: 0 (or 0/0 = NaN)
+    if o.reduction == "mean" and o.empty == "zero" and o.ignore and math.isnan(l.item()) \
+            and not bool((y != ig).any()):
+        return _cross_entropy(z, y, ig, "sum", C, k)  # every token ignored: 0 (the native mean: 0/0)
+    return l
+
+
+def _cross_entropy(z: Any, y: Any, ig: int, red: str, C: int, k: int) -> Any:
+    if z.ndim == 1:
+        return F.cross_entropy(z, y, ignore_index=ig, reduction=red)
+    if k == z.ndim - 1:
+        l = F.cross_entropy(z.reshape(-1, C), y.reshape(-1), ignore_index=ig, reduction=red)
+        return l.reshape(y.shape) if red == "none" else l
+    # classes moved to dim 1: the other axes keep their order, as the targets'
+    return F.cross_entropy(z.movedim(k, 1), y, ignore_index=ig, reduction=red)
 
 
 TorchBackend.native_default_loss = _native_default_loss  # type: ignore[attr-defined]
