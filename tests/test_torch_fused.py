@@ -293,7 +293,7 @@ def test_small_default_calls_hand_bad_labels_to_the_general_path(xsl, monkeypatc
     good = xsl.sequence_cross_entropy(torch.tensor(logits), torch.tensor(targets), ignore_index=ignore,
                                       validate=False)
     assert seen[-1] is not None
-    assert_close(be_float(good), reference(logits, targets, ignore_index=ignore))
+    assert_close(get_backend("torch").float_out(good), reference(logits, targets, ignore_index=ignore))
     targets[1, 3] = bad
     with pytest.raises(ValueError, match=rf"targets\[1, 3\] = {bad} is out of range"):
         xsl.sequence_cross_entropy(torch.tensor(logits), torch.tensor(targets), ignore_index=ignore)
@@ -306,7 +306,3 @@ def test_small_default_calls_hand_bad_labels_to_the_general_path(xsl, monkeypatc
     keep[1, 3] = False
     assert torch.isfinite(out[keep]).all() and torch.isfinite(x.grad[keep]).all()
     assert seen[1:] == [None, None]
-
-
-def be_float(x):
-    return get_backend("torch").float_out(x)

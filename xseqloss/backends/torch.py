@@ -147,12 +147,7 @@ class TorchBackend:
         x = z.to(acc)
         if keep is not None:
             x = torch.where(keep.unsqueeze(k), x, 0.0)
-        if x.ndim == 1:
-            l = F.cross_entropy(x, y, reduction="none")
-        elif k == x.ndim - 1:
-            l = F.cross_entropy(x.reshape(-1, x.shape[-1]), y.reshape(-1), reduction="none").reshape(y.shape)
-        else:  # moving C to dim 1 keeps the other axes in order, so targets fit unchanged
-            l = F.cross_entropy(x.movedim(k, 1), y, reduction="none")
+        l = _cross_entropy(x, y, _NO_IGNORE, "none", x.shape[k], k)  # labels already clamped into [0, C)
         return l if keep is None else torch.where(keep, l, 0.0)
 
     def take(self, vec: Any, idx: Any) -> Any:
@@ -506,6 +501,7 @@ def _native_default_loss(self: Any, st: Any, z: Any, y: Any) -> Any:
 
 
 def _cross_entropy(z: Any, y: Any, ig: int, red: str, C: int, k: int) -> Any:
+    """F.cross_entropy with the classes along axis k of z (targets: z's other axes, in order)."""
     if z.ndim == 1:
         return F.cross_entropy(z, y, ignore_index=ig, reduction=red)
     if k == z.ndim - 1:
