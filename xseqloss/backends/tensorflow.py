@@ -1,13 +1,17 @@
-"""TensorFlow backend: the fused SparseSoftmaxCrossEntropyWithLogits kernel (classes last) with a
-custom gradient that keeps rows that do not count at exactly 0 (``multiply_no_nan``), and XLA-safe
-ops throughout (tf.function(jit_compile=True) works)."""
+"""TensorFlow backend: plain cross-entropy on large logits through an XLA-compiled kernel that forms
+the gradient in the forward pass (``fused_token_loss``), smaller ones through the fused
+SparseSoftmaxCrossEntropyWithLogits kernel (classes last) with a custom gradient that keeps rows
+that do not count at exactly 0 (``multiply_no_nan``); XLA-safe ops throughout
+(tf.function(jit_compile=True) works)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.eager import record as _record  # could_possibly_record: is any tape active?
 
 from .._errors import XSeqLossTypeError
 from . import _common
@@ -27,6 +31,8 @@ class TensorflowBackend:
 
     def __init__(self) -> None:
         self._functions: dict[Any, Any] = {}
+        self._concrete: dict[Any, Any] = {}
+        self._grad_possible = True  # false only while tracing an eager call that no tape records
 
     # ---- conversion and inspection
     def convert(self, x: Any, argument: str, like: Any = None) -> Any:
@@ -83,17 +89,33 @@ class TensorflowBackend:
             return fn(self, st, *arrays)  # already inside the caller's graph
         # eager: one traced call instead of ~30 eager ops (each costs 10-100 us of dispatch). Only
         # the arrays given are passed: tf.function's per-argument dispatch is most of a tiny call.
+        # A call that no tape records needs no gradient: its trace leaves the gradient out.
         present = tuple(a is not None for a in arrays)
-        key = (fn, st, present)
-        f = self._functions.get(key)
-        if f is None:
-            def traced(*given: Any) -> Any:
-                it = iter(given)
-                return fn(self, st, *[next(it) if p else None for p in present])
+        given = [a for a in arrays if a is not None]
+        grad_possible = _record.could_possibly_record()
+        # the concrete function per exact signature: calling it skips tf.function's own signature
+        # matching, which costs more than the tiny call itself
+        sig = (fn, st, present, grad_possible, *[(a.dtype, a.shape) for a in given])
+        cf = self._concrete.get(sig)
+        if cf is None:
+            key = (fn, st, present, grad_possible)
+            f = self._functions.get(key)
+            if f is None:
+                def traced(*given: Any) -> Any:
+                    it = iter(given)
+                    self._grad_possible = grad_possible
+                    try:
+                        return fn(self, st, *[next(it) if p else None for p in present])
+                    finally:
+                        self._grad_possible = True
 
-            f = tf.function(traced, reduce_retracing=True, autograph=False)
-            self._functions[key] = f
-        return f(*[a for a in arrays if a is not None])
+                f = tf.function(traced, reduce_retracing=True, autograph=False)
+                self._functions[key] = f
+            cf = f.get_concrete_function(*given)
+            if len(self._concrete) >= 4096:
+                self._concrete.clear()
+            self._concrete[sig] = cf
+        return cf(*given)
 
     def value_and_grad(self, fn: Any, st: Any, z: Any, *arrays: Any) -> tuple[Any, Any]:
         with tf.GradientTape() as tape:
@@ -236,5 +258,125 @@ class TensorflowBackend:
         return [d.name.replace("/physical_device:", "").lower() for d in tf.config.list_physical_devices()
                 if d.device_type in ("CPU", "GPU")]
 
+
+# ------------------------------------------------------------------- fused forward+backward (XLA)
+#
+# TensorFlow's own SparseSoftmaxCrossEntropyWithLogits kernel takes ~8x one exp pass on CPU, and its
+# gradient then costs a further pass. On large logits an XLA-compiled kernel forms, in one fused
+# pass, the per-token loss and (softmax - onehot) already multiplied by the upstream gradient that
+# backward will receive (``_loss._numeric``'s expected_dl); when that is what arrives, backward
+# returns it as it is. XLA compiles once per shape, so small logits, where compiling would cost
+# more than it saves, keep the native kernel (decisions.md item 22).
+
+_XLA_MIN_ELEMENTS = 1 << 22  # 16 MB of float32 logits: the native kernel takes ~10 ms there
+
+
+def _acc(z: Any) -> Any:
+    return tf.float64 if z.dtype == tf.float64 else tf.float32
+
+
+def _along(v: Any, k: int) -> Any:
+    return tf.expand_dims(v, k)
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_kernel(k: int, grad: bool, has_keep: bool) -> Any:
+    """(z, y, keep, scale) -> the per-token loss (accumulator dtype, 0 where keep is false), and with
+    ``grad`` (softmax - onehot) * scale in z's dtype, exactly 0 on rows whose scale is 0 or that do
+    not count whatever their logits hold. Classes along axis k; compiled by XLA per shape."""
+
+    def kernel(z: Any, y: Any, keep: Any, scale: Any) -> Any:
+        x = tf.cast(z, _acc(z))
+        m = tf.reduce_max(x, axis=k)
+        m = tf.where(m == -np.inf, tf.zeros_like(m), m)  # as _common.logsumexp
+        e = tf.exp(x - _along(m, k))
+        s = tf.reduce_sum(e, axis=k)
+        l = tf.math.log(s) + m - tf.squeeze(_tnp_take_along(x, _along(y, k), axis=k), k)
+        if has_keep:
+            l = tf.where(keep, l, tf.zeros_like(l))
+        if not grad:
+            return l
+        if has_keep:
+            scale = tf.where(keep, scale, tf.zeros_like(scale))
+        shape = [1] * len(z.shape)
+        shape[k] = -1
+        classes = tf.reshape(tf.range(tf.shape(z)[k], dtype=y.dtype), shape)
+        onehot = tf.cast(tf.equal(classes, _along(y, k)), x.dtype)  # fused into the loop, never stored
+        g = (e * _along(1.0 / s, k) - onehot) * _along(scale, k)
+        g = tf.where(_along(scale != 0, k), g, tf.zeros([], x.dtype))
+        return l, tf.cast(g, z.dtype)
+
+    return tf.function(kernel, jit_compile=True, reduce_retracing=True, autograph=False)
+
+
+def _fused_token_loss(self: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
+                      expected_dl: Any = None) -> Any:
+    """Plain cross-entropy per token through the XLA kernel, or None (the generic path runs)."""
+    if not st.plain or expected_dl is None or z.shape.rank is None or not z.dtype.is_floating:
+        return None
+    n = z.shape.num_elements()  # None when a dimension is unknown at trace time
+    if n is not None and n < _XLA_MIN_ELEMENTS:
+        return None
+    k, has_keep = st.opts.k, keep is not None
+    keep = keep if has_keep else tf.zeros([], tf.bool)
+    if not self._grad_possible:  # eager, and no tape records this call: the loss alone
+        return _kernel(z, y, keep, tf.zeros([], acc), k, has_keep, False)
+    hint = tf.stop_gradient(expected_dl())
+
+    @tf.custom_gradient
+    def fused(z: Any) -> Any:
+        loss, g = _kernel(z, y, keep, hint, k, has_keep, True)
+
+        def grad(dl: Any) -> Any:
+            # dl is hint exactly for loss.backward() of a reduced loss: the gradient is ready
+            return tf.cond(tf.reduce_all(tf.equal(dl, hint)), lambda: g,
+                           lambda: _rescaled(z, y, keep, g, dl, hint, k, has_keep))
+
+        return loss, grad
+
+    return fused(z)
+
+
+def _kernel(z: Any, y: Any, keep: Any, scale: Any, k: int, has_keep: bool, grad: bool) -> Any:
+    """The XLA kernel; when the size is unknown at trace time, decided at run time (XLA compiles only
+    the branch taken) against the native kernel with the same outputs."""
+    def xla() -> Any:
+        return _xla_kernel(k, grad, has_keep)(z, y, keep, scale)
+
+    if z.shape.num_elements() is not None:
+        return xla()
+    return tf.cond(tf.size(z) >= _XLA_MIN_ELEMENTS, xla,
+                   lambda: _native_kernel(z, y, keep, scale, k, has_keep, grad))
+
+
+def _native_kernel(z: Any, y: Any, keep: Any, scale: Any, k: int, has_keep: bool, grad: bool) -> Any:
+    """_xla_kernel's outputs by SparseSoftmaxCrossEntropyWithLogits on (tokens, C)."""
+    x = tf.experimental.numpy.moveaxis(tf.cast(z, _acc(z)), k, -1)
+    loss, backprop = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(
+        features=tf.reshape(x, [-1, tf.shape(x)[-1]]), labels=tf.reshape(y, [-1]))
+    loss = tf.reshape(loss, tf.shape(y))
+    if has_keep:
+        loss = tf.where(keep, loss, tf.zeros_like(loss))
+        scale = tf.where(keep, scale, tf.zeros_like(scale))
+    if not grad:
+        return loss
+    g = tf.math.multiply_no_nan(backprop, tf.reshape(scale, [-1, 1]))  # 0 where scale is 0, NaN or not
+    g = tf.experimental.numpy.moveaxis(tf.reshape(g, tf.shape(x)), -1, k)
+    return loss, tf.cast(g, z.dtype)
+
+
+def _rescaled(z: Any, y: Any, keep: Any, g: Any, dl: Any, hint: Any, k: int, has_keep: bool) -> Any:
+    """The gradient for another upstream gradient (a scaled loss, a cotangent, NaN marks): g times
+    dl / hint, or formed again when a row the fold scaled to 0 now needs a nonzero multiple."""
+    scale = hint if not has_keep else tf.where(keep, hint, tf.zeros_like(hint))
+    nz = scale != 0
+    again = ~nz & (dl != 0) & ~tf.math.is_nan(dl)
+    again = tf.reduce_any(again & keep if has_keep else again)
+    factor = tf.where(nz, dl / tf.where(nz, scale, tf.ones_like(scale)), dl * 0.0)  # NaN stays NaN
+    return tf.cond(again, lambda: _kernel(z, y, keep, dl, k, has_keep, True)[1],
+                   lambda: g * tf.cast(_along(factor, k), g.dtype))
+
+
+TensorflowBackend.fused_token_loss = _fused_token_loss  # type: ignore[attr-defined]
 
 BACKEND = TensorflowBackend()
