@@ -575,6 +575,13 @@ def _numeric_checked(ops: Any, st: Static, *arrays: Any) -> tuple[Any, Any]:
     return _numeric(ops, st, *arrays), (ops.stack(list(flags.values())) if flags else None)
 
 
+def _numeric_flagged(ops: Any, st: Static, *arrays: Any) -> tuple[Any, Any]:
+    """The loss and the value-check flags without the softmax probe (value_and_grad's checks, in
+    the program that computes the loss when a backend offers ``value_and_grad_flagged``)."""
+    flags = _value_flags(ops, st, *arrays)
+    return _numeric(ops, st, *arrays), (ops.stack(list(flags.values())) if flags else None)
+
+
 def _probe_in_core(ops: Any, st: Static, shape: tuple[Any, ...]) -> bool:
     """The softmax-input probe rides in the core on JAX and TensorFlow (one program); eager NumPy
     and PyTorch read a few rows on the host instead (ops there cost a dispatch each)."""
@@ -795,9 +802,17 @@ def value_and_grad(logits: Any, targets: Any, **options: Any) -> tuple[Any, Any]
     [[[-0.5, 0.5]]]
     """
     call = _prepare(logits, targets, **options)
+    be = call.be
     if not call.st.mark_bad:
-        _check_values(call)
-    return call.be.value_and_grad(_numeric, call.st, *call.arrays)
+        joint = getattr(be, "value_and_grad_flagged", None)  # JAX: the checks ride in the same program
+        if joint is None:
+            _check_values(call)
+        else:
+            result, grad, flags = joint(_numeric_flagged, call.st, *call.arrays)
+            if flags is not None and any(be.to_numpy(flags).tolist()):
+                _raise_value_error(call, call.shape)
+            return result, grad
+    return be.value_and_grad(_numeric, call.st, *call.arrays)
 
 
 def token_count(targets: Any, *, layout: str = "NTC", mask: Any = None, lengths: Any = None,

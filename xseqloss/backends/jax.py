@@ -14,6 +14,7 @@ from .._errors import XSeqLossError, XSeqLossTypeError
 from .numpy import NumpyBackend
 
 _I32 = np.iinfo(np.int32)
+_KINDS: dict[Any, str] = {}
 
 
 class JaxBackend(NumpyBackend):
@@ -46,23 +47,28 @@ class JaxBackend(NumpyBackend):
         return self.to_device(out, like) if like is not None else out
 
     def to_device(self, x: Any, like: Any) -> Any:
-        if isinstance(x, jax.core.Tracer) or isinstance(like, jax.core.Tracer) or like is None:
+        if like is None or isinstance(x, jax.core.Tracer) or isinstance(like, jax.core.Tracer):
             return x
-        if x.devices() != like.devices():
+        if x.sharding is not like.sharding and x.devices() != like.devices():
             return jax.device_put(x, like.sharding)
         return x
 
     def kind(self, x: Any) -> str:
         d = x.dtype
-        if jnp.issubdtype(d, jnp.floating):
-            return "f"
-        if d == jnp.bool_:
-            return "b"
-        if jnp.issubdtype(d, jnp.unsignedinteger):
-            return "u"
-        if jnp.issubdtype(d, jnp.integer):
-            return "i"
-        return "o"
+        k = _KINDS.get(d)  # jnp.issubdtype costs microseconds a call: once per dtype
+        if k is None:
+            if jnp.issubdtype(d, jnp.floating):
+                k = "f"
+            elif d == jnp.bool_:
+                k = "b"
+            elif jnp.issubdtype(d, jnp.unsignedinteger):
+                k = "u"
+            elif jnp.issubdtype(d, jnp.integer):
+                k = "i"
+            else:
+                k = "o"
+            _KINDS[d] = k
+        return k
 
     def tracing(self, x: Any) -> bool:
         return isinstance(x, jax.core.Tracer)
@@ -84,25 +90,45 @@ class JaxBackend(NumpyBackend):
         return m if m.dtype == jnp.bool_ else m != 0
 
 
-    def _jit(self, fn: Any, grad: bool) -> Any:
-        key = (fn, grad)
+    def _jit(self, fn: Any, grad: str, st: Any, present: tuple[bool, ...]) -> Any:
+        """fn jitted for one plan, taking only the arrays a call gives: a static argument is hashed
+        and compared, and every None walked, on each call, which cost more than the tiny call itself.
+        ``grad``: "" (fn's value), "vjp" (value and gradient) or "vjp_aux" (fn returns (value,
+        aux): value, gradient and aux)."""
+        key = (fn, grad, st, present)
         f = self._jitted.get(key)
         if f is None:
+            def core(*given: Any) -> Any:
+                it = iter(given)
+                return fn(self, st, *[next(it) if p else None for p in present])
+
             if grad:
-                def vg(st: Any, z: Any, *arrays: Any) -> Any:
-                    out, vjp = jax.vjp(lambda zz: fn(self, st, zz, *arrays), z)
-                    return out, vjp(jnp.ones_like(out))[0]
-                f = jax.jit(vg, static_argnums=0)
+                aux = grad == "vjp_aux"
+
+                def vg(z: Any, *given: Any) -> Any:
+                    out, vjp, *rest = jax.vjp(lambda zz: core(zz, *given), z, has_aux=aux)
+                    return (out, vjp(jnp.ones_like(out))[0], *rest)
+                f = jax.jit(vg)
             else:
-                f = jax.jit(functools.partial(fn, self), static_argnums=0)
+                f = jax.jit(core)
+            if len(self._jitted) >= 1024:
+                self._jitted.clear()
             self._jitted[key] = f
         return f
 
     def run(self, fn: Any, st: Any, *arrays: Any) -> Any:
-        return self._jit(fn, False)(st, *arrays)
+        present = tuple(a is not None for a in arrays)
+        return self._jit(fn, "", st, present)(*[a for a in arrays if a is not None])
 
     def value_and_grad(self, fn: Any, st: Any, z: Any, *arrays: Any) -> tuple[Any, Any]:
-        return self._jit(fn, True)(st, z, *arrays)
+        present = (True, *(a is not None for a in arrays))
+        return self._jit(fn, "vjp", st, present)(z, *[a for a in arrays if a is not None])
+
+    def value_and_grad_flagged(self, fn: Any, st: Any, z: Any, *arrays: Any) -> tuple[Any, Any, Any]:
+        """value_and_grad of fn returning (value, value-check flags), the flags read from the same
+        program: one dispatch and one wait instead of two."""
+        present = (True, *(a is not None for a in arrays))
+        return self._jit(fn, "vjp_aux", st, present)(z, *[a for a in arrays if a is not None])
 
     # ---- ops
     def stack(self, xs: Any) -> Any:
