@@ -101,7 +101,7 @@ def test_a_row_folded_to_zero_is_formed_again(tf, rng):
     dl = np.array([1.0, 2.0, 0.5, 0.0])
     keep = tf.zeros([], tf.bool)
     zt, yt, ht = tf.constant(z), tf.constant(y), tf.constant(hint)
-    _, g = tfb._xla_kernel(1, True, False)(zt, yt, keep, ht)
+    _, g = tfb._xla_kernel(2, 1, True, False)(zt, yt, keep, ht)
     out = tfb._rescaled(zt, yt, keep, g, tf.constant(dl), ht, 1, False).numpy()
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
@@ -211,3 +211,30 @@ def test_below_the_threshold_the_native_kernel_runs(xsl, tf, monkeypatch, rng):
     monkeypatch.setattr(tfb.BACKEND, "_concrete", {})
     xsl.sequence_cross_entropy(tf.constant(logits), tf.constant(targets))
     assert not calls, "70 elements are below a threshold of 71"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_value_and_grad_runs_the_kernel_with_its_gradient(xsl, tf, rng, reduction):
+    """xseqloss.value_and_grad traces its own tape: the kernel must form the gradient there even
+    though no tape is active outside, and after a forward-only call with the same arguments."""
+    be = get_backend("tensorflow")
+    logits, targets, opts = make_case(rng, N=3, T=5, C=7, **OPTION_SETS["mask"])
+    x, t, kw = be.convert_args(logits, targets, "float64", opts)
+    ref, ref_grad = reference(logits, targets, reduction=reduction, with_grad=True, **opts)
+    assert_close(be.to_numpy(xsl.sequence_cross_entropy(x, t, reduction=reduction, **kw)), ref)
+    loss, grad = xsl.value_and_grad(x, t, reduction=reduction, **kw)
+    assert_close(be.to_numpy(loss), ref, what="loss")
+    assert_close(be.to_numpy(grad), ref_grad, what="gradient")
+
+
+def test_the_same_class_axis_at_two_ranks(xsl, tf, rng):
+    """'NC' and 'NCT' both have classes at axis 1: the kernel is traced per rank, so calls at one
+    rank never relax the other's trace to an unknown rank."""
+    for layout, shape in [("NCT", (2, 7, 5)), ("NC", (6, 7)), ("NCT", (3, 7, 4)), ("NC", (4, 7))]:
+        logits = rng.normal(size=shape)
+        targets = rng.integers(0, 7, size=tuple(d for i, d in enumerate(shape) if i != 1))
+        x = tf.constant(logits)
+        out, grad = _tape(tf, lambda z: xsl.sequence_cross_entropy(z, tf.constant(targets), layout=layout), x)
+        ref, ref_grad = reference(logits, targets, layout=layout, with_grad=True)
+        assert_close(out.numpy(), ref, what=f"loss {layout} {shape}")
+        assert_close(grad.numpy(), ref_grad, what=f"gradient {layout} {shape}")

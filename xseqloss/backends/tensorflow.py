@@ -118,11 +118,7 @@ class TensorflowBackend:
         return cf(*given)
 
     def value_and_grad(self, fn: Any, st: Any, z: Any, *arrays: Any) -> tuple[Any, Any]:
-        with tf.GradientTape() as tape:
-            tape.watch(z)
-            out = fn(self, st, z, *arrays)
-            total = tf.reduce_sum(out)
-        return out, tape.gradient(total, z)
+        return self.run(_with_gradient(fn), st, z, *arrays)  # eager: one traced call
 
     # ---- ops
     def stack(self, xs: Any) -> Any:
@@ -259,6 +255,19 @@ class TensorflowBackend:
                 if d.device_type in ("CPU", "GPU")]
 
 
+@functools.lru_cache(maxsize=None)
+def _with_gradient(fn: Any) -> Any:
+    """fn's value and the gradient of its sum with respect to the logits."""
+    def value_and_grad(ops: Any, st: Any, z: Any, *arrays: Any) -> tuple[Any, Any]:
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            out = fn(ops, st, z, *arrays)
+            total = tf.reduce_sum(out)
+        return out, tape.gradient(total, z)
+
+    return value_and_grad
+
+
 # ------------------------------------------------------------------- fused forward+backward (XLA)
 #
 # TensorFlow's own SparseSoftmaxCrossEntropyWithLogits kernel takes ~8x one exp pass on CPU, and its
@@ -280,10 +289,11 @@ def _along(v: Any, k: int) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _xla_kernel(k: int, grad: bool, has_keep: bool) -> Any:
+def _xla_kernel(ndim: int, k: int, grad: bool, has_keep: bool) -> Any:
     """(z, y, keep, scale) -> the per-token loss (accumulator dtype, 0 where keep is false), and with
     ``grad`` (softmax - onehot) * scale in z's dtype, exactly 0 on rows whose scale is 0 or that do
-    not count whatever their logits hold. Classes along axis k; compiled by XLA per shape."""
+    not count whatever their logits hold. Classes along axis k of ``ndim``; compiled by XLA per
+    shape (one function per rank: reduce_retracing would otherwise relax the rank itself)."""
 
     def kernel(z: Any, y: Any, keep: Any, scale: Any) -> Any:
         x = tf.cast(z, _acc(z))
@@ -298,7 +308,7 @@ def _xla_kernel(k: int, grad: bool, has_keep: bool) -> Any:
             return l
         if has_keep:
             scale = tf.where(keep, scale, tf.zeros_like(scale))
-        shape = [1] * len(z.shape)
+        shape = [1] * ndim
         shape[k] = -1
         classes = tf.reshape(tf.range(tf.shape(z)[k], dtype=y.dtype), shape)
         onehot = tf.cast(tf.equal(classes, _along(y, k)), x.dtype)  # fused into the loop, never stored
@@ -319,7 +329,7 @@ def _fused_token_loss(self: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw:
         return None
     k, has_keep = st.opts.k, keep is not None
     keep = keep if has_keep else tf.zeros([], tf.bool)
-    if not self._grad_possible:  # eager, and no tape records this call: the loss alone
+    if not (self._grad_possible or _record.could_possibly_record()):  # no tape records this call
         return _kernel(z, y, keep, tf.zeros([], acc), k, has_keep, False)
     hint = tf.stop_gradient(expected_dl())
 
@@ -341,7 +351,7 @@ def _kernel(z: Any, y: Any, keep: Any, scale: Any, k: int, has_keep: bool, grad:
     """The XLA kernel; when the size is unknown at trace time, decided at run time (XLA compiles only
     the branch taken) against the native kernel with the same outputs."""
     def xla() -> Any:
-        return _xla_kernel(k, grad, has_keep)(z, y, keep, scale)
+        return _xla_kernel(len(z.shape), k, grad, has_keep)(z, y, keep, scale)
 
     if z.shape.num_elements() is not None:
         return xla()
