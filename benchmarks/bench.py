@@ -192,6 +192,12 @@ def tf_contenders(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
             loss = xsl.sequence_cross_entropy(z, y)
         return loss, tape.gradient(loss, z)
 
+    def native_fb_eager() -> Any:  # the native op under an eager tape: like for like with xseqloss's eager row
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=z))
+        return loss, tape.gradient(loss, z)
+
     def xsl_fb_eager(**kw: Any) -> Callable[[], Any]:
         def run() -> Any:
             with tf.GradientTape() as tape:
@@ -211,10 +217,12 @@ def tf_contenders(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
     return {
         "sync": sync,
         "floors": {"copy": lambda: copy_f(z), "exp": lambda: exp_f(z)},
-        "forward": {"native": lambda: native_f(z), "xseqloss": lambda: xsl.sequence_cross_entropy(z, y),
+        "forward": {"native": lambda: native_f(z),
+                    "native_eager": lambda: tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=z)),
+                    "xseqloss": lambda: xsl.sequence_cross_entropy(z, y),
                     "xseqloss_novalidate": lambda: xsl.sequence_cross_entropy(z, y, validate=False),
                     "xseqloss_tf_function": lambda: xsl_f(z)},
-        "fwd_bwd": {"native": lambda: native_fb(z), "xseqloss": xsl_fb_eager(),
+        "fwd_bwd": {"native": lambda: native_fb(z), "native_eager": native_fb_eager, "xseqloss": xsl_fb_eager(),
                     "xseqloss_novalidate": xsl_fb_eager(validate=False),
                     "xseqloss_tf_function": lambda: xsl_fb_c(z)},
     }
