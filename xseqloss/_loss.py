@@ -563,23 +563,22 @@ def _check_values(call: _Call) -> None:
         _raise_value_error(call, call.shape)
 
 
-def _numeric_checked(ops: Any, st: Static, *arrays: Any) -> tuple[Any, Any]:
+def _numeric_checked(ops: Any, st: Static, *arrays: Any, probe: bool = True) -> tuple[Any, Any]:
     """The loss and the value-check flags (one vector, the softmax probe last when it rides here) in
     one backend call (one jit dispatch on JAX, one traced call on TensorFlow, one host read
     everywhere): on bad input the loss is discarded and the error raised on the host."""
     flags = _value_flags(ops, st, *arrays)
     z, k = arrays[0], st.opts.k
     shape = ops.shape(z) if z is not None else ()
-    if _probe_in_core(ops, st, shape):
+    if probe and _probe_in_core(ops, st, shape):
         flags["looks_like_probs"] = _looks_like_probs(ops, z, shape, k)
     return _numeric(ops, st, *arrays), (ops.stack(list(flags.values())) if flags else None)
 
 
 def _numeric_flagged(ops: Any, st: Static, *arrays: Any) -> tuple[Any, Any]:
-    """The loss and the value-check flags without the softmax probe (value_and_grad's checks, in
-    the program that computes the loss when a backend offers ``value_and_grad_flagged``)."""
-    flags = _value_flags(ops, st, *arrays)
-    return _numeric(ops, st, *arrays), (ops.stack(list(flags.values())) if flags else None)
+    """_numeric_checked without the softmax probe: value_and_grad's checks, in the program that
+    computes the loss when a backend offers ``value_and_grad_flagged``."""
+    return _numeric_checked(ops, st, *arrays, probe=False)
 
 
 def _probe_in_core(ops: Any, st: Static, shape: tuple[Any, ...]) -> bool:

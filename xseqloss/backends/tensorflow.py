@@ -19,6 +19,19 @@ from . import _common
 _tnp_take_along = tf.experimental.numpy.take_along_axis
 
 
+def _acc(z: Any) -> Any:
+    return tf.float64 if z.dtype == tf.float64 else tf.float32
+
+
+def _rows(x: Any, k: int) -> tuple[Any, Any]:
+    """x with its class axis moved last, and that as (tokens, C) rows: the layout of TensorFlow's
+    fused SparseSoftmaxCrossEntropyWithLogits kernel."""
+    rank = len(x.shape)
+    if k != rank - 1:
+        x = tf.transpose(x, [a for a in range(rank) if a != k] + [k])
+    return x, tf.reshape(x, [-1, tf.shape(x)[-1]])
+
+
 def _like_dtype(v: Any, other: Any) -> Any:
     if isinstance(v, (bool, int, float)) and isinstance(other, (tf.Tensor, tf.Variable)):
         return tf.constant(v, dtype=other.dtype)
@@ -125,7 +138,7 @@ class TensorflowBackend:
         return tf.stack(xs)
 
     def acc_dtype(self, z: Any) -> Any:
-        return tf.float64 if z.dtype == tf.float64 else tf.float32
+        return _acc(z)
 
     def cast(self, x: Any, dtype: Any) -> Any:
         return tf.cast(x, dtype)
@@ -172,13 +185,8 @@ class TensorflowBackend:
     def nll(self, z: Any, y: Any, keep: Any, k: int, acc: Any) -> Any:
         """lse - z[y] by the fused kernel on (tokens, C); its gradient is multiplied without NaN
         propagation, so garbage rows that do not count get exactly 0."""
-        x = tf.cast(z, acc)
-        rank = len(z.shape)
-        if k != rank - 1:
-            perm = [a for a in range(rank) if a != k] + [k]
-            x = tf.transpose(x, perm)
+        _, x2 = _rows(tf.cast(z, acc), k)
         tok_shape = tf.shape(y)
-        x2 = tf.reshape(x, [-1, tf.shape(x)[-1]])
         y1 = tf.reshape(y, [-1])
         keep1 = None if keep is None else tf.reshape(keep, [-1])
 
@@ -280,10 +288,6 @@ def _with_gradient(fn: Any) -> Any:
 _XLA_MIN_ELEMENTS = 1 << 22  # 16 MB of float32 logits: the native kernel takes ~10 ms there
 
 
-def _acc(z: Any) -> Any:
-    return tf.float64 if z.dtype == tf.float64 else tf.float32
-
-
 def _along(v: Any, k: int) -> Any:
     return tf.expand_dims(v, k)
 
@@ -322,7 +326,7 @@ def _xla_kernel(ndim: int, k: int, grad: bool, has_keep: bool) -> Any:
 def _fused_token_loss(self: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
                       expected_dl: Any = None) -> Any:
     """Plain cross-entropy per token through the XLA kernel, or None (the generic path runs)."""
-    if not st.plain or expected_dl is None or z.shape.rank is None or not z.dtype.is_floating:
+    if not st.plain or expected_dl is None or z.shape.rank is None:
         return None
     n = z.shape.num_elements()  # None when a dimension is unknown at trace time
     if n is not None and n < _XLA_MIN_ELEMENTS:
@@ -361,9 +365,8 @@ def _kernel(z: Any, y: Any, keep: Any, scale: Any, k: int, has_keep: bool, grad:
 
 def _native_kernel(z: Any, y: Any, keep: Any, scale: Any, k: int, has_keep: bool, grad: bool) -> Any:
     """_xla_kernel's outputs by SparseSoftmaxCrossEntropyWithLogits on (tokens, C)."""
-    x = tf.experimental.numpy.moveaxis(tf.cast(z, _acc(z)), k, -1)
-    loss, backprop = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(
-        features=tf.reshape(x, [-1, tf.shape(x)[-1]]), labels=tf.reshape(y, [-1]))
+    x, x2 = _rows(tf.cast(z, _acc(z)), k)
+    loss, backprop = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits(features=x2, labels=tf.reshape(y, [-1]))
     loss = tf.reshape(loss, tf.shape(y))
     if has_keep:
         loss = tf.where(keep, loss, tf.zeros_like(loss))
