@@ -1,5 +1,5 @@
 """Static checks (option values, layouts, shapes, dtypes) and the message formats of the error
-catalogue. Value checks that read array contents live in ``_loss.py`` next to their use."""
+catalogue. Value checks that read array contents live in ``_validate.py``."""
 
 from __future__ import annotations
 

@@ -176,7 +176,7 @@ BACKEND = NumpyBackend()
 # arrays it takes several logits-sized temporaries and passes; here it is formed chunk by chunk
 # (~8 MB of logits, in cache) straight into one output buffer in the logits' dtype: max, exp in
 # place, row sums, then one scaling pass and the target column. The general options run
-# _loss.token_loss on each chunk, so the formula stays in one place.
+# _token_loss.token_loss on each chunk, so the formula stays in one place.
 
 _CHUNK_ELEMENTS = 1 << 21
 
@@ -196,7 +196,7 @@ def _row_blocks(zv: np.ndarray) -> Any:
 
 def _fused_value_and_grad(ops: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
                           ct: Any) -> tuple[Any, Any]:
-    from .._loss import token_loss  # the one analytic formula of the package
+    from .._token_loss import token_loss  # the one analytic formula of the package
 
     k = st.opts.k
     grad = np.empty_like(z)  # the logits' memory order, so both views below flatten alike

@@ -281,7 +281,7 @@ def _with_gradient(fn: Any) -> Any:
 # TensorFlow's own SparseSoftmaxCrossEntropyWithLogits kernel takes ~8x one exp pass on CPU, and its
 # gradient then costs a further pass. On large logits an XLA-compiled kernel forms, in one fused
 # pass, the per-token loss and (softmax - onehot) already multiplied by the upstream gradient that
-# backward will receive (``_loss._numeric``'s expected_dl); when that is what arrives, backward
+# backward will receive (``_core._numeric``'s expected_dl); when that is what arrives, backward
 # returns it as it is. XLA compiles once per shape, so small logits, where compiling would cost
 # more than it saves, keep the native kernel (decisions.md item 22).
 

@@ -218,7 +218,7 @@ BACKEND = TorchBackend()
 # output, its gradient, the scatter). Here the gradient is computed during the forward pass, chunk by
 # chunk while the chunk is in cache, into one logits-sized buffer (or into the logits' own storage
 # with inplace_backward=True, Liger Kernel's trick); backward only scales it by the per-token upstream
-# gradient. The general options reuse _loss.token_loss per chunk, so the semantics stay in one place.
+# gradient. The general options reuse _token_loss.token_loss per chunk, so the semantics stay in one place.
 
 _CHUNK_ELEMENTS = 1 << 21  # ~8 MB of float32 per chunk: stays in cache, amortises op dispatch
 _MIN_CACHED_BYTES = 64 << 20
@@ -337,7 +337,7 @@ def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, ac
                 gbuf: Any, scale: Any = None) -> Any:
     """Per-token losses (acc dtype); with gbuf, dl/dz times ``scale`` (token-shaped, acc dtype, or
     None for 1) written into it (gbuf may be z itself)."""
-    from .. import _loss
+    from .. import _token_loss
 
     k = st.opts.k
     want_grad = gbuf is not None
@@ -371,7 +371,7 @@ def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, ac
             if gf is not None and g is not gf[idx] and gf.dtype != acc:
                 gf[idx].copy_(g)
         else:
-            l, g = _loss.token_loss(be, st, zc, None if yf is None else yf[ti], None if tf_ is None else tf_[idx],
+            l, g = _token_loss.token_loss(be, st, zc, None if yf is None else yf[ti], None if tf_ is None else tf_[idx],
                                     kc, cw, acc, want_grad, k=kk)
             of[ti] = l
             if gf is not None:
@@ -386,7 +386,7 @@ def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, ac
 
 class _FusedTokenLoss(torch.autograd.Function):
     """Per-token losses whose gradient is formed during the forward pass, already multiplied by
-    ``hint``: the upstream gradient backward expects (``_loss._numeric``'s expected_dl). When it
+    ``hint``: the upstream gradient backward expects (``_core._numeric``'s expected_dl). When it
     arrives as expected (loss.backward() of a reduced loss) backward returns the buffer untouched;
     otherwise one pass rescales it by dl / hint."""
 

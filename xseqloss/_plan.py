@@ -1,0 +1,62 @@
+"""The plan of one call (``Static``): the options and facts about the arrays that the numeric core
+needs besides the arrays themselves; hashable, so JAX and TensorFlow cache one program per plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._checks import Options
+
+@dataclass(frozen=True)
+class Static:
+    """Everything the numeric core needs besides arrays; hashable (a jax.jit static argument)."""
+    opts: Options
+    C: int | None           # None only in token_count without class weights
+    soft: bool
+    eps: float              # uniform-convention smoothing ("others" converted)
+    mark_bad: bool          # compute bad-token NaNs (tracing or validate=False)
+    has_mask: bool
+    has_lengths: bool
+    has_weights: bool
+    has_cw: bool
+    has_normalizer: bool
+
+    @property
+    def native_default(self) -> bool:
+        """The default call (plain logits, at most one ignore value, no mask, lengths, weights or
+        normalizer, mean over tokens, sum or none): exactly a framework's own
+        ``cross_entropy(ignore_index=...)``, which an eager backend may run directly
+        (``native_default_loss``, see ``_native_default``) when that is the fastest way."""
+        o = self.opts
+        return (self.plain and not (self.has_mask or self.has_lengths or self.has_weights or self.has_normalizer)
+                and len(o.ignore) <= 1 and o.reduction in ("mean", "sum", "none")
+                and o.denominator != "positions")
+
+    @property
+    def plain(self) -> bool:
+        """Plain index cross-entropy on logits: the backend's fused native kernel applies."""
+        o = self.opts
+        return (not self.soft and o.inputs == "logits" and self.eps == 0.0 and not self.has_cw
+                and o.z_loss == 0.0 and o.cap is None)
+
+
+_STATIC_CACHE: dict[tuple, Static] = {}
+
+
+def _static(o: Options, C: int | None, soft: bool, mark_bad: bool, *has: bool) -> Static:
+    """The call's Static, cached: most calls repeat their options and shapes."""
+    key = (o, C, soft, mark_bad, has)
+    st = _STATIC_CACHE.get(key)
+    if st is None:
+        st = Static(o, C, soft, 0.0 if C is None else _uniform_eps(o, C), mark_bad, *has)
+        if len(_STATIC_CACHE) < 1024:
+            _STATIC_CACHE[key] = st
+    return st
+
+
+def _uniform_eps(opts: Options, C: int) -> float:
+    if opts.smoothing == "others":
+        return opts.eps * C / (C - 1) if C > 1 else 0.0
+    return opts.eps
+
+

@@ -1,0 +1,218 @@
+"""Value checks (eager, ``validate=True``): one backend call computes a flag per kind of problem;
+only when one is set, the slow path finds the first offending element and raises the error of the
+catalogue with its argument, position, value and valid range. Also the softmax-input probe."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import numpy as np
+
+from . import _dispatch
+from ._checks import position
+from ._core import _counted, _numeric
+from ._errors import XSeqLossError
+from ._plan import Static
+from ._prepare import _Call
+
+def _first(be: Any, bad: Any) -> tuple[int, ...] | None:
+    """Index of the first true element (host sync; only when something is wrong)."""
+    arr = be.to_numpy(bad)
+    if not arr.any():
+        return None
+    return tuple(int(i) for i in np.argwhere(arr)[0])
+
+
+def _value_flags(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: Any, weights: Any,
+                 cw: Any, normalizer: Any) -> dict[str, Any]:
+    """One scalar flag per kind of value problem: a single backend call (jitted on JAX) and one
+    host read per flag, so validation stays cheap; the details are looked up only on failure."""
+    o, C = st.opts, st.C
+    m = _counted(ops, st, y, mask, lengths, y if y is not None else ops.drop_class(t, o.k))[0]
+    flags = {}
+    if y is not None:
+        bad = (y < 0) if C is None else ((y < 0) | (y >= C))
+        flags["targets"] = ops.any(bad if m is None else (bad & m), None)
+    if lengths is not None:
+        T = ops.dim(y if y is not None else ops.drop_class(t, o.k), o.tok_layout.index("T"))
+        flags["lengths"] = ops.any((lengths < 0) | (lengths > T), None)
+    if cw is not None:
+        flags["class_weights"] = ops.any(~ops.isfinite_any_dtype(cw) | (cw < 0), None)
+    if normalizer is not None:
+        flags["normalizer"] = ops.any(~ops.isfinite_any_dtype(normalizer) | (normalizer < 0), None)
+    if t is not None:
+        bad = ops.any((t < 0) | ~ops.isfinite(t), o.k)
+        flags["soft"] = ops.any(bad if m is None else (bad & m), None)
+    if z is not None and o.inputs == "probs":
+        p = ops.cast(z, ops.acc_dtype(z))
+        bad = ops.any((p < 0) | (p > 1) | ~ops.isfinite(p), o.k) | (ops.abs(ops.sum(p, o.k) - 1.0) > 1e-3)
+        flags["probs"] = ops.any(bad if m is None else (bad & m), None)
+    return flags
+
+
+def _check_values(call: _Call) -> None:
+    """Validate values in a call of their own (value_and_grad, token_count): no softmax probe."""
+    flags = call.be.run(_value_flags, call.st, *call.arrays)
+    if any(call.be.to_numpy(f) for f in flags.values()):
+        _raise_value_error(call, call.shape)
+
+
+def _numeric_checked(ops: Any, st: Static, *arrays: Any, probe: bool = True) -> tuple[Any, Any]:
+    """The loss and the value-check flags (one vector, the softmax probe last when it rides here) in
+    one backend call (one jit dispatch on JAX, one traced call on TensorFlow, one host read
+    everywhere): on bad input the loss is discarded and the error raised on the host."""
+    flags = _value_flags(ops, st, *arrays)
+    z, k = arrays[0], st.opts.k
+    shape = ops.shape(z) if z is not None else ()
+    if probe and _probe_in_core(ops, st, shape):
+        flags["looks_like_probs"] = _looks_like_probs(ops, z, shape, k)
+    return _numeric(ops, st, *arrays), (ops.stack(list(flags.values())) if flags else None)
+
+
+def _numeric_flagged(ops: Any, st: Static, *arrays: Any) -> tuple[Any, Any]:
+    """_numeric_checked without the softmax probe: value_and_grad's checks, in the program that
+    computes the loss when a backend offers ``value_and_grad_flagged``."""
+    return _numeric_checked(ops, st, *arrays, probe=False)
+
+
+def _probe_in_core(ops: Any, st: Static, shape: tuple[Any, ...]) -> bool:
+    """The softmax-input probe rides in the core on JAX and TensorFlow (one program); eager NumPy
+    and PyTorch read a few rows on the host instead (ops there cost a dispatch each)."""
+    return not getattr(ops, "host_probe", False) and _probe_applies(st, shape)
+
+
+def _probe_applies(st: Static, shape: tuple[Any, ...]) -> bool:
+    k = st.opts.k
+    return st.opts.inputs == "logits" and bool(shape) and shape[k] is not None and shape[k] >= 2 and 0 not in shape
+
+
+def _looks_like_probs(ops: Any, z: Any, shape: tuple[Any, ...], k: int) -> Any:
+    """True when the first few rows are in [0, 1] and sum to 1 (reads a few rows, not the logits)."""
+    rows = ops.cast(z[_sample_index(shape, k, _SAMPLE_ROWS)], ops.acc_dtype(z))
+    inside = ops.all((rows >= 0) & (rows <= 1), None) & (ops.size(rows) > 0)  # shapes may be unknown
+    return inside & ops.all(ops.abs(ops.sum(rows, k) - 1.0) <= 1e-3, None)
+
+
+def _looks_like_probs_host(call: _Call) -> bool:
+    """The same probe on the host, short-circuiting on the first value outside [0, 1]."""
+    idx = _sample_index(call.shape, call.st.opts.k, _SAMPLE_ROWS)
+    host = call.be.host_view(call.z)  # the whole array without a copy, or None (then copy the rows)
+    rows = call.be.to_numpy(call.z[idx]) if host is None else host[idx]
+    with np.errstate(invalid="ignore"):  # NaN is not >= 0: not a probability row
+        if rows.size == 0 or not (rows.min() >= 0 and rows.max() <= 1):  # logits: min < 0 at once
+            return False
+        return bool(np.all(np.abs(rows.astype(np.float64).sum(call.st.opts.k) - 1.0) <= 1e-3))
+
+
+def _act_on_flags(call: _Call, flagvec: Any) -> None:
+    be = call.be
+    values = [] if flagvec is None else be.to_numpy(flagvec).tolist()
+    probs_like = values.pop() if call.z is not None and _probe_in_core(be, call.st, call.shape) else None
+    if any(values):  # which check fired is found again on the slow path, with its position and value
+        _raise_value_error(call, call.shape)
+    if probs_like is None and call.z is not None and getattr(be, "host_probe", False) \
+            and _probe_applies(call.st, call.shape):
+        probs_like = _looks_like_probs_host(call)
+    if probs_like:
+        warnings.warn("xseqloss: the logits look like probability rows (in [0, 1], summing to 1): did you "
+                      'pass softmax outputs? Use inputs="probs" for probabilities, or pass raw logits.',
+                      UserWarning, stacklevel=4)
+
+
+def _counted_tokens(ops: Any, st: Static, y: Any, t: Any, mask: Any, lengths: Any) -> Any:
+    like = y if y is not None else ops.drop_class(t, st.opts.k)
+    counted = _counted(ops, st, y, mask, lengths, like)[0]
+    return ops.true_like(like) if counted is None else counted
+
+
+def _raise_value_error(call: _Call, shape: tuple[Any, ...]) -> None:
+    """The slow path: find the first offending element of the first problem and raise."""
+    be, st = call.be, call.st
+    o, C = st.opts, st.C
+    counted = None
+    if call.y is not None or call.t is not None:
+        counted = be.run(_counted_tokens, st, call.y, call.t, call.mask, call.lengths)
+    if call.y is not None:
+        y = call.y
+        bad = (y < 0) if C is None else ((y < 0) | (y >= C))
+        bad = bad & counted
+        if be.any_true(bad):
+            pos = _first(be, bad)
+            if pos is not None:
+                value = be.to_numpy(y)[pos]
+                ign = (f"or ignore_index={o.ignore[0] if len(o.ignore) == 1 else list(o.ignore)}"
+                       if o.ignore else "and ignore_index=None")
+                raise XSeqLossError(
+                    f"targets{position(pos)} = {value} is out of range: valid class ids are [0, {C if C else 'C'}) "
+                    f"(C = {C}) {ign}" + ("; negative labels never wrap" if value < 0 else ""))
+    if call.lengths is not None:
+        T = shape[o.layout.index("T")]
+        lens = call.lengths
+        bad = (lens < 0) | (lens > T)
+        if be.any_true(bad):
+            pos = _first(be, bad)
+            value = be.to_numpy(lens)[pos]
+            raise XSeqLossError(f"lengths{position(pos)} = {value} is out of range: valid lengths are "
+                                f"[0, {T}] (T = {T})")
+    if call.cw is not None:
+        cw = call.cw
+        bad = ~be.isfinite_any_dtype(cw) | (cw < 0)
+        if be.any_true(bad):
+            pos = _first(be, bad)
+            value = be.to_numpy(cw)[pos]
+            raise XSeqLossError(f"class_weights{position(pos)} = {value} is invalid: class weights must be "
+                                f"finite and in [0, inf)")
+    if call.normalizer is not None and _dispatch.framework_of(call.normalizer) is not None:
+        v = float(be.to_numpy(call.normalizer))
+        if not np.isfinite(v) or v < 0:
+            raise XSeqLossError(f"normalizer = {v} is out of range: valid range is [0, inf)")
+    if call.t is not None:
+        # soft targets: entries must be finite and >= 0 at tokens that count
+        tt = be.to_numpy(call.t)
+        bad = ~np.isfinite(tt.astype(np.float64)) | (tt.astype(np.float64) < 0)
+        bad &= np.expand_dims(be.to_numpy(counted), o.k)
+        if bad.any():
+            pos = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise XSeqLossError(f"targets{position(pos)} = {tt[pos]} is invalid: soft-target probabilities "
+                                f"must be finite and in [0, 1]")
+    if call.z is not None and o.inputs == "probs":
+        _check_probs(call, be.to_numpy(counted))
+
+
+def _check_probs(call: _Call, keep: np.ndarray) -> None:
+    be, o = call.be, call.st.opts
+    p = be.to_numpy(call.z).astype(np.float64)
+    p = np.moveaxis(p, o.k, -1)
+    out = ((p < 0) | (p > 1) | ~np.isfinite(p)) & keep[..., None]
+    if out.any():
+        idx = tuple(int(i) for i in np.argwhere(out)[0])
+        full = list(idx[:-1])
+        full.insert(o.k, idx[-1])
+        raise XSeqLossError(f"logits{position(full)} = {p[idx]} is not a probability (inputs='probs'): values "
+                            f'must be in [0, 1]; if these are raw scores use inputs="logits"')
+    sums = p.sum(-1)
+    off = (np.abs(sums - 1.0) > 1e-3) & keep
+    if off.any():
+        idx = tuple(int(i) for i in np.argwhere(off)[0])
+        row = ", ".join([str(i) for i in idx[:o.k]] + [":"] + [str(i) for i in idx[o.k:]])
+        raise XSeqLossError(f"logits[{row}] sums to {sums[idx]:.6g} (inputs='probs'): probability rows must "
+                            f"sum to 1 within 1e-3, i.e. in [0.999, 1.001]; if these are raw scores use "
+                            f"inputs='logits'")
+
+
+_SAMPLE_ROWS = 4
+
+
+@functools.lru_cache(maxsize=256)
+def _sample_index(shape: tuple[Any, ...], k: int, n: int) -> tuple[slice, ...]:
+    """Static slices selecting at most n class rows at the start of the array (a small view)."""
+    idx = [slice(0, 1)] * len(shape)
+    idx[k] = slice(None)
+    others = [a for a in range(len(shape)) if a != k]
+    if others:
+        idx[others[-1]] = slice(0, n)
+    return tuple(idx)
+
+
