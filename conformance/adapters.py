@@ -64,9 +64,23 @@ class Adapter:
         raise NotImplementedError
 
     def run(self, fn: Callable, arrays: dict, dtype: str, device: str, compiled: bool = False,
-            grad: bool = True, options: dict | None = None) -> Outcome:
-        """``fn(logits, targets, side)`` and d sum(fn) / d logits (``options``: the NumPy backend's)."""
+            grad: bool = True, options: dict | None = None, cotangent: Any = None,
+            held: list | None = None) -> Outcome:
+        """``fn(logits, targets, side)`` and d sum(cotangent * fn) / d logits (cotangent: None for 1,
+        a number, or a NumPy array of the value's shape; ``options``: the NumPy backend's).
+        ``held``: a list that receives the gradient as the framework returned it (kept alive by
+        the caller, to check that a later call does not overwrite it)."""
         raise NotImplementedError
+
+    upstream = True             # the framework takes an upstream gradient (autodiff)
+
+    @contextlib.contextmanager
+    def engine(self, kernel: str, **sizes: int):
+        """Within the block, xseqloss runs this backend's ``kernel`` (xseqloss/_engine.py) with
+        these sizes: the suite forces every kernel of a backend and checks each alike."""
+        from xseqloss import _engine
+        with _engine.use(self.name, kernel, **sizes):
+            yield
 
     # -- shared
     def put_all(self, arrays: dict, dtype: str, device: str) -> tuple[Any, Any, dict]:
@@ -95,6 +109,7 @@ def _loss_fn(options: dict) -> Callable:
 
 class NumpyAdapter(Adapter):
     name = module = "numpy"
+    upstream = False  # no autodiff: value_and_grad gives d sum(loss) / d logits
 
     @contextlib.contextmanager
     def context(self, dtype, device):
@@ -115,8 +130,11 @@ class NumpyAdapter(Adapter):
         a = np.asarray(x)
         return a.astype(np.float64) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a
 
-    def run(self, fn, arrays, dtype, device, compiled=False, grad=True, options=None):
+    def run(self, fn, arrays, dtype, device, compiled=False, grad=True, options=None, cotangent=None,
+            held=None):
         import xseqloss as xsl
+        if cotangent is not None:
+            raise NotImplementedError("NumPy has no upstream gradient")
         x, t, side = self.put_all(arrays, dtype, device)
         with self.context(dtype, device):
             out = fn(x, t, side)
@@ -126,6 +144,8 @@ class NumpyAdapter(Adapter):
                     _, g = xsl.value_and_grad(x, t, **side, **options)
                 except Exception as exc:
                     why = f"value_and_grad raised {type(exc).__name__}: {exc}"
+            if held is not None:
+                held.append(g)
         return Outcome(self.host(out), None if g is None else self.host(g), _np_dtype_name(out),
                        None if g is None else _np_dtype_name(g), "cpu",
                        isinstance(out, (np.ndarray, np.generic)) and (g is None or isinstance(g, np.ndarray)),
@@ -161,7 +181,8 @@ class TorchAdapter(Adapter):
             x = x.to(torch.float64)
         return x.numpy()
 
-    def run(self, fn, arrays, dtype, device, compiled=False, grad=True, options=None):
+    def run(self, fn, arrays, dtype, device, compiled=False, grad=True, options=None, cotangent=None,
+            held=None):
         import torch
         x, t, side = self.put_all(arrays, dtype, device)
         if grad:
@@ -174,8 +195,14 @@ class TorchAdapter(Adapter):
         g, why = None, ""
         if grad:
             try:
-                out.sum().backward()
+                if cotangent is None:
+                    out.sum().backward()
+                else:
+                    ct = torch.as_tensor(np.asarray(cotangent, np.float64), device=out.device).to(out.dtype)
+                    (out * ct).sum().backward()
                 g = x.grad
+                if held is not None:
+                    held.append(g)
             except Exception as exc:
                 why = f"backward raised {type(exc).__name__}: {exc}"
         dev = str(out.device)
@@ -225,7 +252,8 @@ class TensorflowAdapter(Adapter):
         with tf.device(self.tf_device(device)):
             yield
 
-    def run(self, fn, arrays, dtype, device, compiled=False, grad=True, options=None):
+    def run(self, fn, arrays, dtype, device, compiled=False, grad=True, options=None, cotangent=None,
+            held=None):
         import tensorflow as tf
         x, t, side = self.put_all(arrays, dtype, device)
 
@@ -235,7 +263,8 @@ class TensorflowAdapter(Adapter):
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 out = fn(x, t, side)
-                total = tf.reduce_sum(out)
+                total = tf.reduce_sum(out if cotangent is None else
+                                      out * tf.constant(np.asarray(cotangent), dtype=out.dtype))
             return out, tape.gradient(total, x)
 
         if compiled:
@@ -243,6 +272,8 @@ class TensorflowAdapter(Adapter):
         f = tf.function(both, jit_compile=True) if compiled else both
         with tf.device(self.tf_device(device)):
             out, g = f(x, t, side)
+        if held is not None:
+            held.append(g)
         dev = out.device.lower()
         where = "gpu:" + dev.rsplit(":", 1)[1] if "gpu" in dev else "cpu"
         return Outcome(self.host(out), None if g is None else self.host(g), out.dtype.name,
@@ -294,14 +325,15 @@ class JaxAdapter(Adapter):
         a = np.asarray(x)
         return a.astype(np.float64) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a
 
-    def run(self, fn, arrays, dtype, device, compiled=False, grad=True, options=None):
+    def run(self, fn, arrays, dtype, device, compiled=False, grad=True, options=None, cotangent=None,
+            held=None):
         import jax
         with self.context(dtype, device):
             x, t, side = self.put_all(arrays, dtype, device)
 
             def total(x, t, side):
                 out = fn(x, t, side)
-                return out.sum(), out
+                return (out.sum() if cotangent is None else (out * np.asarray(cotangent)).sum()), out
 
             if grad:
                 f = jax.value_and_grad(total, has_aux=True)
@@ -310,6 +342,8 @@ class JaxAdapter(Adapter):
             else:
                 f = jax.jit(fn) if compiled else fn
                 out, g = f(x, t, side), None
+            if held is not None:
+                held.append(g)
             dev = list(out.devices())[0]
             where = "cpu" if dev.platform == "cpu" else f"gpu:{dev.id}"
             return Outcome(self.host(out), None if g is None else self.host(g), str(out.dtype),
@@ -321,7 +355,7 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in
 
 
 def call(adapter: Adapter, arrays: dict, options: dict, dtype: str, device: str, compiled: bool = False,
-         grad: bool = True) -> Outcome:
-    """The loss (and d sum(loss) / d logits) of xseqloss on one backend and device."""
+         grad: bool = True, cotangent: Any = None, held: list | None = None) -> Outcome:
+    """The loss (and d sum(cotangent * loss) / d logits) of xseqloss on one backend and device."""
     return adapter.run(_loss_fn(options), arrays, dtype, device, compiled=compiled, grad=grad,
-                       options=options)
+                       options=options, cotangent=cotangent, held=held)

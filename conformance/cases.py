@@ -12,8 +12,10 @@ optional):
 
 ``targets``   "index" (default) or "soft" (probabilities with logits' shape)
 ``inputs``    "logits" (default), "log_probs" or "probs"; also passed as option
-``logits``    "normal" (default), "big" (+-1e4), "neginf" (-inf at non-target
-              classes), "uniform" (all equal)
+``logits``    "normal" (default), "big" (+-1e4), "big_near_max" / "huge_near_max"
+              (+-1e4 / +-3e4 with every target at or next to its row's maximum, so
+              the loss is O(1) and any rounding at ulp(1e4) shows), "neginf" (-inf
+              at non-target classes), "uniform" (all equal)
 ``mask``      fraction of masked positions, or "all" (every position masked)
 ``lengths``   "random" or "with_zero" (the first sequence is empty)
 ``weights``   "random" (multiples of 0.25 in [0, 2]), "negative" (in [-1, 2]),
@@ -21,7 +23,8 @@ optional):
 ``class_weights``  "random" (in [0.25, 2]) or "with_zero" (some classes 0)
 ``ignore``    fraction of positions whose target is an ``ignore_index`` value
 ``garbage``   True: NaN / +inf / -inf written into every position that does
-              not count (padding holds garbage)
+              not count (padding holds garbage): in the logits' rows, and in the
+              token weights and soft targets there too
 ``target_dtype``  integer dtype of index targets (default "int64")
 ``options``   keyword options passed unchanged
 ``dtypes``    the dtypes to run (default all four)
@@ -107,6 +110,9 @@ BASE_CASES: list[dict[str, Any]] = [
     # ---------------------------------------------------------------- z-loss and softcap
     _c("zloss", options=dict(z_loss=1e-2), jit=True),
     _c("zloss_mix", **MIX, options=dict(z_loss=1e-3, label_smoothing=0.1)),
+    # z-loss is weighted like its token (cw[y]): one denominator serves the whole loss (issue 11)
+    _c("zloss_class_weights", class_weights="random", options=dict(z_loss=5e-2), jit=True),
+    _c("zloss_class_weights_soft", targets="soft", class_weights="random", options=dict(z_loss=5e-2)),
     _c("softcap", logits="big", options=dict(logit_softcap=5.0), jit=True),
     _c("softcap_zloss_mix", **MIX, options=dict(logit_softcap=3.0, z_loss=1e-2, label_smoothing=0.1)),
     # ---------------------------------------------------------------- soft targets
@@ -154,12 +160,25 @@ BASE_CASES: list[dict[str, Any]] = [
     # ---------------------------------------------------------------- edge values
     _c("big_logits", logits="big", jit=True),
     _c("big_logits_mix", logits="big", **MIX, options=dict(label_smoothing=0.1, z_loss=1e-4)),
+    _c("big_near_max", logits="big_near_max", jit=True),
+    _c("big_near_max_ignore", logits="big_near_max", ignore=0.2, options=dict(reduction="none")),
+    _c("huge_near_max", logits="huge_near_max", options=dict(reduction="none")),
+    _c("huge_near_max_mix", "NCT", logits="huge_near_max", mask=0.2, class_weights="random",
+       options=dict(label_smoothing=0.05, reduction="sum")),
     _c("neginf_nontarget", logits="neginf", class_weights="random", mask=0.2),
     _c("uniform_logits", logits="uniform", options=dict(reduction="none")),
     _c("garbage_masked", mask=0.4, garbage=True, jit=True, torch_compile=True),
     _c("garbage_mix", **MIX, garbage=True, options=dict(label_smoothing=0.1, z_loss=1e-3)),
     _c("garbage_lengths_softcap", lengths="with_zero", garbage=True,
        options=dict(logit_softcap=4.0, reduction="per_sequence")),
+    # the default call with garbage at ignored rows: a backend's default-call kernel (issue 11)
+    _c("garbage_ignored", ignore=0.3, garbage=True, jit=True),
+    _c("garbage_weights_tokens", weights="random", mask=0.3, lengths="random", garbage=True,
+       options=dict(denominator="tokens", reduction="per_sequence")),
+    _c("all_ignored_mean_nan", ignore=1.0, options=dict(empty="nan"), dtypes=EMPTY_DTYPES),
+    _c("all_ignored_mean_zero", ignore=1.0, dtypes=EMPTY_DTYPES),
+    # larger than one chunk of the default sizes (2**21 elements): chunk boundaries as shipped
+    _c("multichunk_default", "NTC", dict(N=1, T=80, C=32768), ignore=0.1, dtypes=("float32", "bfloat16")),
     # ---------------------------------------------------------------- label dtypes (decisions.md 14)
     _c("targets_int32", target_dtype="int32", ignore=0.2, dtypes=LABEL_DTYPES),
     _c("targets_uint8", target_dtype="uint8", options=dict(ignore_index=None), dtypes=LABEL_DTYPES),
@@ -260,14 +279,20 @@ def make_case(spec: dict, dtype: str) -> Case:
         z = counts / 64.0
     else:
         z = rng.normal(0.0, 2.0, size=last)
-        if kind == "big":
-            z = z + 1e4 * rng.choice([-1.0, 1.0], size=last)
+        if kind in ("big", "big_near_max", "huge_near_max"):
+            z = z + (3e4 if kind == "huge_near_max" else 1e4) * rng.choice([-1.0, 1.0], size=last)
         elif kind == "uniform":
             z = np.full(last, 0.5)
         if inputs == "log_probs":
             m = z.max(-1, keepdims=True)
             z = z - (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))
     z = round_to(z, dtype)
+    if kind.endswith("_near_max"):
+        # the target is the row's maximum or its runner-up (ties broken by position): a loss near
+        # log(1 + e^-d), where lse and z[y] rounded separately at ulp(1e4) would show (issue 11)
+        top2 = np.argsort(-z, axis=-1, kind="stable")[..., :2]
+        pick = np.take_along_axis(top2, rng.integers(0, 2, size=(*tok_shape, 1)), -1)[..., 0]
+        y = np.where(y < 0, y, pick)
     if kind == "neginf":
         idx = np.where(np.broadcast_to(y[..., None], last) < 0, 0, np.broadcast_to(y[..., None], last))
         off = (np.arange(C) != idx) & (rng.uniform(size=last) < 0.4)
@@ -336,15 +361,19 @@ def counted(case: Case) -> np.ndarray:
 
 
 def _write_garbage(case: Case) -> None:
-    """NaN, +inf and -inf in the rows of every position that does not count."""
+    """NaN, +inf and -inf in the rows of every position that does not count: in the logits, and
+    in the token weights and the soft targets there (a side array's padding holds garbage too)."""
     k = case.layout.index("C")
-    z = np.moveaxis(case.arrays["logits"].copy(), k, -1)
     off = ~counted(case)
     pattern = np.array([np.nan, np.inf, -np.inf])
-    C = z.shape[-1]
-    rows = np.resize(pattern, C)
-    z[off] = rows
-    case.arrays["logits"] = np.moveaxis(z, -1, k)
+    for name in ("logits", "targets") if case.soft else ("logits",):
+        z = np.moveaxis(case.arrays[name].copy(), k, -1)
+        z[off] = np.resize(pattern, z.shape[-1])
+        case.arrays[name] = np.moveaxis(z, -1, k)
+    if "weights" in case.arrays:
+        w = case.arrays["weights"].copy()
+        w[off] = np.resize(pattern, int(off.sum()))
+        case.arrays["weights"] = w
 
 
 def expand(specs: list[dict] | None = None) -> list[Case]:

@@ -22,7 +22,7 @@ from .cases import TOLERANCE, Case
 from .natives import native
 from .reference import reference
 
-CHECKS = ("value", "grad", "native", "compiled", "deterministic", "errors")
+CHECKS = ("value", "grad", "upstream", "held", "native", "compiled", "deterministic", "errors")
 
 
 def metric(got: Any, ref: Any) -> float:
@@ -43,10 +43,11 @@ def metric(got: Any, ref: Any) -> float:
 
 
 def record(backend: str, device: str, dtype: str, case: str, check: str, error: float, tolerance: float,
-           detail: str = "") -> dict:
+           detail: str = "", engine: str = "auto") -> dict:
     error = float(error)
-    return {"backend": backend, "device": device, "dtype": dtype, "case": case, "check": check,
-            "error": error, "tolerance": float(tolerance), "passed": bool(error <= tolerance), "detail": detail}
+    return {"backend": backend, "device": device, "engine": engine, "dtype": dtype, "case": case,
+            "check": check, "error": error, "tolerance": float(tolerance), "passed": bool(error <= tolerance),
+            "detail": detail}
 
 
 def _short(exc: BaseException) -> str:
@@ -64,12 +65,30 @@ def reference_of(case: Case) -> tuple[np.ndarray, np.ndarray]:
     return reference(case.arrays["logits"], case.arrays["targets"], layout=case.layout, **case.kwargs())
 
 
+# Upstream gradients other than 1 (issue 11): a tiny relative scaling (a backward that compares the
+# upstream gradient with the one it expected only approximately keeps the unscaled gradient), a
+# loss scale that divides folded zeros (rows whose expected upstream was 0), and for non-scalar
+# results a random cotangent with zeros and negatives.
+UPSTREAM_SCALES = (1.0 + 1e-4, 0.5)
+
+
+def cotangents(case: Case, shape: tuple) -> list:
+    if shape == ():
+        return list(UPSTREAM_SCALES)
+    rng = np.random.default_rng(len(case.name) * 7919 + len(shape))
+    ct = rng.integers(-4, 5, size=shape) / 4.0
+    return [ct]
+
+
 def check_case(adapter: Adapter, case: Case, device: str, ref: tuple, *, compiled: bool = False,
-               deterministic: bool = True, natives: bool = True) -> list[dict]:
-    """value, grad, and where they apply native, compiled and deterministic, for one case."""
+               deterministic: bool = True, natives: bool = True, engine: str = "auto",
+               held: bool = False) -> list[dict]:
+    """value, grad, upstream, and where they apply held, native, compiled and deterministic, for
+    one case. ``engine``: the kernel the backend was forced to (recorded; the caller forces it)."""
     be, tol, dt, name = adapter.name, case.tolerance, case.dtype, case.name
     out: list[dict] = []
-    rec = lambda check, err, detail="", tol=tol: out.append(record(be, device, dt, name, check, err, tol, detail))
+    rec = lambda check, err, detail="", tol=tol: out.append(record(be, device, dt, name, check, err, tol, detail,
+                                                                   engine))
     ref_value, ref_grad = ref
     try:
         with adapter.context(dt, device):
@@ -97,6 +116,39 @@ def check_case(adapter: Adapter, case: Case, device: str, ref: tuple, *, compile
         gproblems.append(f"gradient dtype {eager.grad_dtype}, expected {dt}")
     gerr = math.inf if eager.grad is None else metric(eager.grad, ref_grad)
     rec("grad", math.inf if gproblems else gerr, "; ".join(gproblems))
+
+    if adapter.upstream and eager.grad is not None:
+        worst, why = 0.0, ""
+        try:
+            for ct in cotangents(case, ref_value.shape):
+                _, want = reference(case.arrays["logits"], case.arrays["targets"], layout=case.layout,
+                                    cotangent=ct, **case.kwargs())
+                with adapter.context(dt, device):
+                    got = call(adapter, case.arrays, case.options, dt, device, cotangent=ct)
+                err = metric(got.grad, want) if got.grad is not None else math.inf
+                if err > worst:
+                    worst, why = err, f"upstream {ct if np.ndim(ct) == 0 else 'cotangent'}"
+        except Exception as exc:
+            worst, why = math.inf, _short(exc)
+        rec("upstream", worst, why)
+
+    if held:
+        # a gradient the caller still holds is never overwritten by the next call (the torch
+        # backend's reusable buffer must not hand it out again)
+        try:
+            keep: list = []
+            with adapter.context(dt, device):
+                first = call(adapter, case.arrays, case.options, dt, device, held=keep)
+                if case.options.get("inputs", "logits") == "logits":  # another gradient
+                    other = dict(case.arrays, logits=case.arrays["logits"] * 0.5)
+                else:  # probabilities must stay probabilities: other targets instead
+                    other = dict(case.arrays, targets=np.flip(case.arrays["targets"], 0).copy())
+                call(adapter, other, case.options, dt, device)
+                now = adapter.host(keep[0])
+            same = first.grad is not None and np.array_equal(now, first.grad, equal_nan=True)
+            rec("held", 0.0 if same else 1.0, "" if same else "a later call overwrote a held gradient", tol=0.0)
+        except Exception as exc:
+            rec("held", 1.0, _short(exc), tol=0.0)
 
     if deterministic:
         try:

@@ -65,12 +65,14 @@ def _target_distribution(C, y=None, soft=None, eps=0.0, smoothing="uniform"):
     return q
 
 
-def _token_loss(row, a, inputs, z_loss, cap):
+def _token_loss(row, a, inputs, z_loss, cap, z_weight=1.0):
     """Loss of one token, -sum_c a[c] log p[c] (+ z-loss), and d loss / d row.
 
     ``a`` is class_weights * q.  Classes with a[c] == 0 are skipped so that a
     -inf logit (vocabulary masking) at a class the target gives no mass to
-    contributes nothing instead of 0 * inf.
+    contributes nothing instead of 0 * inf (0 log 0 = 0).  The z-loss term
+    z_loss * lse**2 is weighted like the token: ``z_weight`` is cw[y] for an
+    index target and 1 for a soft target (API.md 1, changed 2026-12).
     """
     C = row.shape[0]
     used = [c for c in range(C) if a[c] != 0.0]
@@ -105,8 +107,8 @@ def _token_loss(row, a, inputs, z_loss, cap):
     loss = -math.fsum(a[c] * (float(z[c]) - lse) for c in used)
     grad = -a + math.fsum(a) * p  # d/dz of -sum a log softmax(z)
     if z_loss:
-        loss += z_loss * lse * lse
-        grad = grad + 2.0 * z_loss * lse * p
+        loss += z_loss * z_weight * lse * lse
+        grad = grad + 2.0 * z_loss * z_weight * lse * p
     if dz_dx is not None:
         grad = grad * dz_dx
     return loss, grad
@@ -123,12 +125,15 @@ def reference(logits, targets, *, layout="NTC", mask=None, lengths=None,
               ignore_index=-100, weights=None, class_weights=None,
               inputs="logits", label_smoothing=0.0, smoothing="uniform",
               z_loss=0.0, logit_softcap=None, reduction="mean",
-              denominator="weights", normalizer=None, empty="zero", num_classes=None):
-    """Float64 loss and d sum(loss) / d logits for valid inputs.
+              denominator="weights", normalizer=None, empty="zero", num_classes=None,
+              cotangent=None):
+    """Float64 loss and d sum(cotangent * loss) / d logits for valid inputs.
 
     Returns ``(value, grad)``: value has the shape of the reduction (API.md 1),
-    grad has logits' shape.  Only valid inputs are supported: this is the
-    reference for what the package must compute, not a validator.
+    grad has logits' shape.  ``cotangent`` (a number or an array of the value's
+    shape; default 1) is the upstream gradient of the value.  Only valid inputs
+    are supported: this is the reference for what the package must compute,
+    not a validator.
     """
     x = np.asarray(logits, dtype=np.float64)
     tg = np.asarray(targets)
@@ -170,7 +175,8 @@ def reference(logits, targets, *, layout="NTC", mask=None, lengths=None,
             q = _target_distribution(C, y=y, soft=None if not soft else tg[ri],
                                      eps=eps, smoothing=smoothing)
             a = np.array([cw[c] * q[c] for c in range(C)])
-            loss, grad = _token_loss(row, a, inputs, float(z_loss), logit_softcap)
+            loss, grad = _token_loss(row, a, inputs, float(z_loss), logit_softcap,
+                                     1.0 if soft else float(cw[y]))
             W = w if soft else w * float(cw[y])
             tokens[n, t] = dict(loss=w * loss, grad=w * grad, W=W, counted=True)
 
@@ -221,11 +227,24 @@ def reference(logits, targets, *, layout="NTC", mask=None, lengths=None,
     else:
         raise ValueError(f"unknown reduction {reduction!r}")
 
+    value = np.asarray(value, dtype=np.float64)
+    ct = np.broadcast_to(np.asarray(1.0 if cotangent is None else cotangent, dtype=np.float64), value.shape)
+
+    def upstream(n, t):
+        """The cotangent of the output element token (n, t) feeds."""
+        if reduction == "none":
+            return float(ct[_token_index(layout, n, t)])
+        if reduction == "per_sequence":
+            return float(ct[n])
+        if reduction == "per_position":
+            return float(ct[t])
+        return float(ct[()])
+
     grad = np.zeros(x.shape)
     for (n, t), tok in tokens.items():
         if tok["counted"] and factor[n, t] != 0.0:
-            grad[_row_index(layout, n, t)] = factor[n, t] * tok["grad"]
-    return np.asarray(value, dtype=np.float64), grad
+            grad[_row_index(layout, n, t)] = upstream(n, t) * factor[n, t] * tok["grad"]
+    return value, grad
 
 
 def counted_positions(targets, *, layout, mask=None, lengths=None, ignore_index=-100,

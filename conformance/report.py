@@ -23,10 +23,13 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-def summary_rows(results: Iterable[dict], by: tuple[str, ...] = ("backend", "device", "dtype")) -> list[dict]:
+BY = ("backend", "device", "engine", "dtype")
+
+
+def summary_rows(results: Iterable[dict], by: tuple[str, ...] = BY) -> list[dict]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in results:
-        groups[tuple(r[k] for k in by)].append(r)
+        groups[tuple(r.get(k, "auto") for k in by)].append(r)  # "engine": absent in older reports
     rows = []
     for key in sorted(groups):
         rs = groups[key]
@@ -40,8 +43,8 @@ def summary_rows(results: Iterable[dict], by: tuple[str, ...] = ("backend", "dev
     return rows
 
 
-def summary_table(results: Iterable[dict], by: tuple[str, ...] = ("backend", "device", "dtype")) -> str:
-    """A Markdown table: one row per (backend, device, dtype)."""
+def summary_table(results: Iterable[dict], by: tuple[str, ...] = BY) -> str:
+    """A Markdown table: one row per (backend, device, engine, dtype)."""
     rows = summary_rows(results, by)
     head = [*by, "cases", "checks", "failed", "worst error/tolerance", "result"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -55,16 +58,19 @@ def summary_table(results: Iterable[dict], by: tuple[str, ...] = ("backend", "de
 def text_summary(report: dict) -> str:
     """A plain-text summary for the terminal."""
     rows = summary_rows(report["results"])
-    w = max([len(f"{r['backend']}/{r['device']}") for r in rows] + [10])
-    out = [f"{'backend/device':<{w}}  {'dtype':<9} {'cases':>6} {'checks':>7} {'failed':>7} {'worst':>9}  result"]
+    label = (lambda r: f"{r['backend']}/{r['device']}" + ("" if r.get("engine", "auto") == "auto"
+                                                           else f" [{r['engine']}]"))
+    w = max([len(label(r)) for r in rows] + [10])
+    out = [f"{'backend/device [kernel]':<{w}}  {'dtype':<9} {'cases':>6} {'checks':>7} {'failed':>7} {'worst':>9}"
+           f"  result"]
     for r in rows:
-        out.append(f"{r['backend'] + '/' + r['device']:<{w}}  {r['dtype']:<9} {r['cases']:>6} {r['checks']:>7} "
+        out.append(f"{label(r):<{w}}  {r['dtype']:<9} {r['cases']:>6} {r['checks']:>7} "
                    f"{r['failed']:>7} {_fmt(r['worst']):>9}  {'pass' if r['passed'] else 'FAIL'}")
     fails = [r for r in report["results"] if not r["passed"]]
     out.append(f"{len(report['results'])} checks, {len(fails)} failed, "
                f"{report['environment'].get('seconds', '?')}s")
     for r in fails[:40]:
-        out.append(f"  FAIL {r['backend']}/{r['device']} {r['case']} {r['check']}: error {_fmt(r['error'])} "
+        out.append(f"  FAIL {label(r)} {r['case']} {r['check']}: error {_fmt(r['error'])} "
                    f"> {r['tolerance']:g} {r['detail']}")
     if len(fails) > 40:
         out.append(f"  ... and {len(fails) - 40} more (see the JSON or Markdown report)")
@@ -94,11 +100,14 @@ def markdown(report: dict, title: str = "xseqloss conformance report", note: str
           + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items())
           + "; the reference is float64 on the already-rounded inputs. Exact checks (errors raised, "
             "bitwise determinism) have tolerance 0.", ""]
-    L += ["## Summary by backend, device and dtype", "",
+    L += ["## Summary by backend, device, kernel and dtype", "",
+          "`engine` is the backend's kernel: `auto` is what a user gets; the others are forced "
+          "(xseqloss/_engine.py), the chunked ones with chunks of a few rows so every case crosses "
+          "chunk boundaries.", "",
           "`cases` counts distinct cases (the error catalogue's entries count under float32); "
           "`worst` is the largest error / tolerance of the group (below 1 passes).", "",
           summary_table(res), ""]
-    L += ["## By check", "", summary_table(res, ("backend", "device", "check")), ""]
+    L += ["## By check", "", summary_table(res, ("backend", "device", "engine", "check")), ""]
     if report.get("not_applicable"):
         L += ["## Not applicable (not generated, not counted as passing)", ""]
         for n in report["not_applicable"]:
@@ -111,11 +120,11 @@ def markdown(report: dict, title: str = "xseqloss conformance report", note: str
     if not fails:
         L += ["None.", ""]
     else:
-        L += ["| backend | device | dtype | case | check | error | tolerance | detail |",
-              "|---|---|---|---|---|---|---|---|"]
+        L += ["| backend | device | engine | dtype | case | check | error | tolerance | detail |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for r in fails:
             d = r["detail"].replace("|", "\\|").replace("\n", " ")
-            L.append(f"| {r['backend']} | {r['device']} | {r['dtype']} | {r['case']} | {r['check']} | "
+            L.append(f"| {r['backend']} | {r['device']} | {r.get('engine', 'auto')} | {r['dtype']} | {r['case']} | {r['check']} | "
                      f"{_fmt(r['error'])} | {r['tolerance']:g} | {d} |")
         L.append("")
     return "\n".join(L)

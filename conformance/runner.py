@@ -27,6 +27,25 @@ BACKENDS = ("numpy", "torch", "tensorflow", "jax")
 QUICK_CASES = ("ntc", "nct", "mix_uniform", "soft", "red_per_sequence_weights", "garbage_masked")
 QUICK_ERRORS = ("target_ge_C", "lengths_gt_T", "mask_shape", "unknown_reduction")
 
+# Every kernel of a backend is forced and checked (xseqloss/_engine.py), not only the one "auto"
+# picks for the suite's small inputs: the chunked kernels with chunks of a few rows (every case
+# crosses chunk boundaries) and the reusable gradient buffer at every size. Per backend: kernel ->
+# the base cases it runs (None: all), the dtypes, and its sizes.
+TINY = dict(chunk_elements=12, buffer_min_bytes=0)
+PLAIN_CASES = ("ntc", "nct", "tnc", "nc", "cnt", "c", "mask", "lengths", "ignore_default", "ignore_in_range",
+               "weights", "weights_tokens", "mask_lengths_ignore", "garbage_masked", "garbage_ignored",
+               "big_near_max*", "huge_near_max", "all_masked_mean_zero", "all_ignored_*", "red_per_sequence_tnc",
+               "red_per_position_nct", "red_sequence_mean_cnt", "normalizer_zero_nan", "vocab32k", "multichunk*")
+ENGINES = {
+    "numpy": {"native": (None, None, {}), "chunked": (None, None, TINY)},
+    "torch": {"native": (None, None, {}), "chunked": (None, None, TINY)},
+    "tensorflow": {"xla": (PLAIN_CASES, ("float64", "float32", "bfloat16"), {}),
+                   "native": (("multichunk*",), None, {})},
+    "jax": {"native": (("ntc", "nct", "mask", "mix_*", "soft", "zloss*", "softcap", "big_near_max*",
+                        "garbage_*", "red_*_weights", "log_probs", "probs", "multichunk*"),
+                       ("float64", "float32"), {})},
+}
+
 
 
 def _version(module: str) -> str | None:
@@ -116,9 +135,16 @@ def _resolve_backends(backends: Iterable[str] | None) -> list[str]:
     return names
 
 
+def _engine_runs(case, names, dtypes) -> bool:
+    if dtypes is not None and case.dtype not in dtypes:
+        return False
+    return names is None or any(fnmatch.fnmatchcase(case.base, p) for p in names)
+
+
 def run(backends: Iterable[str] | None = None, devices: Iterable[str] | None = None,
         progress: Callable[[str], None] | None = None, cases: Iterable[str] | None = None,
-        quick: bool = False, compiled: bool = True, errors: bool = True, jobs: int = 1) -> dict:
+        quick: bool = False, compiled: bool = True, errors: bool = True, jobs: int = 1,
+        engines: bool = True) -> dict:
     """Run the suite and return ``{"environment", "results", "not_applicable"}``.
 
     backends: names to run (default: every installed one; a requested one that
@@ -126,7 +152,8 @@ def run(backends: Iterable[str] | None = None, devices: Iterable[str] | None = N
         such as "cuda:0" (default: all found).  cases: fnmatch patterns or
         substrings of base case names.  quick: the small subset (QUICK_CASES).
         jobs: run up to this many backends at once, each in its own process
-        (JAX spends most of its time compiling, on one core).
+        (JAX spends most of its time compiling, on one core).  engines: also
+        force every other kernel of each backend (``ENGINES``) on its cases.
     """
     with warnings.catch_warnings():
         _quiet_frameworks()
@@ -134,12 +161,14 @@ def run(backends: Iterable[str] | None = None, devices: Iterable[str] | None = N
         if jobs > 1 and len(names) > 1:
             return _run_parallel(names, jobs, progress, dict(devices=None if devices is None else list(devices),
                                                              cases=None if cases is None else list(cases),
-                                                             quick=quick, compiled=compiled, errors=errors))
-        return _run_here(names, devices, progress, cases, quick, compiled, errors)
+                                                             quick=quick, compiled=compiled, errors=errors,
+                                                             engines=engines))
+        return _run_here(names, devices, progress, cases, quick, compiled, errors, engines)
 
 
 def _run_here(names: list[str], devices: Iterable[str] | None, progress: Callable[[str], None] | None,
-              cases: Iterable[str] | None, quick: bool, compiled: bool, errors: bool) -> dict:
+              cases: Iterable[str] | None, quick: bool, compiled: bool, errors: bool,
+              engines: bool = True) -> dict:
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     specs = select_cases(cases, quick)
@@ -177,6 +206,13 @@ def _run_here(names: list[str], devices: Iterable[str] | None, progress: Callabl
                                       deterministic=(dev == "cpu"))
                 if (i + 1) % 50 == 0:
                     say(f"[{b}/{dev}] {i + 1}/{len(todo)} cases, {time.perf_counter() - tb:.0f}s")
+            for kernel, (pats, dtypes, sizes) in (ENGINES.get(b, {}) if engines else {}).items():
+                mine = [c for c in todo if _engine_runs(c, pats, dtypes)]
+                say(f"[{b}/{dev}] kernel {kernel}: {len(mine)} cases")
+                with adapter.engine(kernel, **sizes):
+                    for case in mine:
+                        results += check_case(adapter, case, dev, refs[case.name], deterministic=False,
+                                              natives=False, engine=kernel, held=True)
             if errors and error_names != []:
                 say(f"[{b}/{dev}] error catalogue")
                 results += check_errors(adapter, dev, compiled=compiled, names=error_names)

@@ -101,12 +101,13 @@ def _smoothed_target(C, y=None, q=None, eps=0.0, smoothing="uniform"):
     return [(1.0 - e) * base[c] + e / C for c in range(C)]
 
 
-def _token_loss_and_grad(x, qt, cw, inputs, z_loss, cap):
+def _token_loss_and_grad(x, qt, cw, inputs, z_loss, cap, z_weight=1.0):
     """Loss l and dl/dx for one token.
 
     x: the C raw input values at this position (float64 list)
     qt: smoothed target vector, cw: class weights (list)
-    l = -sum_c cw[c] qt[c] log p[c]  (+ z_loss * lse^2 for logits)
+    l = -sum_c cw[c] qt[c] log p[c]  (+ z_loss * z_weight * lse^2 for logits, z_weight = cw[y] for
+    index targets and 1 for soft targets: the z-loss term is weighted like the token, API.md 1)
     """
     C = len(x)
     if inputs == "logits":
@@ -127,8 +128,8 @@ def _token_loss_and_grad(x, qt, cw, inputs, z_loss, cap):
         s = sum(cw[c] * qt[c] for c in range(C))
         g = [(-cw[j] * qt[j] + p[j] * s) for j in range(C)]
         if z_loss:
-            loss += z_loss * lse * lse
-            g = [g[j] + 2.0 * z_loss * lse * p[j] for j in range(C)]
+            loss += z_loss * z_weight * lse * lse
+            g = [g[j] + 2.0 * z_loss * z_weight * lse * p[j] for j in range(C)]
         g = [g[j] * dz[j] for j in range(C)]
         return loss, g
     if inputs == "log_probs":
@@ -222,7 +223,8 @@ def reference(logits, targets, *, layout="NTC", mask=None, lengths=None,
                                       smoothing=smoothing)
                 W[n, t] = w[n, t] * cw[yy]
             l, g = _token_loss_and_grad(list(x[n, t]), qt, cw, inputs,
-                                        z_loss, logit_softcap)
+                                        z_loss, logit_softcap,
+                                        1.0 if soft else cw[yy])
             tok[n, t] = w[n, t] * l
             gtok[n, t] = [w[n, t] * v for v in g]
 

@@ -23,11 +23,12 @@ REDUCTIONS = ["mean", "sum", "none", "per_sequence", "sequence_mean", "per_posit
 
 
 @pytest.fixture
-def small_chunks(monkeypatch):
+def small_chunks():
+    from xseqloss import _engine
     from xseqloss.backends import numpy as nb
 
-    monkeypatch.setattr(nb, "_CHUNK_ELEMENTS", 16)  # 2 rows of 7 classes per chunk
-    return nb
+    with _engine.use("numpy", chunk_elements=16):  # 2 rows of 7 classes per chunk
+        yield nb
 
 
 @pytest.mark.parametrize("layout", ["NTC", "NCT", "TNC"])
@@ -85,13 +86,17 @@ def test_bad_label_without_validation_gives_a_nan_row(xsl, small_chunks, rng):
     assert np.all(np.isfinite(grad[keep]))
 
 
-def test_one_buffer_no_logits_sized_temporaries(xsl, rng, monkeypatch):
+def test_one_buffer_no_logits_sized_temporaries(xsl, rng):
     """The kernel allocates the gradient and token-sized arrays; nothing else logits-sized."""
     import tracemalloc
 
-    from xseqloss.backends import numpy as nb
+    from xseqloss import _engine
 
-    monkeypatch.setattr(nb, "_CHUNK_ELEMENTS", 4096 * 8)  # 8 rows per chunk
+    with _engine.use("numpy", chunk_elements=4096 * 8):  # 8 rows per chunk
+        _one_buffer(xsl, rng, tracemalloc)
+
+
+def _one_buffer(xsl, rng, tracemalloc):
     z = rng.normal(size=(64, 4096)).astype(np.float32)  # 1 MB
     y = rng.integers(0, 4096, size=64)
     xsl.value_and_grad(z, y, layout="TC")  # warm caches

@@ -215,6 +215,33 @@ def test_uniform_class_weights(backend):
     run_property(backend, check)
 
 
+def test_scaling_all_class_weights_leaves_every_mean_unchanged(backend):
+    """Index targets: cw -> k cw leaves "mean", "per_sequence", "per_position" and "sequence_mean"
+    unchanged with the "weights" denominator, with smoothing (both conventions), z-loss and token
+    weights: the z-loss term is weighted like its token (API.md 1, changed 2026-12; before, its
+    unweighted term over a weighted denominator made the mean change with k). Gradients too.
+    (Soft targets keep class weights out of the denominator, PyTorch's convention, decisions.md
+    item 7: there a mean scales with k, by design.)"""
+    @given(p=problems(backend), data=st.data())
+    def check(p, data):
+        x, y, m = p
+        N, T, C = x.shape
+        k = data.draw(st.sampled_from([0.25, 3.0, 1024.0]))
+        cw = data.draw(hnp.arrays(np.float64, (C,), elements=st.floats(0.25, 2.0)))
+        w = data.draw(hnp.arrays(np.float64, (N, T), elements=st.floats(0.5, 2.0)))
+        t = y
+        opts = dict(mask=m, weights=w, z_loss=data.draw(st.sampled_from([0.0, 1e-2])),
+                    label_smoothing=data.draw(st.sampled_from([0.0, 0.1])),
+                    smoothing=data.draw(st.sampled_from(["uniform", "others"])))
+        for reduction in reductions_for(backend, ["mean", "per_sequence", "per_position", "sequence_mean"],
+                                        (N, T, C, k)):
+            a, ga = vg(backend, x, t, reduction=reduction, class_weights=cw, **opts)
+            b, gb = vg(backend, x, t, reduction=reduction, class_weights=k * cw, **opts)
+            assert_close(b, a, tol=1e-12, what=f"{reduction} with class weights x{k}")
+            assert_close(gb, ga, tol=1e-12, what=f"{reduction} gradient with class weights x{k}")
+    run_property(backend, check)
+
+
 def test_microbatch_accumulation(backend, xsl):
     """Sum over micro-batches of the loss with normalizer = global token_count
     equals the full-batch mean; gradients concatenate to the full gradient."""

@@ -21,15 +21,14 @@ REDUCTIONS = ["mean", "sum", "none", "per_sequence", "sequence_mean", "per_posit
 
 
 @pytest.fixture
-def tf(monkeypatch):
+def tf():
     require_or_skip("tensorflow")
-    from xseqloss.backends import tensorflow as tfb
+    from xseqloss import _engine
 
-    monkeypatch.setattr(tfb, "_XLA_MIN_ELEMENTS", 0)
-    # traces made with another threshold must not be reused, nor these ones leak into other tests
-    monkeypatch.setattr(tfb.BACKEND, "_functions", {})
-    monkeypatch.setattr(tfb.BACKEND, "_concrete", {})
-    return get_backend("tensorflow").tf
+    # the XLA kernel at every size (the engine is part of the plan: traces made for another
+    # kernel are never reused)
+    with _engine.use("tensorflow", "xla"):
+        yield get_backend("tensorflow").tf
 
 
 @pytest.fixture
@@ -47,6 +46,9 @@ def rescales(tf, monkeypatch):
             return tf.identity(real(*args))
 
     monkeypatch.setattr(tfb, "_rescaled", wrapped)
+    # traces made before the counter was in place must not be reused, nor these leak into others
+    monkeypatch.setattr(tfb.BACKEND, "_functions", {})
+    monkeypatch.setattr(tfb.BACKEND, "_concrete", {})
     return seen
 
 
@@ -102,7 +104,7 @@ def test_a_row_folded_to_zero_is_formed_again(tf, rng):
     keep = tf.zeros([], tf.bool)
     zt, yt, ht = tf.constant(z), tf.constant(y), tf.constant(hint)
     _, g = tfb._xla_kernel(2, 1, True, False)(zt, yt, keep, ht)
-    out = tfb._rescaled(zt, yt, keep, g, tf.constant(dl), ht, 1, False).numpy()
+    out = tfb._rescaled(zt, yt, keep, g, tf.constant(dl), ht, 1, False, 0).numpy()
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     expected = (p - np.eye(6)[y]) * dl[:, None]
@@ -160,9 +162,13 @@ def test_bad_label_without_validation_gives_a_nan_row(xsl, tf, rng):
 def test_inside_a_tf_function_with_known_and_unknown_shapes(xsl, tf, monkeypatch, rng):
     """Inside the caller's tf.function the kernel is chosen at trace time when the size is known,
     at run time (a tf.cond against the native kernel) when a dimension is not."""
-    from xseqloss.backends import tensorflow as tfb
+    from xseqloss import _engine
 
-    monkeypatch.setattr(tfb, "_XLA_MIN_ELEMENTS", 100)
+    with _engine.use("tensorflow", "auto", xla_min_elements=100):
+        _known_and_unknown(xsl, tf, rng)
+
+
+def _known_and_unknown(xsl, tf, rng):
     spec = [tf.TensorSpec([None, 5, 7], tf.float64), tf.TensorSpec([None, 5], tf.int64),
             tf.TensorSpec([None, 5], tf.bool)]
 
@@ -206,11 +212,13 @@ def test_below_the_threshold_the_native_kernel_runs(xsl, tf, monkeypatch, rng):
     xsl.sequence_cross_entropy(tf.constant(logits), tf.constant(targets))
     assert calls, "the XLA kernel should run at threshold 0"
     calls.clear()
-    monkeypatch.setattr(tfb, "_XLA_MIN_ELEMENTS", 71)
-    monkeypatch.setattr(tfb.BACKEND, "_functions", {})
-    monkeypatch.setattr(tfb.BACKEND, "_concrete", {})
-    xsl.sequence_cross_entropy(tf.constant(logits), tf.constant(targets))
+    from xseqloss import _engine
+    with _engine.use("tensorflow", "auto", xla_min_elements=71):
+        xsl.sequence_cross_entropy(tf.constant(logits), tf.constant(targets))
     assert not calls, "70 elements are below a threshold of 71"
+    with _engine.use("tensorflow", "native"):
+        xsl.sequence_cross_entropy(tf.constant(logits), tf.constant(targets))
+    assert not calls, "the native kernel never runs the XLA kernel"
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

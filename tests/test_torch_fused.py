@@ -20,13 +20,13 @@ OPTION_SETS = {
 
 
 @pytest.fixture
-def torch(monkeypatch):
-    from xseqloss.backends import torch as tb
+def torch():
+    from xseqloss import _engine
 
     # small default calls run F.cross_entropy itself; here every call takes the fused path, as
     # large inputs do
-    monkeypatch.setattr(tb, "_NATIVE_MAX_ELEMENTS", -1)
-    return get_backend("torch").torch
+    with _engine.use("torch", "chunked"):
+        yield get_backend("torch").torch
 
 
 @pytest.fixture
@@ -169,12 +169,13 @@ def test_rows_the_fold_zeroed_are_recomputed(torch, spy, rng):
 # ------------------------------------------------------------------------ the reusable buffer
 
 @pytest.fixture
-def small_cache(monkeypatch):
+def small_cache(torch):
+    from xseqloss import _engine
     from xseqloss.backends import torch as tb
 
-    monkeypatch.setattr(tb, "_MIN_CACHED_BYTES", 0)
     tb.empty_cache()
-    yield tb
+    with _engine.use("torch", buffer_min_bytes=0):
+        yield tb
     tb.empty_cache()
 
 

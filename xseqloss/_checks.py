@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -40,20 +41,63 @@ def number(value: Any, argument: str, lo: float, hi: float = math.inf, *, lo_ope
     return v
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _ignore_value(v: Any, where: str) -> int | None:
+    """``v`` as a Python int when it is an integer (a Python or NumPy int, or a 0-d integer array or
+    tensor of any framework, concrete), None when it is not integer-like; bools are not integers.
+    Values outside int64 are an error: no label can hold them."""
+    dtype = getattr(v, "dtype", None)
+    if isinstance(v, bool) or (dtype is not None and "bool" in str(dtype)):
+        return None
+    if isinstance(v, numbers.Integral):
+        i = int(v)
+    else:
+        if dtype is None or "int" not in str(dtype) or getattr(v, "ndim", len(getattr(v, "shape", ()) or ())) != 0:
+            return None  # not an integer dtype (every framework's dtype names its kind), or not 0-d
+        try:
+            i = operator.index(v)  # integer 0-d arrays and tensors; floats refuse (TypeError)
+        except TypeError as exc:
+            if "oncrete" in str(exc) or "racer" in str(exc):  # a traced value (jax.jit)
+                raise XSeqLossTypeError(f"{where} must be a concrete int (a static option), got a traced "
+                                        f"array; pass a Python int") from None
+            return None
+    if not _INT64[0] <= i <= _INT64[1]:
+        raise XSeqLossError(f"{where}={i} is out of range: labels are int64, valid range "
+                            f"[{_INT64[0]}, {_INT64[1]}]")
+    return i
+
+
 def parse_ignore(ignore_index: Any) -> tuple[int, ...]:
+    """None, an int (Python, NumPy, a 0-d integer array or tensor), or a collection of them."""
     if ignore_index is None:
         return ()
-    if isinstance(ignore_index, numbers.Integral) and not isinstance(ignore_index, bool):
-        return (int(ignore_index),)
-    if isinstance(ignore_index, (str, bytes)) or not hasattr(ignore_index, "__iter__"):
+    one = _ignore_value(ignore_index, "ignore_index")
+    if one is not None:
+        return (one,)
+    if isinstance(ignore_index, (str, bytes)) or not hasattr(ignore_index, "__iter__") \
+            or getattr(ignore_index, "ndim", 1) == 0:
         raise XSeqLossTypeError(
             f"ignore_index must be an int, a collection of ints, or None; got {ignore_index!r}")
     values = []
     for i, v in enumerate(ignore_index):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        iv = _ignore_value(v, f"ignore_index[{i}]")
+        if iv is None:
             raise XSeqLossTypeError(f"ignore_index[{i}] = {v!r} is not an int; ignore_index must hold ints")
-        values.append(int(v))
+        values.append(iv)
     return tuple(sorted(set(values)))
+
+
+def plain_ignore(ignore_index: Any) -> int | tuple[int, ...] | None:
+    """ignore_index as plain Python values (None, an int, or a tuple of ints), checked: what the
+    torch Module and the Keras loss keep and serialise (no arrays or tensors held)."""
+    values = parse_ignore(ignore_index)  # checked (sorted, unique)
+    if ignore_index is None:
+        return None
+    if _ignore_value(ignore_index, "ignore_index") is not None:
+        return values[0]
+    return tuple(_ignore_value(v, "ignore_index") for v in ignore_index)  # as given: configs round-trip
 
 
 def parse_layout(layout: Any, argument: str = "layout", letters: str = "NTC", required: str = "C") -> str:
@@ -94,13 +138,28 @@ class Options:
 _OPTIONS_CACHE: dict[tuple, Options] = {}
 
 
+_SIMPLE = (int, float, str, bool, type(None))
+
+
+def _typed(v: Any) -> Any:
+    """A cache key for an option value that tells apart values equal across types, at any depth:
+    1 == 1.0 == True and (1, 2) == (1.0, 2.0) == (True, 2) must not share an entry, since one is
+    valid and the others are errors (issue 17). Anything but plain values and tuples of them
+    (arrays, tensors, lists) raises TypeError: it is parsed every time, never cached."""
+    t = type(v)
+    if t in _SIMPLE:
+        return (t, v)
+    if t is tuple:
+        return (tuple, tuple(_typed(e) for e in v))
+    raise TypeError("not cacheable")
+
+
 def parse_options(**kw: Any) -> Options:
     """Validated options; cached per distinct set of (hashable) values, since most calls repeat them."""
-    vals = tuple(kw.values())
     try:
-        key = (tuple(kw), vals, tuple(map(type, vals)))  # types: 1 == 1.0 == True must not share
+        key = (tuple(kw), tuple(_typed(v) for v in kw.values()))
         hit = _OPTIONS_CACHE.get(key)
-    except TypeError:  # an unhashable value (a list of ignore indices): parse it every time
+    except TypeError:  # an array, a tensor, a list of ignore indices: parse it every time
         return _parse_options(**kw)
     if hit is None:
         hit = _parse_options(**kw)

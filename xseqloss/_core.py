@@ -15,6 +15,20 @@ from typing import Any
 from ._plan import Static
 from ._token_loss import token_loss
 
+PROBS_SUM_TOL = 1e-3  # inputs="probs": a row must sum to 1 within this
+
+
+def probs_rows(ops: Any, st: Static, z: Any) -> tuple[Any, Any]:
+    """inputs="probs": per token, whether an entry is outside [0, 1] (or not finite), and the row's
+    sum in float64 (JAX without x64: float32, its widest type). One rule, one precision for the eager
+    check and the traced NaN mark alike: a float32 sum depends on the order of the additions, which
+    differs between eager kernels and XLA, so a row near 1 +- 1e-3 could pass one and not the other
+    (issue 17); in float64 the order changes the sum by ~1e-16."""
+    p = ops.cast(z, ops.wide_dtype())
+    k = st.opts.k
+    return ops.any((p < 0) | (p > 1) | ~ops.isfinite(p), k), ops.sum(p, k)
+
+
 def _axes(tok: str, letters: str) -> tuple[int, ...]:
     return tuple(i for i, a in enumerate(tok) if a in letters)
 
@@ -42,7 +56,7 @@ def _counted(ops: Any, st: Static, y: Any, mask: Any, lengths: Any, like: Any) -
     A sequence with a bad length (negative or > T, only possible when values are not validated) is
     counted whole, so that every one of its tokens shows the NaN.
     """
-    o, tok = st.opts, st.opts.tok_layout
+    tok = st.opts.tok_layout
     counted = None if mask is None else ops.nonzero(mask)
     bad = None
     if lengths is not None:
@@ -55,12 +69,12 @@ def _counted(ops: Any, st: Static, y: Any, mask: Any, lengths: Any, like: Any) -
             inside = inside | seq_bad
             bad = seq_bad
         counted = inside if counted is None else (counted & inside)
-    if not st.soft and o.ignore:
-        if len(o.ignore) == 1:
-            kept = y != o.ignore[0]
+    if not st.soft and st.ignore:
+        if len(st.ignore) == 1:
+            kept = y != st.ignore[0]
         else:
             ignored = None
-            for v in o.ignore:
+            for v in st.ignore:
                 hit = y == v
                 ignored = hit if ignored is None else (ignored | hit)
             kept = ~ignored
@@ -122,8 +136,8 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
         rb = ops.any((t < 0) | ~ops.isfinite(t), o.k)
         bad = _or(bad, rb if counted is None else (rb & counted))
     if st.mark_bad and o.inputs == "probs":
-        zz = ops.cast(z, acc)
-        rb = ops.any((zz < 0) | (zz > 1) | ~ops.isfinite(zz), o.k) | (ops.abs(ops.sum(zz, o.k) - 1.0) > 1e-3)
+        outside, sums = probs_rows(ops, st, z)
+        rb = outside | (ops.abs(sums - 1.0) > PROBS_SUM_TOL)
         bad = _or(bad, rb if counted is None else (rb & counted))
 
     if st.mark_bad and o.inputs == "probs" and bad is not None:
@@ -146,8 +160,12 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
     inv = zero = inv2 = zero2 = axes = None
     if red not in ("none", "sum"):
         W = _denominator_weights(ops, st, y, counted, w, cw)
+        if normalizer is not None:
+            normalizer = ops.cast(normalizer, acc)
+            if st.mark_bad:  # a negative or non-finite normalizer (unchecked): NaN, never a flipped sign
+                normalizer = ops.where((normalizer >= 0) & ops.isfinite(normalizer), normalizer, float("nan"))
         if red == "mean":
-            D = ops.cast(normalizer, acc) if normalizer is not None else _den(ops, st, W, counted, like, None, acc)
+            D = normalizer if normalizer is not None else _den(ops, st, W, counted, like, None, acc)
             inv, zero = _inverse(ops, D)
             coef = inv
         else:
@@ -180,7 +198,7 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
     if want_grad:  # without autodiff (NumPy): a backend's kernel forms the scaled gradient itself
         fused_vg = getattr(ops, "fused_value_and_grad", None)
         if fused_vg is not None:
-            l, grad = fused_vg(st, z, y, t, counted, cw, acc, cotangent())
+            l, grad = fused_vg(st, z, y, t, counted, cw, acc, cotangent)
     else:
         fused = getattr(ops, "fused_token_loss", None)  # a backend's own forward+backward kernel, if any
         l = None if fused is None else fused(st, z, y, t, counted, cw, acc, expected_dl)

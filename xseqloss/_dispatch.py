@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib
 import os
 import sys
-import threading
 from typing import Any, Iterator
 
 from ._errors import XSeqLossError, XSeqLossTypeError
@@ -27,7 +25,6 @@ _ALIASES = {"tf": "tensorflow", "pytorch": "torch", "np": "numpy"}
 _context_default: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "xseqloss_default_backend", default=None)
 _process_default: str | None = None
-_lock = threading.Lock()
 _loaded: dict[str, Any] = {}
 
 
@@ -46,16 +43,23 @@ def load(name: str) -> Any:
     be = _loaded.get(name)
     if be is not None:
         return be
-    with _lock:
-        if name not in _loaded:
-            try:
-                module = importlib.import_module(f"xseqloss.backends.{name}")
-            except ImportError as exc:
-                raise XSeqLossError(
-                    f"backend {name!r} needs {_FRAMEWORK[name]}, which could not be imported ({exc}); "
-                    f"install it with: pip install '{_EXTRA[name]}'") from exc
-            _loaded[name] = module.BACKEND
-    return _loaded[name]
+    # import statements, not importlib, and no lock of our own (Python's import lock makes the
+    # import thread-safe): torch.compile(fullgraph=True) runs an import statement at trace time but
+    # cannot trace importlib or a lock, so a first call under compile works too
+    try:
+        if name == "numpy":
+            from .backends import numpy as module
+        elif name == "torch":
+            from .backends import torch as module
+        elif name == "tensorflow":
+            from .backends import tensorflow as module
+        else:
+            from .backends import jax as module
+    except ImportError as exc:
+        raise XSeqLossError(
+            f"backend {name!r} needs {_FRAMEWORK[name]}, which could not be imported ({exc}); "
+            f"install it with: pip install '{_EXTRA[name]}'") from exc
+    return _loaded.setdefault(name, module.BACKEND)
 
 
 def set_backend(name: str) -> None:

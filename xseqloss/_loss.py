@@ -17,15 +17,16 @@ from typing import Any
 from . import _checks, _dispatch
 from ._checks import fmt_shape
 from ._core import _counted, _denominator_weights, _numeric
-from ._errors import XSeqLossError
+from ._errors import XSeqLossError, keep_type_when_compiled
 from ._plan import Static
 from ._prepare import _Call, _prepare, _prepare_sides
 from ._validate import (_act_on_flags, _check_values, _numeric_checked, _numeric_flagged,
-                        _raise_value_error)
+                        _raise_value_error, check_concrete_sides)
 
 __all__ = ["sequence_cross_entropy", "value_and_grad", "token_count"]
 
 
+@keep_type_when_compiled
 def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", mask: Any = None,
                            lengths: Any = None, ignore_index: Any = -100, weights: Any = None,
                            class_weights: Any = None, inputs: str = "logits", label_smoothing: float = 0.0,
@@ -73,6 +74,8 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
         if result is not None:
             return result
     if call.st.mark_bad:
+        if call.check_sides:
+            check_concrete_sides(call)
         return call.be.run(_numeric, call.st, *call.arrays)
     result, flags = call.be.run(_numeric_checked, call.st, *call.arrays)
     _act_on_flags(call, flags)
@@ -94,6 +97,7 @@ def _native_default(call: _Call) -> Any:
     return result
 
 
+@keep_type_when_compiled
 def value_and_grad(logits: Any, targets: Any, **options: Any) -> tuple[Any, Any]:
     """``(loss, d loss / d logits)`` in the backend's own types; NumPy's gradient is analytic.
 
@@ -115,9 +119,12 @@ def value_and_grad(logits: Any, targets: Any, **options: Any) -> tuple[Any, Any]
             if flags is not None and any(be.to_numpy(flags).tolist()):
                 _raise_value_error(call, call.shape)
             return result, grad
+    elif call.check_sides:
+        check_concrete_sides(call)
     return be.value_and_grad(_numeric, call.st, *call.arrays)
 
 
+@keep_type_when_compiled
 def token_count(targets: Any, *, layout: str = "NTC", mask: Any = None, lengths: Any = None,
                 ignore_index: Any = -100, weights: Any = None, class_weights: Any = None,
                 denominator: str = "weights", num_classes: int | None = None, validate: bool = True,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._checks import Options
+from ._engine import Engine
 
 @dataclass(frozen=True)
 class Static:
@@ -20,6 +21,8 @@ class Static:
     has_weights: bool
     has_cw: bool
     has_normalizer: bool
+    ignore: tuple[int, ...] = ()  # the ignore values a label of this backend's index dtype can hold
+    engine: Engine = Engine()     # the backend's kernel and sizes for this call (_engine.py)
 
     @property
     def native_default(self) -> bool:
@@ -29,7 +32,7 @@ class Static:
         (``native_default_loss``, see ``_native_default``) when that is the fastest way."""
         o = self.opts
         return (self.plain and not (self.has_mask or self.has_lengths or self.has_weights or self.has_normalizer)
-                and len(o.ignore) <= 1 and o.reduction in ("mean", "sum", "none")
+                and len(self.ignore) <= 1 and o.reduction in ("mean", "sum", "none")
                 and o.denominator != "positions")
 
     @property
@@ -43,12 +46,17 @@ class Static:
 _STATIC_CACHE: dict[tuple, Static] = {}
 
 
-def _static(o: Options, C: int | None, soft: bool, mark_bad: bool, *has: bool) -> Static:
-    """The call's Static, cached: most calls repeat their options and shapes."""
-    key = (o, C, soft, mark_bad, has)
+def _static(o: Options, C: int | None, soft: bool, mark_bad: bool, *has: bool,
+            limits: tuple[int, int] | None = None, engine: Engine = Engine()) -> Static:
+    """The call's Static, cached: most calls repeat their options and shapes. ``limits``: the range
+    of the backend's label dtype when narrower than int64 (JAX without x64): an ignore value outside
+    it can never match a label, and comparing with it would overflow."""
+    key = (o, C, soft, mark_bad, has, limits, engine)
     st = _STATIC_CACHE.get(key)
     if st is None:
-        st = Static(o, C, soft, 0.0 if C is None else _uniform_eps(o, C), mark_bad, *has)
+        ignore = o.ignore if limits is None else tuple(v for v in o.ignore if limits[0] <= v <= limits[1])
+        st = Static(o, C, soft, 0.0 if C is None else _uniform_eps(o, C), mark_bad, *has, ignore=ignore,
+                    engine=engine)
         if len(_STATIC_CACHE) < 1024:
             _STATIC_CACHE[key] = st
     return st

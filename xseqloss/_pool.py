@@ -6,11 +6,12 @@ from typing import Any
 
 from . import _checks, _dispatch
 from ._checks import fmt_shape, position, shape_error
-from ._errors import XSeqLossError, XSeqLossTypeError
+from ._errors import XSeqLossError, XSeqLossTypeError, keep_type_when_compiled
 
 METHODS = ("last", "first", "mean", "max")
 
 
+@keep_type_when_compiled
 def pool(hidden: Any, *, layout: str = "NTH", lengths: Any = None, mask: Any = None, method: str = "last",
          validate: bool = True, backend: str | None = None) -> Any:
     """Pool (N, T, H) hidden states to (N, H) over the counted steps of each sequence.

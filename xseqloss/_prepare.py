@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, _dispatch
+from . import _checks, _dispatch, _engine
 from ._checks import Options, fmt_shape, shape_error
 from ._errors import XSeqLossError, XSeqLossTypeError
 from ._plan import Static, _static
@@ -29,6 +29,8 @@ class _Call:
     normalizer: Any
     shape: tuple[Any, ...] = ()
     tracing: bool = False
+    raw: dict | None = None        # labels / lengths before their index cast, for messages
+    check_sides: bool = False      # traced logits but concrete side arrays: check those (JAX grad)
 
     @property
     def arrays(self) -> tuple[Any, ...]:
@@ -110,6 +112,7 @@ def _prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets:
         extra += _checks.suggest(_checks.fitting_layouts(shape, L, tshape, False))
         raise shape_error("targets", tshape, tok_shape, tok, extra)
     t = y if soft else None
+    raw = None if soft else {"targets": y}  # the message shows the value as given, not as cast
     y = None if soft else be.index_dtype(y)
 
     def token_side(x: Any, name: str, kinds: str) -> Any:
@@ -135,6 +138,7 @@ def _prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets:
         n_shape = (shape[L.index("N")],)
         if not _checks.same_shape(be.shape(lengths), n_shape):
             raise shape_error("lengths", be.shape(lengths), n_shape, "N")
+        raw = dict(raw or {}, lengths=lengths)
         lengths = be.index_dtype(lengths)
     cw = None
     if class_weights is not None:
@@ -154,11 +158,21 @@ def _prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets:
             raise XSeqLossError(f"normalizer must be a scalar, got shape {fmt_shape(be.shape(normalizer))}")
     tracing = be.tracing(like)
     check_values = o.validate and not tracing
+    limits = getattr(be, "index_limits", None)
     st = _static(o, None if C is None else int(C), soft, not check_values, mask is not None, lengths is not None,
-                 weights is not None, cw is not None, normalizer is not None)
+                 weights is not None, cw is not None, normalizer is not None,
+                 limits=None if limits is None else limits(),
+                 # under torch.compile inductor fuses the generic core whatever the kernel (and
+                 # dynamo cannot trace the ContextVar of _engine.use)
+                 engine=_engine.DEFAULT if tracing and be.name == "torch" else _engine.current(be.name))
     call = _Call(be, st, z, y, t, mask, lengths, weights, cw, normalizer)
     call.shape = shape
     call.tracing = tracing
+    call.raw = raw
+    # jax.grad / jax.vjp / jax.vmap without jit trace the logits while targets and the other side
+    # arrays stay concrete: those are checked (and raise) as in eager mode (decisions.md item 24)
+    call.check_sides = (o.validate and tracing and z is not None
+                        and not any(be.tracing(a) for a in (y, t, mask, lengths, cw, normalizer) if a is not None))
     return call
 
 

@@ -14,17 +14,24 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
                want_grad: bool = False, k: int | None = None) -> tuple[Any, Any]:
     """Per-token loss l (acc dtype, token shape) and, if ``want_grad``, dl/dz (acc dtype, logits' shape).
 
-    l = sum(q) * lse - q . x + z_loss * lse^2, with x the transformed inputs (softcap; log of clamped
-    probabilities), lse = logsumexp(x) for logits (0 for log_probs/probs), and the target
-    distribution q = (1 - eps) * cw[y] * onehot(y) + (eps / C) * cw (index targets, never built as a
-    one-hot) or q = cw * ((1 - eps) * t + eps / C) (soft targets). Rows where ``keep`` is false give
-    exactly 0 loss and exactly 0 gradient whatever their contents. ``k`` overrides the class axis
-    (a backend's chunked kernel passes flattened (rows, C) chunks).
+    With x the transformed inputs (softcap; log of clamped probabilities), the target distribution
+    q = (1 - eps) * cw[y] * onehot(y) + (eps / C) * cw (index targets, never built as a one-hot) or
+    q = cw * ((1 - eps) * t + eps / C) (soft targets), and for logits m = max(x), xs = x - m,
+    lse_s = log(sum(exp(xs))) (lse = lse_s + m):
+
+        l = sum(q) * lse_s - q . xs + z_loss * w_z * lse^2      (w_z = cw[y]; 1 for soft targets)
+
+    which is sum(q) * lse - q . x written in the max-shifted frame: float32 logits near 1e4 would
+    otherwise lose ulp(1e4) in lse and in x[y] before the subtraction (issue 11). For log_probs and
+    probs inputs m = 0 and there is no lse. 0 log 0 = 0: a class whose target mass q[c] is exactly 0
+    adds exactly 0 to l and to the gradient, even where its logit is -inf (vocabulary masking).
+    Rows where ``keep`` is false give exactly 0 loss and exactly 0 gradient whatever their contents.
+    ``k`` overrides the class axis (a backend's chunked kernel passes flattened (rows, C) chunks).
     """
     o, C, eps = st.opts, st.C, st.eps
     k = o.k if k is None else k
     if st.plain and not want_grad:
-        return ops.nll(z, y, keep, k, acc), None
+        return ops.nll(z, y, keep, k, acc, st), None
     keep_c = None if keep is None else ops.expand(keep, k)
     x = ops.cast(z, acc)
     if keep_c is not None:
@@ -37,17 +44,17 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
     if o.inputs == "probs":
         probs = x
         x = ops.log(ops.maximum(x, _checks.PROB_EPS))
-    lse = e = s = None
+    lse_s = lse = e = s = None
     if o.inputs == "logits":
-        if want_grad:  # softmax as e / s from the max-shift: exp(x - lse) loses ulp(lse) in float32
-            m = ops.stop_gradient(ops.max(x, k))
-            m = ops.where(m == -np.inf, 0.0, m)
-            e = ops.exp(x - ops.expand(m, k))
-            s = ops.sum(e, k)
-            lse = ops.log(s) + m
-        else:
-            lse = ops.logsumexp(x, k)
+        m = ops.stop_gradient(ops.max(x, k))
+        m = ops.where(m == -np.inf, 0.0, m)  # a row of -inf: lse = -inf, as _common.logsumexp
+        x = x - ops.expand(m, k)  # the max-shifted frame; softmax = e / s, not exp(x - lse)
+        e = ops.exp(x)
+        s = ops.sum(e, k)
+        lse_s = ops.log(s)
+        lse = lse_s + m
     cw_b = None if cw is None else ops.reshape_class(cw, k, ops.ndim(x))
+    w_z = 1.0
     if st.soft:
         q = ops.cast(t, acc)
         if keep_c is not None:
@@ -57,26 +64,29 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
         if cw_b is not None:
             q = q * cw_b
         sumq = ops.sum(q, k)
-        l = -ops.sum(q * x, k)
+        l = -ops.sum(_times(ops, q, x), k)
     else:
-        a = (1.0 - eps) * (ops.take(cw, y) if cw is not None else 1.0)
-        l = -a * ops.take_class(x, y, k)
+        w_y = ops.take(cw, y) if cw is not None else 1.0
+        if cw is not None:
+            w_z = w_y
+        a = (1.0 - eps) * w_y
+        l = -_times(ops, a, ops.take_class(x, y, k))
         sumq = a
         if eps:
             b = eps / C
             sumq = sumq + b * (ops.sum(cw, 0) if cw is not None else float(C))
-            l = l - b * (ops.classdot(x, cw, k) if cw is not None else ops.sum(x, k))
+            l = l - b * (ops.sum(_times(ops, cw_b, x), k) if cw is not None else ops.sum(x, k))
     if lse is not None:
-        l = l + sumq * lse
+        l = l + sumq * lse_s
         if o.z_loss:
-            l = l + o.z_loss * lse * lse
+            l = l + (o.z_loss * lse * lse) * w_z
     if keep is not None:
         l = ops.where(keep, l, 0.0)
     if not want_grad:
         return l, None
-    # dl/dx = (sum(q) + 2 z_loss lse) softmax(x) - q, then the chain rule through softcap / log-clamp.
+    # dl/dx = (sum(q) + 2 z_loss w_z lse) softmax(x) - q, then the chain rule through softcap / log-clamp.
     if lse is not None:
-        coef = sumq + 2.0 * o.z_loss * lse if o.z_loss else sumq
+        coef = sumq + (2.0 * o.z_loss * lse) * w_z if o.z_loss else sumq
         if not isinstance(coef, float):
             coef = ops.expand(coef, k)
         g = e / ops.expand(s, k) * coef
@@ -97,3 +107,9 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
     return l, g
 
 
+def _times(ops: Any, mass: Any, x: Any) -> Any:
+    """mass * x with 0 log 0 = 0: exactly 0 where the mass is 0, even where x is -inf (or NaN from
+    -inf - -inf). A Python float mass is 0 only with label_smoothing=1 (the target keeps nothing)."""
+    if isinstance(mass, float):
+        return 0.0 if mass == 0.0 else mass * x
+    return ops.where(mass == 0, 0.0, mass * x)

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _dispatch
 from ._checks import position
-from ._core import _counted, _numeric
+from ._core import PROBS_SUM_TOL, _counted, _numeric, probs_rows
 from ._errors import XSeqLossError
 from ._plan import Static
 from ._prepare import _Call
@@ -46,10 +46,15 @@ def _value_flags(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, length
         bad = ops.any((t < 0) | ~ops.isfinite(t), o.k)
         flags["soft"] = ops.any(bad if m is None else (bad & m), None)
     if z is not None and o.inputs == "probs":
-        p = ops.cast(z, ops.acc_dtype(z))
-        bad = ops.any((p < 0) | (p > 1) | ~ops.isfinite(p), o.k) | (ops.abs(ops.sum(p, o.k) - 1.0) > 1e-3)
+        outside, sums = probs_rows(ops, st, z)
+        bad = outside | (ops.abs(sums - 1.0) > PROBS_SUM_TOL)
         flags["probs"] = ops.any(bad if m is None else (bad & m), None)
     return flags
+
+
+def _probs_rows_and_sums(ops: Any, st: Static, z: Any) -> Any:
+    outside, sums = probs_rows(ops, st, z)
+    return ops.stack([ops.cast(outside, ops.dtype(sums)), sums])
 
 
 def _check_values(call: _Call) -> None:
@@ -57,6 +62,19 @@ def _check_values(call: _Call) -> None:
     flags = call.be.run(_value_flags, call.st, *call.arrays)
     if any(call.be.to_numpy(f) for f in flags.values()):
         _raise_value_error(call, call.shape)
+
+
+def check_concrete_sides(call: _Call) -> None:
+    """The value checks of the side arrays when the logits are traced but the side arrays are not
+    (``call.check_sides``: jax.grad, jax.vjp or jax.vmap without jit). They run on host copies with
+    the NumPy backend, since a backend call inside an outer trace would itself be traced. The
+    logits' own checks (inputs="probs") cannot run: those rows are marked NaN as under jit."""
+    be = call.be
+    host = _dispatch.load("numpy")
+    arrays = [None if a is None else be.to_numpy(a) for a in call.arrays[1:]]
+    raw = {k: be.to_numpy(v) for k, v in (call.raw or {}).items()}
+    sides = _Call(host, call.st, None, *arrays, shape=call.shape, raw=raw)
+    _check_values(sides)
 
 
 def _numeric_checked(ops: Any, st: Static, *arrays: Any, probe: bool = True) -> tuple[Any, Any]:
@@ -141,7 +159,7 @@ def _raise_value_error(call: _Call, shape: tuple[Any, ...]) -> None:
         if be.any_true(bad):
             pos = _first(be, bad)
             if pos is not None:
-                value = be.to_numpy(y)[pos]
+                value = _raw(call, "targets", y)[pos]
                 ign = (f"or ignore_index={o.ignore[0] if len(o.ignore) == 1 else list(o.ignore)}"
                        if o.ignore else "and ignore_index=None")
                 raise XSeqLossError(
@@ -153,7 +171,7 @@ def _raise_value_error(call: _Call, shape: tuple[Any, ...]) -> None:
         bad = (lens < 0) | (lens > T)
         if be.any_true(bad):
             pos = _first(be, bad)
-            value = be.to_numpy(lens)[pos]
+            value = _raw(call, "lengths", lens)[pos]
             raise XSeqLossError(f"lengths{position(pos)} = {value} is out of range: valid lengths are "
                                 f"[0, {T}] (T = {T})")
     if call.cw is not None:
@@ -164,7 +182,7 @@ def _raise_value_error(call: _Call, shape: tuple[Any, ...]) -> None:
             value = be.to_numpy(cw)[pos]
             raise XSeqLossError(f"class_weights{position(pos)} = {value} is invalid: class weights must be "
                                 f"finite and in [0, inf)")
-    if call.normalizer is not None and _dispatch.framework_of(call.normalizer) is not None:
+    if call.normalizer is not None:  # every array type: a NumPy scalar or 0-d array too (issue 11)
         v = float(be.to_numpy(call.normalizer))
         if not np.isfinite(v) or v < 0:
             raise XSeqLossError(f"normalizer = {v} is out of range: valid range is [0, inf)")
@@ -175,31 +193,40 @@ def _raise_value_error(call: _Call, shape: tuple[Any, ...]) -> None:
         bad &= np.expand_dims(be.to_numpy(counted), o.k)
         if bad.any():
             pos = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise XSeqLossError(f"targets{position(pos)} = {tt[pos]} is invalid: soft-target probabilities "
-                                f"must be finite and in [0, 1]")
+            raise XSeqLossError(f"targets{position(pos)} = {tt[pos]} is invalid: soft-target values must be "
+                                f"finite and >= 0, i.e. in [0, inf) (they are not renormalised)")
     if call.z is not None and o.inputs == "probs":
         _check_probs(call, be.to_numpy(counted))
 
 
 def _check_probs(call: _Call, keep: np.ndarray) -> None:
+    """inputs="probs": the first entry outside [0, 1], else the first row whose sum is off by more
+    than 1e-3. The sums are the backend's own, in the accumulation dtype (``probs_rows``), the very
+    numbers the traced NaN mark uses: eager and traced agree at the boundary (issue 17)."""
     be, o = call.be, call.st.opts
-    p = be.to_numpy(call.z).astype(np.float64)
-    p = np.moveaxis(p, o.k, -1)
-    out = ((p < 0) | (p > 1) | ~np.isfinite(p)) & keep[..., None]
-    if out.any():
-        idx = tuple(int(i) for i in np.argwhere(out)[0])
-        full = list(idx[:-1])
-        full.insert(o.k, idx[-1])
-        raise XSeqLossError(f"logits{position(full)} = {p[idx]} is not a probability (inputs='probs'): values "
+    stats = be.to_numpy(be.run(_probs_rows_and_sums, call.st, call.z))
+    outside, sums = stats[0].astype(bool) & keep, stats[1]
+    if outside.any():
+        tok = tuple(int(i) for i in np.argwhere(outside)[0])
+        p = np.moveaxis(be.to_numpy(call.z), o.k, -1)[tok]
+        c = int(np.argmax((p < 0) | (p > 1) | ~np.isfinite(p)))
+        full = list(tok)
+        full.insert(o.k, c)
+        raise XSeqLossError(f"logits{position(full)} = {p[c]} is not a probability (inputs='probs'): values "
                             f'must be in [0, 1]; if these are raw scores use inputs="logits"')
-    sums = p.sum(-1)
-    off = (np.abs(sums - 1.0) > 1e-3) & keep
+    off = (np.abs(sums - 1.0) > PROBS_SUM_TOL) & keep
     if off.any():
         idx = tuple(int(i) for i in np.argwhere(off)[0])
         row = ", ".join([str(i) for i in idx[:o.k]] + [":"] + [str(i) for i in idx[o.k:]])
-        raise XSeqLossError(f"logits[{row}] sums to {sums[idx]:.6g} (inputs='probs'): probability rows must "
-                            f"sum to 1 within 1e-3, i.e. in [0.999, 1.001]; if these are raw scores use "
-                            f"inputs='logits'")
+        raise XSeqLossError(f"logits[{row}] sums to {sums[idx]:.9g} in {stats.dtype} (inputs='probs'): "
+                            f"probability rows must sum to 1 within 1e-3, i.e. in [0.999, 1.001]; if these "
+                            f"are raw scores use inputs='logits'")
+
+
+def _raw(call: _Call, name: str, cast: Any) -> np.ndarray:
+    """The array as the user gave it (before the index cast), for the message's value."""
+    raw = (call.raw or {}).get(name)
+    return call.be.to_numpy(cast if raw is None else raw)
 
 
 _SAMPLE_ROWS = 4

@@ -110,8 +110,8 @@ class SequenceCrossEntropy(keras.losses.Loss):
         super().__init__(name=name, reduction="none", dtype=dtype)
         self.reduction = reduction
         self.layout = layout
-        self.ignore_index = (None if ignore_index is None else
-                             [int(v) for v in ignore_index] if _is_collection(ignore_index) else int(ignore_index))
+        ig = _checks.plain_ignore(ignore_index)
+        self.ignore_index = list(ig) if isinstance(ig, tuple) else ig  # JSON-serialisable
         self.class_weights = _class_weights(class_weights, opts.num_classes)
         self.inputs = inputs
         self.label_smoothing = float(label_smoothing)
@@ -209,10 +209,6 @@ class SequenceCrossEntropy(keras.losses.Loss):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "SequenceCrossEntropy":
         return cls(**config)
-
-
-def _is_collection(v: Any) -> bool:
-    return not isinstance(v, (str, bytes)) and hasattr(v, "__iter__")
 
 
 def _class_weights(cw: Any, num_classes: int | None) -> list[float] | None:

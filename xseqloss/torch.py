@@ -78,8 +78,7 @@ class SequenceCrossEntropyLoss(nn.Module):
             if not isinstance(normalizer, torch.Tensor):
                 _checks.number(normalizer, "normalizer", 0.0)
         self.layout = layout
-        self.ignore_index = ignore_index if ignore_index is None or isinstance(ignore_index, int) \
-            else tuple(opts.ignore)
+        self.ignore_index = _checks.plain_ignore(ignore_index)
         self.inputs = inputs
         self.label_smoothing = float(label_smoothing)
         self.smoothing = smoothing

@@ -17,11 +17,16 @@ def logsumexp(ops: Any, x: Any, k: int) -> Any:
 
 
 def nll(ops: Any, z: Any, y: Any, keep: Any, k: int, acc: Any, differentiable: bool = True) -> Any:
-    """lse(z) - z[y] per token; rows where ``keep`` is false give exactly 0 and exactly 0 gradient.
-    Without autodiff (``differentiable=False``) the inputs need no masking: the final where hides
-    whatever a dropped row computed."""
+    """lse(z) - z[y] per token, formed in the max-shifted frame as log(sum(exp(z - m))) - (z[y] - m):
+    float32 logits near 1e4 would otherwise lose ulp(1e4) in lse and in z[y] before the subtraction.
+    Rows where ``keep`` is false give exactly 0 and exactly 0 gradient. Without autodiff
+    (``differentiable=False``) the inputs need no masking: the final where hides whatever a dropped
+    row computed."""
     x = ops.cast(z, acc)
     if keep is not None and differentiable:
         x = ops.where(ops.expand(keep, k), x, 0.0)
-    l = ops.logsumexp(x, k) - ops.take_class(x, y, k)
+    m = ops.stop_gradient(ops.max(x, k))
+    m = ops.where(m == -np.inf, 0.0, m)
+    x = x - ops.expand(m, k)
+    l = ops.log(ops.sum(ops.exp(x), k)) - ops.take_class(x, y, k)
     return l if keep is None else ops.where(keep, l, 0.0)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import XSeqLossError, XSeqLossTypeError
+from . import _common
 from .numpy import NumpyBackend
 
 _I32 = np.iinfo(np.int32)
@@ -74,8 +75,20 @@ class JaxBackend(NumpyBackend):
         return isinstance(x, jax.core.Tracer)
 
     def index_dtype(self, y: Any) -> Any:
+        """int64 labels with x64, int32 without; unsigned values past that range (uint64, or uint32
+        without x64) saturate at its maximum instead of wrapping (see numpy.py)."""
         want = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
-        return y if y.dtype == want else y.astype(want)
+        if y.dtype == want:
+            return y
+        if jnp.dtype(y.dtype).kind == "u" and jnp.dtype(y.dtype).itemsize >= jnp.dtype(want).itemsize:
+            v = jax.lax.bitcast_convert_type(y.astype(jnp.dtype(f"uint{8 * jnp.dtype(want).itemsize}")), want)
+            return jnp.where(v < 0, jnp.iinfo(want).max, v)  # a negative means past want's maximum
+        return y.astype(want)
+
+    def index_limits(self) -> tuple[int, int]:
+        """The range of the label dtype: an ignore value outside it can never match a label."""
+        info = jnp.iinfo(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+        return int(info.min), int(info.max)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)
@@ -137,6 +150,9 @@ class JaxBackend(NumpyBackend):
     def acc_dtype(self, z: Any) -> Any:
         return jnp.float64 if z.dtype == jnp.float64 else jnp.float32
 
+    def wide_dtype(self) -> Any:
+        return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
     def cast(self, x: Any, dtype: Any) -> Any:
         return jnp.asarray(x).astype(dtype)
 
@@ -172,9 +188,12 @@ class JaxBackend(NumpyBackend):
     def take_class(self, x: Any, y: Any, k: int) -> Any:
         return jnp.take_along_axis(x, jnp.expand_dims(y, k), axis=k).squeeze(k)
 
-    def nll(self, z: Any, y: Any, keep: Any, k: int, acc: Any) -> Any:
+    def nll(self, z: Any, y: Any, keep: Any, k: int, acc: Any, st: Any = None) -> Any:
         """lse - z[y] with the gradient (softmax - onehot) formed in the same fused pass as the loss
-        (a custom JVP: XLA's autodiff of logsumexp would recompute the softmax in the backward)."""
+        (a custom JVP: XLA's autodiff of logsumexp would recompute the softmax in the backward);
+        the "native" kernel: plain autodiff of the generic formula."""
+        if st is not None and st.engine.kernel == "native":
+            return _common.nll(self, z, y, keep, k, acc)
         if keep is None:
             keep = jnp.ones(y.shape, bool)
         return _fused_nll(z, y, keep, k, jnp.dtype(acc).name)
@@ -222,7 +241,7 @@ def _nll_and_grad(z: Any, y: Any, keep: Any, k: int, acc: str) -> tuple[Any, Any
     e = jnp.exp(x - m)
     s = jnp.sum(e, axis=k, keepdims=True)
     xy = jnp.take_along_axis(x, jnp.expand_dims(y, k), axis=k)
-    l = jnp.squeeze(m + jnp.log(s) - xy, k)
+    l = jnp.squeeze(jnp.log(s) - (xy - m), k)  # the max-shifted frame (exact near 1e4)
     classes = jax.lax.broadcasted_iota(y.dtype, x.shape, k)
     onehot = classes == jnp.expand_dims(y, k)  # fused into the elementwise pass, never materialised
     g = e / s - onehot.astype(x.dtype)

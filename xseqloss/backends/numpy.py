@@ -11,6 +11,9 @@ from .._errors import XSeqLossTypeError
 from . import _common
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
 class NumpyBackend:
     name = "numpy"
     host_probe = True  # eager: the softmax-input probe reads a few rows on the host
@@ -39,7 +42,12 @@ class NumpyBackend:
         return False
 
     def index_dtype(self, y: Any) -> Any:
-        return y if y.dtype == np.int64 else y.astype(np.int64)  # an integer cast, never a float one
+        """int64 labels; an integer cast, never a float one. uint64 values past int64's range
+        saturate at its maximum (out of range for any C, so checked or marked NaN) instead of
+        wrapping: 2**64 - 100 must not become -100, the ignore value (issue 11)."""
+        if y.dtype == np.uint64:
+            y = np.minimum(y, np.uint64(_INT64_MAX))
+        return y if y.dtype == np.int64 else y.astype(np.int64)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         return np.asarray(x)
@@ -77,6 +85,9 @@ class NumpyBackend:
     def acc_dtype(self, z: Any) -> Any:
         return np.float64 if z.dtype == np.float64 else np.float32
 
+    def wide_dtype(self) -> Any:
+        return np.float64
+
     def cast(self, x: Any, dtype: Any) -> Any:
         return np.asarray(x).astype(dtype, copy=False)
 
@@ -111,7 +122,7 @@ class NumpyBackend:
     def logsumexp(self, x: Any, k: int) -> Any:
         return _common.logsumexp(self, x, k)
 
-    def nll(self, z: Any, y: Any, keep: Any, k: int, acc: Any) -> Any:
+    def nll(self, z: Any, y: Any, keep: Any, k: int, acc: Any, st: Any = None) -> Any:
         return _common.nll(self, z, y, keep, k, acc, differentiable=False)  # NumPy has no autodiff
 
     def take(self, vec: Any, idx: Any) -> Any:
@@ -178,13 +189,10 @@ BACKEND = NumpyBackend()
 # place, row sums, then one scaling pass and the target column. The general options run
 # _token_loss.token_loss on each chunk, so the formula stays in one place.
 
-_CHUNK_ELEMENTS = 1 << 21
-
-
-def _row_blocks(zv: np.ndarray) -> Any:
+def _row_blocks(zv: np.ndarray, chunk_elements: int) -> Any:
     """Index tuples of row blocks over ``zv`` (class axis last) such that each block is (rows, C)."""
     C = zv.shape[-1]
-    rows = max(1, _CHUNK_ELEMENTS // max(C, 1))
+    rows = max(1, chunk_elements // max(C, 1))
     if zv.ndim == 1:
         yield (None,)  # one token
         return
@@ -195,9 +203,14 @@ def _row_blocks(zv: np.ndarray) -> Any:
 
 
 def _fused_value_and_grad(ops: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
-                          ct: Any) -> tuple[Any, Any]:
+                          cotangent: Any) -> tuple[Any, Any]:
+    """(per-token loss, gradient) formed chunk by chunk, or (None, None) with the "native" kernel
+    (the core then runs token_loss on whole arrays)."""
     from .._token_loss import token_loss  # the one analytic formula of the package
 
+    if st.engine.kernel == "native":
+        return None, None
+    ct = cotangent()
     k = st.opts.k
     grad = np.empty_like(z)  # the logits' memory order, so both views below flatten alike
     zv, gv = np.moveaxis(z, k, -1), np.moveaxis(grad, k, -1)
@@ -210,7 +223,7 @@ def _fused_value_and_grad(ops: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, 
     kv = None if keep is None else np.reshape(keep, tokens)
     cv = np.reshape(ct, tokens)
     loss = np.empty(tokens, acc)
-    for idx in _row_blocks(zv):
+    for idx in _row_blocks(zv, st.engine.chunk_elements):
         x, g = zv[idx], gv[idx]  # (rows, C)
         take = (lambda a: None if a is None else np.reshape(a[idx], x.shape[:1]))
         yc, kc, cc = take(yv), take(kv), take(cv)
@@ -241,7 +254,7 @@ def _plain_chunk(x: np.ndarray, y: np.ndarray, g: np.ndarray, ct: np.ndarray) ->
     np.subtract(x, m[:, None], out=g)
     np.exp(g, out=g)
     s = g.sum(axis=1)
-    l = np.log(s) + m - xy
+    l = np.log(s) - (xy - m)  # the max-shifted frame: exact to float32 for logits near 1e4
     np.multiply(g, (ct / s)[:, None], out=g)
     g[rows, y] -= ct
     return l
@@ -258,13 +271,13 @@ NumpyBackend.fused_value_and_grad = _fused_value_and_grad  # type: ignore[attr-d
 # raises or marks it NaN). decisions.md item 21.
 
 def _native_default_loss(self: Any, st: Any, z: Any, y: Any) -> Any:
-    if z.dtype not in (np.float32, np.float64) or z.size == 0:
+    if st.engine.kernel != "auto" or z.dtype not in (np.float32, np.float64) or z.size == 0:
         return None
     o, C, k = st.opts, st.C, st.opts.k
     bad = (y < 0) | (y >= C)
     keep = None
-    if o.ignore:
-        keep = y != o.ignore[0]
+    if st.ignore:
+        keep = y != st.ignore[0]
         bad &= keep
         y = np.where(keep, y, 0)
     if bad.any():
@@ -272,8 +285,8 @@ def _native_default_loss(self: Any, st: Any, z: Any, y: Any) -> Any:
     with np.errstate(all="ignore"):
         m = z.max(axis=k, keepdims=True)
         m[m == -np.inf] = 0.0  # a row of -inf: lse = -inf, as _common.logsumexp
-        lse = np.log(np.exp(z - m).sum(axis=k)) + m.squeeze(k)
-        l = lse - np.take_along_axis(z, np.expand_dims(y, k), axis=k).squeeze(k)
+        lse_s = np.log(np.exp(z - m).sum(axis=k))  # the max-shifted frame, as _common.nll
+        l = lse_s - (np.take_along_axis(z, np.expand_dims(y, k), axis=k) - m).squeeze(k)
         if keep is not None:
             l = np.where(keep, l, 0.0)  # an ignored row gives 0, whatever it holds
         if o.reduction == "none":

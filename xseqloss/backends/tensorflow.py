@@ -80,7 +80,12 @@ class TensorflowBackend:
         return not tf.executing_eagerly()
 
     def index_dtype(self, y: Any) -> Any:
-        return y if y.dtype == tf.int64 else tf.cast(y, tf.int64)  # an integer cast, never a float one
+        """int64 labels (an integer cast, never a float one); uint64 values past int64's range
+        saturate at its maximum instead of wrapping (see numpy.py)."""
+        if y.dtype == tf.uint64:
+            v = tf.bitcast(y, tf.int64)  # a negative means >= 2**63
+            return tf.where(v < 0, tf.constant(np.iinfo(np.int64).max, tf.int64), v)
+        return y if y.dtype == tf.int64 else tf.cast(y, tf.int64)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         if x.dtype == tf.bfloat16:
@@ -140,6 +145,9 @@ class TensorflowBackend:
     def acc_dtype(self, z: Any) -> Any:
         return _acc(z)
 
+    def wide_dtype(self) -> Any:
+        return tf.float64
+
     def cast(self, x: Any, dtype: Any) -> Any:
         return tf.cast(x, dtype)
 
@@ -182,7 +190,7 @@ class TensorflowBackend:
     def logsumexp(self, x: Any, k: int) -> Any:
         return _common.logsumexp(self, x, k)
 
-    def nll(self, z: Any, y: Any, keep: Any, k: int, acc: Any) -> Any:
+    def nll(self, z: Any, y: Any, keep: Any, k: int, acc: Any, st: Any = None) -> Any:
         """lse - z[y] by the fused kernel on (tokens, C); its gradient is multiplied without NaN
         propagation, so garbage rows that do not count get exactly 0."""
         _, x2 = _rows(tf.cast(z, acc), k)
@@ -285,7 +293,8 @@ def _with_gradient(fn: Any) -> Any:
 # returns it as it is. XLA compiles once per shape, so small logits, where compiling would cost
 # more than it saves, keep the native kernel (decisions.md item 22).
 
-_XLA_MIN_ELEMENTS = 1 << 22  # 16 MB of float32 logits: the native kernel takes ~10 ms there
+# the XLA kernel from _engine.Engine.xla_min_elements on (4M: 16 MB of float32 logits, where the
+# native kernel takes ~10 ms); kernel "xla" at every size, "native" never
 
 
 def _along(v: Any, k: int) -> Any:
@@ -305,7 +314,7 @@ def _xla_kernel(ndim: int, k: int, grad: bool, has_keep: bool) -> Any:
         m = tf.where(m == -np.inf, tf.zeros_like(m), m)  # as _common.logsumexp
         e = tf.exp(x - _along(m, k))
         s = tf.reduce_sum(e, axis=k)
-        l = tf.math.log(s) + m - tf.squeeze(_tnp_take_along(x, _along(y, k), axis=k), k)
+        l = tf.math.log(s) - (tf.squeeze(_tnp_take_along(x, _along(y, k), axis=k), k) - m)  # shifted frame
         if has_keep:
             l = tf.where(keep, l, tf.zeros_like(l))
         if not grad:
@@ -326,32 +335,34 @@ def _xla_kernel(ndim: int, k: int, grad: bool, has_keep: bool) -> Any:
 def _fused_token_loss(self: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
                       expected_dl: Any = None) -> Any:
     """Plain cross-entropy per token through the XLA kernel, or None (the generic path runs)."""
-    if not st.plain or expected_dl is None or z.shape.rank is None:
+    kernel = st.engine.kernel
+    if not st.plain or expected_dl is None or z.shape.rank is None or kernel == "native":
         return None
+    least = 0 if kernel == "xla" else st.engine.xla_min_elements
     n = z.shape.num_elements()  # None when a dimension is unknown at trace time
-    if n is not None and n < _XLA_MIN_ELEMENTS:
+    if n is not None and n < least:
         return None
     k, has_keep = st.opts.k, keep is not None
     keep = keep if has_keep else tf.zeros([], tf.bool)
     if not (self._grad_possible or _record.could_possibly_record()):  # no tape records this call
-        return _kernel(z, y, keep, tf.zeros([], acc), k, has_keep, False)
+        return _kernel(z, y, keep, tf.zeros([], acc), k, has_keep, False, least)
     hint = tf.stop_gradient(expected_dl())
 
     @tf.custom_gradient
     def fused(z: Any) -> Any:
-        loss, g = _kernel(z, y, keep, hint, k, has_keep, True)
+        loss, g = _kernel(z, y, keep, hint, k, has_keep, True, least)
 
         def grad(dl: Any) -> Any:
             # dl is hint exactly for loss.backward() of a reduced loss: the gradient is ready
             return tf.cond(tf.reduce_all(tf.equal(dl, hint)), lambda: g,
-                           lambda: _rescaled(z, y, keep, g, dl, hint, k, has_keep))
+                           lambda: _rescaled(z, y, keep, g, dl, hint, k, has_keep, least))
 
         return loss, grad
 
     return fused(z)
 
 
-def _kernel(z: Any, y: Any, keep: Any, scale: Any, k: int, has_keep: bool, grad: bool) -> Any:
+def _kernel(z: Any, y: Any, keep: Any, scale: Any, k: int, has_keep: bool, grad: bool, least: int) -> Any:
     """The XLA kernel; when the size is unknown at trace time, decided at run time (XLA compiles only
     the branch taken) against the native kernel with the same outputs."""
     def xla() -> Any:
@@ -359,7 +370,7 @@ def _kernel(z: Any, y: Any, keep: Any, scale: Any, k: int, has_keep: bool, grad:
 
     if z.shape.num_elements() is not None:
         return xla()
-    return tf.cond(tf.size(z) >= _XLA_MIN_ELEMENTS, xla,
+    return tf.cond(tf.size(z) >= least, xla,
                    lambda: _native_kernel(z, y, keep, scale, k, has_keep, grad))
 
 
@@ -378,7 +389,7 @@ def _native_kernel(z: Any, y: Any, keep: Any, scale: Any, k: int, has_keep: bool
     return loss, tf.cast(g, z.dtype)
 
 
-def _rescaled(z: Any, y: Any, keep: Any, g: Any, dl: Any, hint: Any, k: int, has_keep: bool) -> Any:
+def _rescaled(z: Any, y: Any, keep: Any, g: Any, dl: Any, hint: Any, k: int, has_keep: bool, least: int) -> Any:
     """The gradient for another upstream gradient (a scaled loss, a cotangent, NaN marks): g times
     dl / hint, or formed again when a row the fold scaled to 0 now needs a nonzero multiple."""
     scale = hint if not has_keep else tf.where(keep, hint, tf.zeros_like(hint))
@@ -386,7 +397,7 @@ def _rescaled(z: Any, y: Any, keep: Any, g: Any, dl: Any, hint: Any, k: int, has
     again = ~nz & (dl != 0) & ~tf.math.is_nan(dl)
     again = tf.reduce_any(again & keep if has_keep else again)
     factor = tf.where(nz, dl / tf.where(nz, scale, tf.ones_like(scale)), dl * 0.0)  # NaN stays NaN
-    return tf.cond(again, lambda: _kernel(z, y, keep, dl, k, has_keep, True)[1],
+    return tf.cond(again, lambda: _kernel(z, y, keep, dl, k, has_keep, True, least)[1],
                    lambda: g * tf.cast(_along(factor, k), g.dtype))
 
 

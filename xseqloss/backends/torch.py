@@ -10,12 +10,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._errors import XSeqLossTypeError
+from .._errors import XSeqLossError, XSeqLossTypeError
 from . import _common
 
 
 def _compiling() -> bool:
     return bool(torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+# Static errors under torch.compile (_errors.keep_type_when_compiled): dynamo runs an
+# assume_constant_result function for real at trace time, and re-raises AssertionError from
+# compilation unchanged; the subclasses below are our classes first, so `except XSeqLossError`
+# and the message behave as in eager mode.
+class CompiledXSeqLossError(XSeqLossError, AssertionError):
+    """XSeqLossError raised while torch.compile traces the call."""
+
+
+class CompiledXSeqLossTypeError(XSeqLossTypeError, AssertionError):
+    """XSeqLossTypeError raised while torch.compile traces the call."""
+
+
+_AT_TRACE_TIME = {"XSeqLossError": CompiledXSeqLossError, "XSeqLossTypeError": CompiledXSeqLossTypeError}
+
+
+@torch._dynamo.assume_constant_result
+def raise_at_trace_time(kind: str, message: str) -> None:
+    raise _AT_TRACE_TIME[kind](message)
 
 
 class TorchBackend:
@@ -56,6 +76,11 @@ class TorchBackend:
         return _compiling()
 
     def index_dtype(self, y: Any) -> Any:
+        """int64 labels; uint64 values past int64's range saturate at its maximum instead of
+        wrapping (2**64 - 100 must not become -100, the ignore value; see numpy.py)."""
+        if y.dtype == torch.uint64:  # few ops take uint64: reinterpret, then a negative means >= 2**63
+            v = y.view(torch.int64)
+            return torch.where(v < 0, torch.iinfo(torch.int64).max, v)
         return y if y.dtype == torch.int64 else y.long()
 
     def to_numpy(self, x: Any) -> np.ndarray:
@@ -96,6 +121,9 @@ class TorchBackend:
 
     def acc_dtype(self, z: Any) -> Any:
         return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+    def wide_dtype(self) -> Any:
+        return torch.float64
 
     def cast(self, x: Any, dtype: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -142,7 +170,7 @@ class TorchBackend:
     def logsumexp(self, x: Any, k: int) -> Any:
         return _common.logsumexp(self, x, k)
 
-    def nll(self, z: Any, y: Any, keep: Any, k: int, acc: Any) -> Any:
+    def nll(self, z: Any, y: Any, keep: Any, k: int, acc: Any, st: Any = None) -> Any:
         """lse - z[y] through F.cross_entropy, classes at dim 1 (C last: flattened to (tokens, C))."""
         x = z.to(acc)
         if keep is not None:
@@ -220,8 +248,8 @@ BACKEND = TorchBackend()
 # with inplace_backward=True, Liger Kernel's trick); backward only scales it by the per-token upstream
 # gradient. The general options reuse _token_loss.token_loss per chunk, so the semantics stay in one place.
 
-_CHUNK_ELEMENTS = 1 << 21  # ~8 MB of float32 per chunk: stays in cache, amortises op dispatch
-_MIN_CACHED_BYTES = 64 << 20
+# The sizes (_engine.Engine): chunks of ~8 MB of float32 stay in cache and amortise op dispatch;
+# the reusable gradient buffer serves logits of 64 MB and more.
 
 
 class _BufferCache:
@@ -246,9 +274,9 @@ class _BufferCache:
     def _uses(t: Any) -> int:
         return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
-    def get(self, z: Any) -> Any:
+    def get(self, z: Any, min_bytes: int) -> Any:
         n, nbytes = z.numel(), z.numel() * z.element_size()
-        if z.device.type != "cpu" or nbytes < _MIN_CACHED_BYTES or not z.is_contiguous():
+        if z.device.type != "cpu" or nbytes < min_bytes or not z.is_contiguous():
             return torch.empty_like(z)
         with self.lock:
             raw = self.raw
@@ -271,8 +299,8 @@ except Exception:  # pragma: no cover - a torch without storage use counts: plai
     _BUFFERS = None
 
 
-def _gradient_buffer(z: Any) -> Any:
-    return torch.empty_like(z) if _BUFFERS is None else _BUFFERS.get(z)
+def _gradient_buffer(z: Any, st: Any) -> Any:
+    return torch.empty_like(z) if _BUFFERS is None else _BUFFERS.get(z, st.engine.buffer_min_bytes)
 
 
 def empty_cache() -> None:
@@ -281,17 +309,17 @@ def empty_cache() -> None:
         _BUFFERS.clear()
 
 
-def _chunks(z: Any, k: int) -> tuple[int, Any]:
+def _chunks(z: Any, k: int, chunk_elements: int) -> tuple[int, Any]:
     """(class axis of a chunk, generator of chunk indices over z)."""
     C = z.shape[k]
     if k == z.ndim - 1 and z.is_contiguous():
-        rows = max(1, _CHUNK_ELEMENTS // max(C, 1))
+        rows = max(1, chunk_elements // max(C, 1))
         M = z.numel() // max(C, 1)
         return 1, ((slice(i, min(i + rows, M)),) for i in range(0, M, rows))
     # another layout: slabs along the first non-class axis, computed along the native class axis
     a0 = 0 if k != 0 else 1
     per = max(1, z.numel() // max(z.shape[a0], 1))
-    step = max(1, _CHUNK_ELEMENTS // per)
+    step = max(1, chunk_elements // per)
     return k, (tuple([slice(None)] * a0 + [slice(i, min(i + step, z.shape[a0]))])
                for i in range(0, z.shape[a0], step))
 
@@ -310,7 +338,7 @@ def _plain_chunk(x: Any, y: Any, keep: Any, g: Any, kk: int, want_grad: bool, sc
     torch.sub(x, m, out=g)  # g may alias x (inplace_backward in the logits' own dtype)
     g.exp_()
     s = g.sum(kk, keepdim=True)
-    l = (m + s.log() - xy).squeeze(kk)
+    l = (s.log() - (xy - m)).squeeze(kk)  # the max-shifted frame (exact near 1e4)
     if want_grad:
         if scale is None:
             g.div_(s)
@@ -341,7 +369,7 @@ def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, ac
 
     k = st.opts.k
     want_grad = gbuf is not None
-    kk, chunks = _chunks(z, k)
+    kk, chunks = _chunks(z, k, st.engine.chunk_elements)
     rows = kk == 1 and k == z.ndim - 1 and z.is_contiguous()
     C = z.shape[k]
     tok_shape = tuple(d for a, d in enumerate(z.shape) if a != k)
@@ -393,7 +421,7 @@ class _FusedTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, st: Any, acc: Any, be: Any,
                 hint: Any) -> Any:
-        gbuf = z.detach() if st.opts.inplace else _gradient_buffer(z)
+        gbuf = z.detach() if st.opts.inplace else _gradient_buffer(z, st)
         out = _run_chunks(be, st, z.detach(), y, t, keep, cw, acc, gbuf, hint)
         ctx.gbuf, ctx.k, ctx.hint = gbuf, st.opts.k, hint
         # kept only to recompute the gradient for a second backward (retain_graph=True, gradcheck)
@@ -440,14 +468,14 @@ def _recompute(ctx: Any, hint: Any) -> Any:
                            "storage and cannot be formed twice (a second backward, or an upstream "
                            "gradient that zeroes nothing the loss did not); compute the loss again")
     z, y, t, keep, cw, st, acc, be = ctx.again
-    g = _gradient_buffer(z)
+    g = _gradient_buffer(z, st)
     _run_chunks(be, st, z, y, t, keep, cw, acc, g, hint)
     return g
 
 
 def _fused_token_loss(self: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
                       expected_dl: Any = None) -> Any:
-    if _compiling() or z.numel() == 0:
+    if _compiling() or z.numel() == 0 or st.engine.kernel == "native":
         return None  # inductor fuses the generic path itself; the chunk loop would unroll
     needs_grad = torch.is_grad_enabled() and z.requires_grad
     if needs_grad:
@@ -474,19 +502,19 @@ TorchBackend.fused_token_loss = _fused_token_loss  # type: ignore[attr-defined]
 # keep the fused path: F.cross_entropy materialises its log-softmax (3x the logits in
 # forward+backward).
 
-_NATIVE_MAX_ELEMENTS = 1 << 16
 _NO_IGNORE = -(1 << 63)
 
 
 def _native_default_loss(self: Any, st: Any, z: Any, y: Any) -> Any:
-    if (z.numel() > _NATIVE_MAX_ELEMENTS or z.dtype not in (torch.float32, torch.float64)
-            or z.device.type != "cpu" or z.numel() == 0):
+    kernel = st.engine.kernel
+    if (kernel in ("chunked", "triton") or (kernel == "auto" and z.numel() > st.engine.native_max_elements)
+            or z.dtype not in (torch.float32, torch.float64) or z.device.type != "cpu" or z.numel() == 0):
         return None
     o, C, k = st.opts, st.C, st.opts.k
-    ig = o.ignore[0] if o.ignore else _NO_IGNORE  # no ignore value: a value no other label equals
-    if not o.ignore and bool((y == _NO_IGNORE).any()):
+    ig = st.ignore[0] if st.ignore else _NO_IGNORE  # no ignore value: a value no other label equals
+    if not st.ignore and bool((y == _NO_IGNORE).any()):
         return None
-    if o.ignore and torch.is_grad_enabled() and z.requires_grad and not bool(torch.isfinite(z).all()):
+    if st.ignore and torch.is_grad_enabled() and z.requires_grad and not bool(torch.isfinite(z).all()):
         # an ignored row gives exactly 0 gradient whatever it holds: log_softmax's backward gives
         # 0 - exp(out) * 0 there, exactly 0 for finite rows but NaN for a row holding NaN or inf
         z = torch.where((y != ig).unsqueeze(k), z, 0.0)
@@ -494,7 +522,7 @@ def _native_default_loss(self: Any, st: Any, z: Any, y: Any) -> Any:
         l = _cross_entropy(z, y, ig, o.reduction, C, k)
     except IndexError:  # a label out of range ("Target 7 is out of bounds"): the general path says which
         return None
-    if o.reduction == "mean" and o.empty == "zero" and o.ignore and math.isnan(l.item()) \
+    if o.reduction == "mean" and o.empty == "zero" and st.ignore and math.isnan(l.item()) \
             and not bool((y != ig).any()):
         return _cross_entropy(z, y, ig, "sum", C, k)  # every token ignored: 0 (the native mean: 0/0)
     return l
