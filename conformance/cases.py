@@ -15,12 +15,16 @@ optional):
 ``logits``    "normal" (default), "big" (+-1e4), "big_near_max" / "huge_near_max"
               (+-1e4 / +-3e4 with every target at or next to its row's maximum, so
               the loss is O(1) and any rounding at ulp(1e4) shows), "neginf" (-inf
-              at non-target classes), "uniform" (all equal)
+              at non-target classes), "masked_vocab" (-inf in a few whole class
+              columns, as vocabulary masking does: soft targets and "masked_vocab"
+              class weights give those classes zero mass, 0 log 0 = 0), "uniform"
+              (all equal)
 ``mask``      fraction of masked positions, or "all" (every position masked)
 ``lengths``   "random" or "with_zero" (the first sequence is empty)
 ``weights``   "random" (multiples of 0.25 in [0, 2]), "negative" (in [-1, 2]),
               "zeros" (all 0)
-``class_weights``  "random" (in [0.25, 2]) or "with_zero" (some classes 0)
+``class_weights``  "random" (in [0.25, 2]), "with_zero" (some classes 0) or
+              "masked_vocab" (0 at the masked classes, which targets may hit)
 ``ignore``    fraction of positions whose target is an ``ignore_index`` value
 ``garbage``   True: NaN / +inf / -inf written into every position that does
               not count (padding holds garbage): in the logits' rows, and in the
@@ -166,6 +170,15 @@ BASE_CASES: list[dict[str, Any]] = [
     _c("huge_near_max_mix", "NCT", logits="huge_near_max", mask=0.2, class_weights="random",
        options=dict(label_smoothing=0.05, reduction="sum")),
     _c("neginf_nontarget", logits="neginf", class_weights="random", mask=0.2),
+    # 0 log 0 = 0 at -inf logits (issue 17): zero target mass there adds exactly 0, loss and gradient;
+    # with smoothing every class has mass and the loss is +inf (API.md 1)
+    _c("masked_vocab_soft", targets="soft", logits="masked_vocab", mask=0.2, jit=True),
+    _c("masked_vocab_soft_cw", "NCT", targets="soft", logits="masked_vocab", class_weights="random",
+       options=dict(reduction="none")),
+    _c("masked_vocab_cw", logits="masked_vocab", class_weights="masked_vocab", ignore=0.2),
+    _c("masked_vocab_cw_sum", "TNC", logits="masked_vocab", class_weights="masked_vocab", weights="random",
+       options=dict(reduction="sum", z_loss=1e-3)),
+    _c("masked_vocab_smoothing_inf", logits="masked_vocab", options=dict(label_smoothing=0.1, reduction="none")),
     _c("uniform_logits", logits="uniform", options=dict(reduction="none")),
     _c("garbage_masked", mask=0.4, garbage=True, jit=True, torch_compile=True),
     _c("garbage_mix", **MIX, garbage=True, options=dict(label_smoothing=0.1, z_loss=1e-3)),
@@ -297,9 +310,15 @@ def make_case(spec: dict, dtype: str) -> Case:
         idx = np.where(np.broadcast_to(y[..., None], last) < 0, 0, np.broadcast_to(y[..., None], last))
         off = (np.arange(C) != idx) & (rng.uniform(size=last) < 0.4)
         z = np.where(off, -np.inf, z)
+    masked = np.arange(C) % 3 == 1 if kind == "masked_vocab" else None  # the masked class columns
+    if masked is not None:
+        z = np.where(masked, -np.inf, z)
     soft = spec.get("targets", "index") == "soft"
     if soft:
         q = _softmax(rng.normal(0.0, 1.5, size=last), -1) if C > 1 else np.ones(last)
+        if masked is not None:  # zero mass at the masked classes, exactly
+            q = np.where(masked, 0.0, q)
+            q = q / q.sum(-1, keepdims=True)
         q = round_to(q, dtype)
 
     # which positions count
@@ -330,6 +349,8 @@ def make_case(spec: dict, dtype: str) -> Case:
         arrays["weights"] = w
     if spec.get("class_weights"):
         cw = rng.integers(1, 9, size=C) / 4.0
+        if spec["class_weights"] == "masked_vocab":
+            cw[np.arange(C) % 3 == 1] = 0.0
         if spec["class_weights"] == "with_zero":
             cw[rng.uniform(size=C) < 0.3] = 0.0
             cw[0] = 0.0

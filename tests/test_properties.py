@@ -242,6 +242,40 @@ def test_scaling_all_class_weights_leaves_every_mean_unchanged(backend):
     run_property(backend, check)
 
 
+def test_mean_times_token_count_is_the_sum(backend, xsl):
+    """mean * token_count == sum over the option matrix, index and soft targets: token_count is
+    the very D that "mean" divides by (issue 17: soft targets with class weights crashed)."""
+    @given(p=problems(backend), data=st.data())
+    def check(p, data):
+        x, y, m = p
+        N, T, C = x.shape
+        soft = data.draw(st.booleans())
+        t = y
+        if soft:
+            t = np.exp(x[::-1] / 5.0)
+            t = t / t.sum(-1, keepdims=True)
+        den = data.draw(st.sampled_from(["weights", "tokens", "positions"]))
+        sides = dict(mask=m)
+        if data.draw(st.booleans()):
+            sides["weights"] = data.draw(hnp.arrays(np.float64, (N, T), elements=st.floats(0.25, 2.0)))
+        if data.draw(st.booleans()):
+            sides["class_weights"] = data.draw(hnp.arrays(np.float64, (C,), elements=st.floats(0.25, 2.0)))
+        if data.draw(st.booleans()):
+            sides["lengths"] = data.draw(hnp.arrays(np.int64, (N,), elements=st.integers(0, T)))
+        opts = dict(denominator=den, label_smoothing=data.draw(st.sampled_from([0.0, 0.2])),
+                    z_loss=data.draw(st.sampled_from([0.0, 1e-2])))
+        count = float(backend.float_out(xsl.token_count(
+            backend.array(t), num_classes=C, denominator=den,
+            **{k: backend.array(v) for k, v in sides.items()})))
+        mean = float(out(backend, x, t, reduction="mean", **sides, **opts))
+        total = float(out(backend, x, t, reduction="sum", **sides, **opts))
+        if count == 0:
+            assert mean == 0.0 and total == 0.0
+        else:
+            assert_close(mean * count, total, tol=1e-12)
+    run_property(backend, check)
+
+
 def test_microbatch_accumulation(backend, xsl):
     """Sum over micro-batches of the loss with normalizer = global token_count
     equals the full-batch mean; gradients concatenate to the full gradient."""

@@ -162,12 +162,14 @@ def token_count(targets: Any, *, layout: str = "NTC", mask: Any = None, lengths:
 
 def _count_core(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: Any, weights: Any,
                 cw: Any, normalizer: Any) -> Any:
+    """The D of "mean": an integer count, or the sum of W when weights enter it (token weights, or
+    class weights of index targets; soft targets keep class weights out of W, decisions.md 7)."""
     like = y if y is not None else ops.drop_class(t, st.opts.k)
     counted, _ = _counted(ops, st, y, mask, lengths, like)
     d = st.opts.denominator
-    if d == "positions" or counted is None and (d == "tokens" or (weights is None and cw is None)):
-        return ops.size(like)
-    if d == "tokens" or (weights is None and cw is None):
+    if not (d == "weights" and (weights is not None or (cw is not None and not st.soft))):
+        if d == "positions" or counted is None:
+            return ops.size(like)
         return ops.count(counted, None)
     acc = ops.acc_dtype(weights if weights is not None else cw)
     if y is not None and cw is not None:  # only class weights need the labels (C is then known)
@@ -175,4 +177,3 @@ def _count_core(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths
     w = None if weights is None else ops.cast(weights, acc)
     cwc = None if cw is None else ops.cast(cw, acc)
     return ops.sum(_denominator_weights(ops, st, y, counted, w, cwc), None)
-

@@ -52,6 +52,8 @@ def _prepare(logits: Any, targets: Any, *, layout: Any = "NTC", mask: Any = None
     be, z = _dispatch.resolve(logits, backend)
     if o.inplace and be.name != "torch":
         raise XSeqLossError(f"inplace_backward=True is PyTorch only; backend {be.name!r} does not support it")
+    if o.inplace:
+        be.check_inplace(z)
     kind = be.kind(z)
     if kind != "f":
         raise XSeqLossTypeError(f"logits must have a floating dtype, got {be.dtype_name(z)}; "

@@ -206,6 +206,11 @@ def _crosscheck(args: argparse.Namespace) -> int:
                 bad += 1
                 continue
             line = f"{label:<22} value {_show(out.value)}"
+            if ref_value is None and np.isnan(out.value).any():
+                # the reference could not compute (an invalid input): a NaN instead of an error
+                # means this backend did not say so
+                bad += 1
+                line += "  DISAGREES (NaN where the reference found the input invalid)"
             if ref_value is not None:
                 dv = float(np.nanmax(np.abs(out.value - ref_value))) if out.value.size and \
                     out.value.shape == ref_value.shape else float("inf")
@@ -275,10 +280,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--ignore-index -100,2`` as ``--ignore-index=-100,2``: argparse takes a value that starts
+    with '-' and is not a plain negative number for an option and refuses it."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a in _NEGATIVE_OK:
+            nxt = next(it, None)
+            if nxt is not None and nxt.startswith("-") and nxt[1:2].isdigit():
+                out.append(f"{a}={nxt}")
+                continue
+            out.append(a)
+            if nxt is not None:
+                out.append(nxt)
+            continue
+        out.append(a)
+    return out
+
+
+_NEGATIVE_OK = ("--ignore-index", "--normalizer")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 disagreement or failure, 2 usage error)."""
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # --help (0) and usage errors (2)
         return int(exc.code or 0)
     try:

@@ -108,6 +108,15 @@ class TorchBackend:
     def run(self, fn: Any, st: Any, *arrays: Any) -> Any:
         return fn(self, st, *arrays)
 
+    def check_inplace(self, z: Any) -> None:
+        """inplace_backward=True needs logits whose elements have storage of their own."""
+        if not _compiling() and torch._debug_has_internal_overlap(z) == 1:
+            raise XSeqLossError(
+                f"inplace_backward=True writes the gradient into the logits' own storage, but these logits "
+                f"share memory between elements (shape {tuple(z.shape)}, strides {tuple(z.stride())}: an "
+                f"expand()ed or other stride-0 view), so one gradient entry would overwrite another; pass "
+                f"logits with their own storage (logits.contiguous()) or drop inplace_backward")
+
     def value_and_grad(self, fn: Any, st: Any, z: Any, *arrays: Any) -> tuple[Any, Any]:
         with torch.enable_grad():
             zz = z.detach().requires_grad_(True)
