@@ -16,6 +16,8 @@ _NEEDS = {
     "xseqloss/backends/tensorflow.py": "tensorflow",
     "xseqloss/backends/jax.py": "jax",
     "xseqloss/keras.py": "keras",
+    "xseqloss/backends/torch_triton.py": "torch",
+    "xseqloss/backends/_triton_kernels.py": "triton",
 }
 
 collect_ignore = [
