@@ -65,7 +65,7 @@ class Adapter:
 
     def run(self, fn: Callable, arrays: dict, dtype: str, device: str, compiled: bool = False,
             grad: bool = True, options: dict | None = None, cotangent: Any = None,
-            held: list | None = None) -> Outcome:
+            held: list | None = None, ragged: str | None = None) -> Outcome:
         """``fn(logits, targets, side)`` and d sum(cotangent * fn) / d logits (cotangent: None for 1,
         a number, or a NumPy array of the value's shape; ``options``: the NumPy backend's).
         ``held``: a list that receives the gradient as the framework returned it (kept alive by
@@ -96,13 +96,56 @@ class Adapter:
     def context(self, dtype: str, device: str):
         yield
 
+    # -- ragged inputs (API.md 7.1): the padded case as the user would hold it
+    RAGGED_SIDES = ("mask", "weights", "segment_ids")
+
+    def ragged(self, kind: str, x: Any, t: Any, side: dict) -> tuple[Any, Any, dict, Callable]:
+        """(logits, targets, side, back) in the ragged form ``kind`` for this framework, built from
+        the padded arrays and ``side["lengths"]`` ("NTC"); back(value) turns a reduction="none"
+        result into the padded (N, T) array. The base form: per-sequence lists of the targets and
+        of the token side arrays, the logits padded (NumPy, JAX; and what a framework does not have)."""
+        lengths = [int(v) for v in np.asarray(self.host(side["lengths"]))]
+        side = dict(side)
+        side.pop("lengths")
+        t = [t[i, :n] for i, n in enumerate(lengths)]
+        for k in self.RAGGED_SIDES:
+            if k in side:
+                side[k] = [side[k][i, :n] for i, n in enumerate(lengths)]
+        return x, t, side, (lambda v: v)
+
 
 def _loss_fn(options: dict) -> Callable:
+    """The loss the suite calls. ``options["_loss"] == "linear"``: ``linear_cross_entropy`` of the
+    "logits" as hidden states with an identity weight (the logits it means are the hidden states
+    themselves), so every case of the error catalogue applies to the fused layer too."""
     import xseqloss as xsl
+    options = dict(options)
+    if options.pop("_loss", "sequence") == "linear":
+        layout = options.pop("layout", "NTC").replace("C", "H")
+
+        def linear(x, t, side):
+            return xsl.linear_cross_entropy(x, identity(x, layout), t, layout=layout, chunk_size=2, **side, **options)
+        return linear
 
     def fn(x, t, side):
         return xsl.sequence_cross_entropy(x, t, **side, **options)
     return fn
+
+
+def identity(x: Any, layout: str) -> Any:
+    """An identity (C, C) weight in x's framework, dtype and device (C: x's H axis)."""
+    C = x.shape[layout.index("H")]
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        import torch
+        return torch.eye(C, dtype=x.dtype, device=x.device)
+    if mod.startswith("tensorflow"):
+        import tensorflow as tf
+        return tf.eye(C, dtype=x.dtype)
+    if mod.startswith("jax"):
+        import jax.numpy as jnp
+        return jnp.eye(C, dtype=x.dtype)
+    return np.eye(C, dtype=x.dtype)
 
 
 # ----------------------------------------------------------------------------- NumPy
@@ -131,7 +174,7 @@ class NumpyAdapter(Adapter):
         return a.astype(np.float64) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a
 
     def run(self, fn, arrays, dtype, device, compiled=False, grad=True, options=None, cotangent=None,
-            held=None):
+            held=None, ragged=None):
         import xseqloss as xsl
         if cotangent is not None:
             raise NotImplementedError("NumPy has no upstream gradient")
@@ -141,7 +184,14 @@ class NumpyAdapter(Adapter):
             g, why = None, ""
             if grad:  # NumPy has no autodiff: the package's analytic gradient
                 try:
-                    _, g = xsl.value_and_grad(x, t, **side, **options)
+                    rx, rt, rs, _ = self.ragged(ragged, x, t, side) if ragged else (x, t, side, None)
+                    opts = dict(options)
+                    if opts.pop("_loss", None) == "linear":  # W = I: d hidden is d logits
+                        layout = opts.pop("layout").replace("C", "H")
+                        g = xsl.linear_value_and_grad(rx, identity(rx, layout), rt, layout=layout, chunk_size=2,
+                                                      **rs, **opts)[1][0]
+                    else:
+                        _, g = xsl.value_and_grad(rx, rt, **rs, **opts)
                 except Exception as exc:
                     why = f"value_and_grad raised {type(exc).__name__}: {exc}"
             if held is not None:
@@ -181,8 +231,30 @@ class TorchAdapter(Adapter):
             x = x.to(torch.float64)
         return x.numpy()
 
+    def ragged(self, kind, x, t, side):
+        import torch
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+        if kind == "list":
+            return super().ragged(kind, x, t, side)
+        side = dict(side)
+        lengths = side.pop("lengths").cpu()
+        N, T = x.shape[0], x.shape[1]
+        if kind == "native":  # PackedSequence, unsorted: per_sequence must come back in the caller's order
+            pack = lambda a: pack_padded_sequence(a, lengths, batch_first=True, enforce_sorted=False)  # noqa: E731
+            back = lambda v: pad_packed_sequence(v, batch_first=True, total_length=T)[0] \
+                if isinstance(v, torch.nn.utils.rnn.PackedSequence) else v  # noqa: E731
+        else:  # nested jagged tensors
+            real = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+            offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]).to(x.device)
+
+            def pack(a):
+                return torch.nested.nested_tensor_from_jagged(a[real.to(a.device)], offsets, max_seqlen=T)
+            back = lambda v: torch.nested.to_padded_tensor(v, 0.0, output_size=(N, T)) if v.is_nested else v  # noqa: E731
+        out_side = {k: (pack(v) if k in self.RAGGED_SIDES else v) for k, v in side.items()}
+        return pack(x), pack(t), out_side, back
+
     def run(self, fn, arrays, dtype, device, compiled=False, grad=True, options=None, cotangent=None,
-            held=None):
+            held=None, ragged=None):
         import torch
         x, t, side = self.put_all(arrays, dtype, device)
         if grad:
@@ -246,6 +318,18 @@ class TensorflowAdapter(Adapter):
             x = tf.cast(x, tf.float64)
         return x.numpy()
 
+    def ragged(self, kind, x, t, side):
+        import tensorflow as tf
+        if kind != "native":
+            return super().ragged(kind, x, t, side)
+        side = dict(side)
+        lengths = side.pop("lengths")
+        N, T = x.shape[0], x.shape[1]
+        pack = lambda a: tf.RaggedTensor.from_tensor(a, lengths=lengths)  # noqa: E731
+        back = lambda v: v.to_tensor(shape=[N, T]) if isinstance(v, tf.RaggedTensor) else v  # noqa: E731
+        out_side = {k: (pack(v) if k in self.RAGGED_SIDES else v) for k, v in side.items()}
+        return pack(x), pack(t), out_side, back
+
     @contextlib.contextmanager
     def context(self, dtype, device):
         import tensorflow as tf
@@ -253,7 +337,7 @@ class TensorflowAdapter(Adapter):
             yield
 
     def run(self, fn, arrays, dtype, device, compiled=False, grad=True, options=None, cotangent=None,
-            held=None):
+            held=None, ragged=None):
         import tensorflow as tf
         x, t, side = self.put_all(arrays, dtype, device)
 
@@ -326,7 +410,7 @@ class JaxAdapter(Adapter):
         return a.astype(np.float64) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a
 
     def run(self, fn, arrays, dtype, device, compiled=False, grad=True, options=None, cotangent=None,
-            held=None):
+            held=None, ragged=None):
         import jax
         with self.context(dtype, device):
             x, t, side = self.put_all(arrays, dtype, device)
@@ -355,7 +439,15 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in
 
 
 def call(adapter: Adapter, arrays: dict, options: dict, dtype: str, device: str, compiled: bool = False,
-         grad: bool = True, cotangent: Any = None, held: list | None = None) -> Outcome:
-    """The loss (and d sum(cotangent * loss) / d logits) of xseqloss on one backend and device."""
-    return adapter.run(_loss_fn(options), arrays, dtype, device, compiled=compiled, grad=grad,
-                       options=options, cotangent=cotangent, held=held)
+         grad: bool = True, cotangent: Any = None, held: list | None = None, ragged: str | None = None) -> Outcome:
+    """The loss (and d sum(cotangent * loss) / d logits) of xseqloss on one backend and device.
+    ``ragged``: the inputs travel in that ragged form (Adapter.ragged), the result comes back padded."""
+    fn = _loss_fn(options)
+    if ragged:
+        padded_fn = fn
+
+        def fn(x, t, side):
+            rx, rt, rs, back = adapter.ragged(ragged, x, t, side)
+            return back(padded_fn(rx, rt, rs))
+    return adapter.run(fn, arrays, dtype, device, compiled=compiled, grad=grad, options=options,
+                       cotangent=cotangent, held=held, ragged=ragged)

@@ -29,6 +29,14 @@ optional):
 ``garbage``   True: NaN / +inf / -inf written into every position that does
               not count (padding holds garbage): in the logits' rows, and in the
               token weights and soft targets there too
+``segments``  "random": segment_ids packing documents of random lengths into each
+              sequence (ids repeat non-consecutively, a maximal run is one
+              document), padding (-1) at the end of some rows
+``ragged``    how the targets and the logits travel (API.md 7.1): "list" (targets,
+              mask, weights and segment_ids as lists of per-sequence arrays,
+              lengths implied), "native" (the framework's own ragged type: a
+              PyTorch PackedSequence, a TensorFlow RaggedTensor; lists on NumPy
+              and JAX), "nested" (PyTorch nested jagged tensors; lists elsewhere)
 ``target_dtype``  integer dtype of index targets (default "int64")
 ``options``   keyword options passed unchanged
 ``dtypes``    the dtypes to run (default all four)
@@ -55,6 +63,10 @@ MIX = dict(mask=0.25, lengths="random", weights="random", class_weights="random"
 # (JAX compiles every new shape and option set: about 0.4 s a case on 2 cores).
 LABEL_DTYPES = ("float32", "bfloat16")       # label dtypes: labels must never pass through a float
 EMPTY_DTYPES = ("float64", "float32", "float16")
+# Shift, documents and ragged inputs move token-sized arrays (no arithmetic on the logits): two
+# dtypes show the rules; a few cases keep a 16-bit dtype for the kernels that move rows.
+VL_DTYPES = ("float64", "float32")
+MIDDLE_DTYPES = ("float64", "float32", "bfloat16")
 
 
 def _c(name, layout="NTC", shape=None, **kw):
@@ -116,7 +128,8 @@ BASE_CASES: list[dict[str, Any]] = [
     _c("zloss_mix", **MIX, options=dict(z_loss=1e-3, label_smoothing=0.1)),
     # z-loss is weighted like its token (cw[y]): one denominator serves the whole loss (issue 11)
     _c("zloss_class_weights", class_weights="random", options=dict(z_loss=5e-2), jit=True),
-    _c("zloss_class_weights_soft", targets="soft", class_weights="random", options=dict(z_loss=5e-2)),
+    _c("zloss_class_weights_soft", targets="soft", class_weights="random", options=dict(z_loss=5e-2),
+       dtypes=VL_DTYPES),
     _c("softcap", logits="big", options=dict(logit_softcap=5.0), jit=True),
     _c("softcap_zloss_mix", **MIX, options=dict(logit_softcap=3.0, z_loss=1e-2, label_smoothing=0.1)),
     # ---------------------------------------------------------------- soft targets
@@ -165,20 +178,21 @@ BASE_CASES: list[dict[str, Any]] = [
     _c("big_logits", logits="big", jit=True),
     _c("big_logits_mix", logits="big", **MIX, options=dict(label_smoothing=0.1, z_loss=1e-4)),
     _c("big_near_max", logits="big_near_max", jit=True),
-    _c("big_near_max_ignore", logits="big_near_max", ignore=0.2, options=dict(reduction="none")),
-    _c("huge_near_max", logits="huge_near_max", options=dict(reduction="none")),
+    _c("big_near_max_ignore", logits="big_near_max", ignore=0.2, options=dict(reduction="none"),
+       dtypes=("float32", "bfloat16")),
+    _c("huge_near_max", logits="huge_near_max", options=dict(reduction="none"), dtypes=("float32", "float16")),
     _c("huge_near_max_mix", "NCT", logits="huge_near_max", mask=0.2, class_weights="random",
        options=dict(label_smoothing=0.05, reduction="sum")),
     _c("neginf_nontarget", logits="neginf", class_weights="random", mask=0.2),
     # 0 log 0 = 0 at -inf logits (issue 17): zero target mass there adds exactly 0, loss and gradient;
     # with smoothing every class has mass and the loss is +inf (API.md 1)
-    _c("masked_vocab_soft", targets="soft", logits="masked_vocab", mask=0.2, jit=True),
+    _c("masked_vocab_soft", targets="soft", logits="masked_vocab", mask=0.2, jit=True, dtypes=MIDDLE_DTYPES),
     _c("masked_vocab_soft_cw", "NCT", targets="soft", logits="masked_vocab", class_weights="random",
-       options=dict(reduction="none")),
-    _c("masked_vocab_cw", logits="masked_vocab", class_weights="masked_vocab", ignore=0.2),
+       options=dict(reduction="none"), dtypes=VL_DTYPES),
+    _c("masked_vocab_cw", logits="masked_vocab", class_weights="masked_vocab", ignore=0.2, dtypes=VL_DTYPES),
     _c("masked_vocab_cw_sum", "TNC", logits="masked_vocab", class_weights="masked_vocab", weights="random",
        options=dict(reduction="sum", z_loss=1e-3)),
-    _c("masked_vocab_smoothing_inf", logits="masked_vocab", options=dict(label_smoothing=0.1, reduction="none")),
+    _c("masked_vocab_smoothing_inf", logits="masked_vocab", options=dict(label_smoothing=0.1, reduction="none"), dtypes=VL_DTYPES),
     _c("uniform_logits", logits="uniform", options=dict(reduction="none")),
     _c("garbage_masked", mask=0.4, garbage=True, jit=True, torch_compile=True),
     _c("garbage_mix", **MIX, garbage=True, options=dict(label_smoothing=0.1, z_loss=1e-3)),
@@ -192,6 +206,45 @@ BASE_CASES: list[dict[str, Any]] = [
     _c("all_ignored_mean_zero", ignore=1.0, dtypes=EMPTY_DTYPES),
     # larger than one chunk of the default sizes (2**21 elements): chunk boundaries as shipped
     _c("multichunk_default", "NTC", dict(N=1, T=80, C=32768), ignore=0.1, dtypes=("float32", "bfloat16")),
+    # ---------------------------------------------------------------- variable length (API.md 7)
+    _c("shift1", options=dict(shift=1), jit=True, torch_compile=True, dtypes=MIDDLE_DTYPES),
+    _c("shift2_mix", **MIX, options=dict(shift=2, label_smoothing=0.1, z_loss=1e-3), dtypes=VL_DTYPES),
+    _c("shift_lengths_per_sequence", lengths="random", ignore=0.2, options=dict(shift=1, reduction="per_sequence"), dtypes=VL_DTYPES),
+    _c("shift_per_position_nan", mask=0.2, options=dict(shift=1, reduction="per_position", empty="nan"), dtypes=VL_DTYPES),
+    _c("shift_positions", mask=0.2, lengths="random", options=dict(shift=1, denominator="positions"), jit=True, dtypes=VL_DTYPES),
+    _c("shift_tnc_soft", "TNC", targets="soft", mask=0.2, options=dict(shift=1, label_smoothing=0.1), dtypes=VL_DTYPES),
+    _c("shift_normalizer", ignore=0.2, weights="random", options=dict(shift=1, normalizer=5.0), dtypes=VL_DTYPES),
+    _c("shift_past_T", "NTC", dict(N=2, T=2, C=5), options=dict(shift=3, empty="nan"), dtypes=VL_DTYPES),
+    _c("shift_garbage", mask=0.3, weights="random", garbage=True, options=dict(shift=1, reduction="sum"), dtypes=VL_DTYPES),
+    _c("segments_mean", "NTC", dict(N=2, T=9, C=5), segments="random", ignore=0.1, dtypes=VL_DTYPES),
+    _c("segments_per_segment", "NTC", dict(N=3, T=9, C=5), segments="random", options=dict(reduction="per_segment"),
+       jit=True, dtypes=VL_DTYPES),
+    _c("segments_segment_mean_shift", "NTC", dict(N=3, T=9, C=5), segments="random", weights="random",
+       options=dict(reduction="segment_mean", shift=1), jit=True, torch_compile=True, dtypes=MIDDLE_DTYPES),
+    _c("segments_positions_shift_nan", "NTC", dict(N=2, T=9, C=5), segments="random", mask=0.2,
+       options=dict(reduction="per_segment", shift=1, denominator="positions", empty="nan"), dtypes=VL_DTYPES),
+    _c("segments_tnc", "TNC", dict(N=2, T=9, C=4), segments="random", class_weights="random",
+       options=dict(reduction="per_segment", shift=1, label_smoothing=0.1), dtypes=VL_DTYPES),
+    _c("segments_normalizer", "NTC", dict(N=2, T=9, C=5), segments="random",
+       options=dict(reduction="segment_mean", normalizer=7.0), dtypes=VL_DTYPES),
+    _c("segments_soft_shift", "NTC", dict(N=2, T=9, C=5), targets="soft", segments="random",
+       options=dict(shift=1, reduction="segment_mean"), dtypes=VL_DTYPES),
+    _c("segments_lengths_none", "NTC", dict(N=2, T=9, C=5), segments="random", lengths="random",
+       options=dict(shift=2, reduction="none"), dtypes=VL_DTYPES),
+    _c("ragged_list", lengths="random", ragged="list", ignore=0.2, mask=0.2, weights="random", dtypes=VL_DTYPES),
+    _c("ragged_list_shift_none", lengths="random", ragged="list", options=dict(shift=1, reduction="none"), dtypes=VL_DTYPES),
+    _c("ragged_native", "NTC", dict(N=3, T=5, C=6), lengths="random", ragged="native", ignore=0.2,
+       options=dict(reduction="per_sequence"), dtypes=VL_DTYPES),
+    _c("ragged_native_none", lengths="random", ragged="native", mask=0.2, weights="random",
+       options=dict(reduction="none", label_smoothing=0.1), dtypes=MIDDLE_DTYPES),
+    _c("ragged_native_soft", lengths="random", ragged="native", targets="soft", options=dict(z_loss=1e-2), dtypes=VL_DTYPES),
+    _c("ragged_native_segments", "NTC", dict(N=2, T=9, C=5), lengths="random", ragged="native", segments="random",
+       options=dict(reduction="segment_mean", shift=1), dtypes=VL_DTYPES),
+    _c("ragged_native_per_position", lengths="random", ragged="native", class_weights="random",
+       options=dict(reduction="per_position", shift=1), dtypes=VL_DTYPES),
+    _c("ragged_nested", "NTC", dict(N=3, T=5, C=6), lengths="random", ragged="nested", ignore=0.2,
+       options=dict(reduction="per_sequence", shift=1), dtypes=VL_DTYPES),
+    _c("ragged_nested_none_soft", lengths="random", ragged="nested", targets="soft", options=dict(reduction="none"), dtypes=VL_DTYPES),
     # ---------------------------------------------------------------- label dtypes (decisions.md 14)
     _c("targets_int32", target_dtype="int32", ignore=0.2, dtypes=LABEL_DTYPES),
     _c("targets_uint8", target_dtype="uint8", options=dict(ignore_index=None), dtypes=LABEL_DTYPES),
@@ -226,10 +279,17 @@ class Case:
     def kwargs(self) -> dict:
         """The full keyword options (side arrays as NumPy) for the reference, layout excluded."""
         kw = {k: v for k, v in self.options.items() if k != "layout"}
-        for k in ("mask", "lengths", "weights", "class_weights"):
+        for k in SIDE_ARRAYS:
             if k in self.arrays:
                 kw[k] = self.arrays[k]
         return kw
+
+    @property
+    def ragged(self) -> str | None:
+        return self.spec.get("ragged")
+
+
+SIDE_ARRAYS = ("mask", "lengths", "weights", "class_weights", "segment_ids")
 
 
 def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -338,7 +398,16 @@ def make_case(spec: dict, dtype: str) -> Case:
         lengths = rng.integers(1, T + 1, size=N)
         if spec["lengths"] == "with_zero":
             lengths[0] = 0
+        if spec.get("ragged"):  # a ragged batch pads to its longest sequence: one is full length
+            lengths[-1] = T
         arrays["lengths"] = lengths.astype(np.int64)
+    if spec.get("segments"):
+        seg = _segments(rng, sizes, tok_layout)
+        if "lengths" in arrays:  # past a sequence's end the ids are padding (a ragged batch has none)
+            steps = np.arange(sizes["T"])
+            past = steps[None, :] >= arrays["lengths"][:, None]
+            seg = np.where(past if tok_layout == "NT" else past.T, -1, seg)
+        arrays["segment_ids"] = seg
     if spec.get("weights"):
         if spec["weights"] == "zeros":
             w = np.zeros(tok_shape)
@@ -372,28 +441,61 @@ def make_case(spec: dict, dtype: str) -> Case:
     return case
 
 
+def _segments(rng: np.random.Generator, sizes: dict, tok_layout: str) -> np.ndarray:
+    """Documents of random lengths (1 to 4 steps) packed into each sequence, ids drawn from a small
+    set so that an id repeats non-consecutively (each maximal run is its own document), and -1
+    padding after the last document in some rows."""
+    N, T = sizes.get("N", 1), sizes["T"]
+    seg = np.full((N, T), -1, np.int64)
+    for n in range(N):
+        t = 0
+        end = T if n % 2 == 0 else T - int(rng.integers(1, 3))
+        prev = None
+        while t < end:
+            d = int(rng.integers(1, 5))
+            v = int(rng.integers(0, 3))
+            while v == prev:
+                v = int(rng.integers(0, 3))
+            seg[n, t:min(t + d, end)] = v
+            prev, t = v, t + d
+    if tok_layout == "TN":
+        seg = seg.T
+    return seg if "N" in tok_layout else seg[0]
+
+
 def counted(case: Case) -> np.ndarray:
     """Which positions count (token shape), computed with the reference's rule."""
     from .reference import counted_positions
     kw = case.kwargs()
     return counted_positions(case.arrays["targets"], layout=case.layout, mask=kw.get("mask"),
                              lengths=kw.get("lengths"), ignore_index=case.options.get("ignore_index", -100),
-                             soft=case.soft)
+                             soft=case.soft, shift=kw.get("shift", 0), segment_ids=kw.get("segment_ids"))
+
+
+def read_targets(case: Case) -> np.ndarray:
+    """The target positions some counted step reads (t + shift): the rest of the target-side
+    arrays is never used, and there garbage goes."""
+    from .reference import counted_positions
+    kw = case.kwargs()
+    return counted_positions(case.arrays["targets"], layout=case.layout, mask=kw.get("mask"),
+                             lengths=kw.get("lengths"), ignore_index=case.options.get("ignore_index", -100),
+                             soft=case.soft, shift=kw.get("shift", 0), segment_ids=kw.get("segment_ids"),
+                             at_targets=True)
 
 
 def _write_garbage(case: Case) -> None:
     """NaN, +inf and -inf in the rows of every position that does not count: in the logits, and
     in the token weights and the soft targets there (a side array's padding holds garbage too)."""
     k = case.layout.index("C")
-    off = ~counted(case)
+    off, unread = ~counted(case), ~read_targets(case)
     pattern = np.array([np.nan, np.inf, -np.inf])
-    for name in ("logits", "targets") if case.soft else ("logits",):
+    for name, where in (("logits", off), ("targets", unread)) if case.soft else (("logits", off),):
         z = np.moveaxis(case.arrays[name].copy(), k, -1)
-        z[off] = np.resize(pattern, z.shape[-1])
+        z[where] = np.resize(pattern, z.shape[-1])
         case.arrays[name] = np.moveaxis(z, -1, k)
     if "weights" in case.arrays:
         w = case.arrays["weights"].copy()
-        w[off] = np.resize(pattern, int(off.sum()))
+        w[unread] = np.resize(pattern, int(unread.sum()))
         case.arrays["weights"] = w
 
 

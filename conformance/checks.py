@@ -22,7 +22,7 @@ from .cases import TOLERANCE, Case
 from .natives import native
 from .reference import reference
 
-CHECKS = ("value", "grad", "upstream", "held", "native", "compiled", "deterministic", "errors")
+CHECKS = ("value", "grad", "upstream", "held", "native", "compiled", "deterministic", "errors", "pool", "linear")
 
 
 def metric(got: Any, ref: Any) -> float:
@@ -82,7 +82,7 @@ def cotangents(case: Case, shape: tuple) -> list:
 
 def check_case(adapter: Adapter, case: Case, device: str, ref: tuple, *, compiled: bool = False,
                deterministic: bool = True, natives: bool = True, engine: str = "auto",
-               held: bool = False) -> list[dict]:
+               held: bool = False, upstream: bool = True) -> list[dict]:
     """value, grad, upstream, and where they apply held, native, compiled and deterministic, for
     one case. ``engine``: the kernel the backend was forced to (recorded; the caller forces it)."""
     be, tol, dt, name = adapter.name, case.tolerance, case.dtype, case.name
@@ -92,7 +92,7 @@ def check_case(adapter: Adapter, case: Case, device: str, ref: tuple, *, compile
     ref_value, ref_grad = ref
     try:
         with adapter.context(dt, device):
-            eager = call(adapter, case.arrays, case.options, dt, device)
+            eager = call(adapter, case.arrays, case.options, dt, device, ragged=case.ragged)
     except Exception as exc:  # a crash fails both checks, with the reason
         rec("value", math.inf, _short(exc))
         rec("grad", math.inf, _short(exc))
@@ -117,14 +117,14 @@ def check_case(adapter: Adapter, case: Case, device: str, ref: tuple, *, compile
     gerr = math.inf if eager.grad is None else metric(eager.grad, ref_grad)
     rec("grad", math.inf if gproblems else gerr, "; ".join(gproblems))
 
-    if adapter.upstream and eager.grad is not None:
+    if upstream and adapter.upstream and eager.grad is not None:
         worst, why = 0.0, ""
         try:
             for ct in cotangents(case, ref_value.shape):
                 _, want = reference(case.arrays["logits"], case.arrays["targets"], layout=case.layout,
                                     cotangent=ct, **case.kwargs())
                 with adapter.context(dt, device):
-                    got = call(adapter, case.arrays, case.options, dt, device, cotangent=ct)
+                    got = call(adapter, case.arrays, case.options, dt, device, cotangent=ct, ragged=case.ragged)
                 err = metric(got.grad, want) if got.grad is not None else math.inf
                 if err > worst:
                     worst, why = err, f"upstream {ct if np.ndim(ct) == 0 else 'cotangent'}"
@@ -138,12 +138,12 @@ def check_case(adapter: Adapter, case: Case, device: str, ref: tuple, *, compile
         try:
             keep: list = []
             with adapter.context(dt, device):
-                first = call(adapter, case.arrays, case.options, dt, device, held=keep)
+                first = call(adapter, case.arrays, case.options, dt, device, held=keep, ragged=case.ragged)
                 if case.options.get("inputs", "logits") == "logits":  # another gradient
                     other = dict(case.arrays, logits=case.arrays["logits"] * 0.5)
                 else:  # probabilities must stay probabilities: other targets instead
                     other = dict(case.arrays, targets=np.flip(case.arrays["targets"], 0).copy())
-                call(adapter, other, case.options, dt, device)
+                call(adapter, other, case.options, dt, device, ragged=case.ragged)
                 now = adapter.host(keep[0])
             same = first.grad is not None and np.array_equal(now, first.grad, equal_nan=True)
             rec("held", 0.0 if same else 1.0, "" if same else "a later call overwrote a held gradient", tol=0.0)
@@ -153,7 +153,7 @@ def check_case(adapter: Adapter, case: Case, device: str, ref: tuple, *, compile
     if deterministic:
         try:
             with adapter.context(dt, device):
-                again = call(adapter, case.arrays, case.options, dt, device)
+                again = call(adapter, case.arrays, case.options, dt, device, ragged=case.ragged)
             same = (np.array_equal(eager.value, again.value, equal_nan=True)
                     and np.array_equal(np.signbit(eager.value), np.signbit(again.value))
                     and (eager.grad is None or np.array_equal(eager.grad, again.grad, equal_nan=True)))
@@ -175,7 +175,7 @@ def check_case(adapter: Adapter, case: Case, device: str, ref: tuple, *, compile
     if compiled and adapter.compiler:
         try:
             with adapter.context(dt, device):
-                comp = call(adapter, case.arrays, case.options, dt, device, compiled=True)
+                comp = call(adapter, case.arrays, case.options, dt, device, compiled=True, ragged=case.ragged)
             err = max(metric(comp.value, eager.value),
                       metric(comp.grad, eager.grad) if eager.grad is not None else 0.0)
             rec("compiled", err, f"{adapter.compiler} vs eager")
@@ -237,8 +237,8 @@ def _nan_contract(adapter: Adapter, entry: dict, arrays: dict, options: dict, de
     """Loss NaN at exactly the bad tokens, NaN gradient rows there, the rest equal to the reference."""
     dt = "float32"
     bad = catalogue.nan_tokens(entry, arrays, options)
-    ref_in = catalogue.reference_inputs(entry, arrays, bad)
-    ref_opts = {k: v for k, v in options.items() if k not in ("layout",)}
+    ref_in = catalogue.reference_inputs(entry, arrays, bad, options.get("shift", 0))
+    ref_opts = {k: v for k, v in options.items() if k not in ("layout", "_loss")}
     ref_opts["reduction"] = "none"
     ref_value, ref_grad = reference(ref_in["logits"], ref_in["targets"], layout=options["layout"],
                                     **{k: v for k, v in ref_in.items() if k not in ("logits", "targets")},
@@ -270,18 +270,25 @@ def _nan_contract(adapter: Adapter, entry: dict, arrays: dict, options: dict, de
 
 
 def check_errors(adapter: Adapter, device: str, *, compiled: bool = True, torch_compile: bool = True,
-                 names: list[str] | None = None) -> list[dict]:
-    """The error catalogue on one backend and device: eager raise, validate=False and traced NaNs."""
+                 names: list[str] | None = None, linear: bool = False) -> list[dict]:
+    """The error catalogue on one backend and device: eager raise, validate=False and traced NaNs.
+    ``linear``: through linear_cross_entropy (hidden states = the logits, an identity weight), the
+    entries that are not about the logits themselves (catalogue.LINEAR)."""
     out = []
     be = adapter.name
     for entry in catalogue.CATALOGUE:
         if names is not None and entry["name"] not in names:
             continue
+        if linear:
+            if entry["name"] not in catalogue.LINEAR:
+                continue
+            entry = dict(entry, name="linear:" + entry["name"], options={**entry.get("options", {}), "_loss": "linear"},
+                         torch_compile=False)
         if be in entry.get("skip", ()):
             continue
         if entry.get("other_framework") and _other_framework_array(adapter, np.ones(1, bool)) is None:
             continue  # only one framework installed: nothing to mix (not recorded, not counted as passing)
-        arrays, options = catalogue.make(entry)
+        arrays, options = catalogue.make(dict(entry, name=entry["name"].replace("linear:", "")))
 
         def rec(mode, err, detail, tol=0.0):
             case = f"errors:{entry['name']}[{mode}]"

@@ -117,7 +117,37 @@ CATALOGUE: list[dict[str, Any]] = [
     dict(name="inplace_backward_not_torch", options=dict(inplace_backward=True), expect=E,
          match=["inplace_backward"], skip=("torch",)),
     dict(name="mask_of_other_framework", other_framework="mask", expect=TE, match=["mask"]),
+    # ------------------------------------------------------------------ variable length (API.md 7)
+    dict(name="shift_negative", options=dict(shift=-1), expect=E, match=["shift=-1", "[0, inf)"], jit=True),
+    dict(name="shift_float", options=dict(shift=1.0), expect=TE, match=["shift", "integer"], jit=True),
+    dict(name="shift_without_T", layout="NC", options=dict(shift=1),
+         arrays=dict(logits=dict(shape=[2, 5]), targets=[1, 2]), expect=E, match=["shift=1", "time axis (T)"]),
+    dict(name="segment_ids_shape", arrays=dict(segment_ids=[[0, 0, 1]]), expect=E,
+         match=["segment_ids has shape (1, 3) but must be (N=2, T=3)"], jit=True),
+    dict(name="segment_ids_float", arrays=dict(segment_ids=dict(dtype="float32", set=[((0, 0), 0.0)])),
+         expect=TE, match=["segment_ids", "integer"], jit=True),
+    dict(name="per_segment_without_segment_ids", options=dict(reduction="per_segment"), expect=E,
+         match=["per_segment", "segment_ids"], jit=True),
+    dict(name="segment_mean_without_segment_ids", options=dict(reduction="segment_mean"), expect=E,
+         match=["segment_mean", "segment_ids"]),
+    dict(name="segment_ids_without_T", layout="NC", arrays=dict(logits=dict(shape=[2, 5]), targets=[1, 2],
+                                                               segment_ids=[0, 1]),
+         expect=E, match=["segment_ids", "time axis (T)"]),
+    dict(name="shifted_target_ge_C", options=dict(shift=1), arrays=dict(targets=dict(set=[((0, 2), 5)])),
+         expect=E, match=["targets[0, 2]", "= 5", "[0, 5)"], nan=[(0, 1)], fix=dict(targets=dict(set=[((0, 2), 0)]))),
 ]
+
+
+# The entries that apply to linear_cross_entropy as they are (the "logits" become its hidden states
+# with an identity weight): every entry not about the logits' own values, dtype, rank or inputs=.
+LINEAR = ("target_ge_C", "target_negative", "target_minus100_not_ignored", "target_ge_C_ignore_collection",
+          "target_int64_huge", "targets_float", "targets_bool", "targets_trailing_1", "targets_broadcast",
+          "lengths_negative", "lengths_gt_T", "lengths_float", "lengths_shape", "mask_shape", "weights_shape",
+          "class_weights_shape", "class_weights_negative", "class_weights_inf_smoothing",
+          "label_smoothing_negative", "label_smoothing_above_one", "z_loss_negative", "logit_softcap_zero",
+          "unknown_reduction", "unknown_denominator", "unknown_smoothing", "unknown_empty", "unknown_backend",
+          "normalizer_with_sum", "normalizer_negative", "shift_negative", "shift_float", "segment_ids_shape",
+          "segment_ids_float", "per_segment_without_segment_ids", "shifted_target_ge_C", "mask_of_other_framework")
 
 
 def _edit(a: np.ndarray, spec: Any, rng: np.random.Generator) -> np.ndarray:
@@ -150,15 +180,16 @@ def base_inputs(entry: dict) -> tuple[dict, dict]:
         arrays["logits"] = np.tile(np.array([0.5, 0.25, 0.125, 0.125, 0.0], np.float32), (N, T, 1))
     if kind == "soft":
         arrays["targets"] = np.tile(np.array([0.25, 0.25, 0.25, 0.125, 0.125], np.float32), (N, T, 1))
-    for name in ("mask", "weights", "lengths", "class_weights"):
+    for name in ("mask", "weights", "lengths", "class_weights", "segment_ids"):
         spec = entry.get("arrays", {}).get(name)
         if isinstance(spec, dict) and "shape" not in spec:
             arrays[name] = {"mask": np.ones((N, T), bool), "weights": np.ones((N, T), np.float32),
-                            "lengths": np.array([T, T], np.int64),
+                            "lengths": np.array([T, T], np.int64), "segment_ids": np.zeros((N, T), np.int64),
                             "class_weights": np.ones(C, np.float32)}[name]
         elif isinstance(spec, dict):
             arrays[name] = {"mask": np.ones((1,), bool), "weights": np.ones((1,), np.float32),
-                            "lengths": np.ones((1,), np.int64), "class_weights": np.ones((1,), np.float32)}[name]
+                            "lengths": np.ones((1,), np.int64), "class_weights": np.ones((1,), np.float32),
+                            "segment_ids": np.ones((1,), np.int64)}[name]
     options = dict(layout=entry.get("layout", "NTC"))
     options.update(entry.get("options", {}))
     return arrays, options
@@ -200,9 +231,12 @@ def nan_tokens(entry: dict, arrays: dict, options: dict) -> np.ndarray:
     return out
 
 
-def reference_inputs(entry: dict, arrays: dict, bad: np.ndarray) -> dict:
-    """Valid inputs whose reference gives the expected values of every token that is not NaN."""
+def reference_inputs(entry: dict, arrays: dict, bad: np.ndarray, shift: int = 0) -> dict:
+    """Valid inputs whose reference gives the expected values of every token that is not NaN (the
+    mask describes the target positions: with a shift, the bad logits' targets sit shift steps on)."""
     fixed = apply(arrays, entry.get("fix", {}))
     mask = fixed.get("mask", np.ones(bad.shape, bool))
-    fixed["mask"] = np.asarray(mask, bool) & ~bad
+    at_targets = np.zeros_like(bad)
+    at_targets[:, shift:] = bad[:, :bad.shape[1] - shift]
+    fixed["mask"] = np.asarray(mask, bool) & ~at_targets
     return fixed

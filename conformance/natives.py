@@ -25,6 +25,8 @@ def _common(case: Case) -> dict | None:
     z = case.arrays["logits"]
     if case.dtype not in ("float64", "float32"):
         return None
+    if o.get("shift") or "segment_ids" in case.arrays or case.ragged:
+        return None  # no framework loss shifts, knows documents or takes ragged inputs (API.md 7)
     if o.get("inputs", "logits") != "logits" or o.get("z_loss") or o.get("logit_softcap") is not None:
         return None
     if o.get("reduction", "mean") not in ("none", "sum", "mean") or o.get("normalizer") is not None:

@@ -114,6 +114,40 @@ def _token_loss(row, a, inputs, z_loss, cap, z_weight=1.0):
     return loss, grad
 
 
+def _documents(layout, seg, N, T):
+    """Walk each sequence: run[n][t] numbers the runs of equal ids, doc[n][t] the documents (runs
+    of non-negative ids; None on padding), n_docs[n] how many there are."""
+    run = [[0] * T for _ in range(N)]
+    doc = [[None] * T for _ in range(N)]
+    n_docs = [0] * N
+    if seg is not None:
+        for n in range(N):
+            r, d, prev = -1, -1, None
+            for t in range(T):
+                v = int(seg[_token_index(layout, n, t)])
+                if t == 0 or v != prev:
+                    r += 1
+                    if v >= 0:
+                        d += 1
+                run[n][t] = r
+                doc[n][t] = d if v >= 0 else None
+                prev = v
+            n_docs[n] = d + 1
+    return run, doc, n_docs
+
+
+def _exists(seg, run, doc, T, shift):
+    def exists(n, t):
+        """Is step t a position: its target step exists, in the same document."""
+        s = t + shift
+        if s >= T:
+            return False
+        if seg is not None:
+            return doc[n][t] is not None and run[n][t] == run[n][s]
+        return True
+    return exists
+
+
 def _divide(num, den, empty):
     """num / den with the empty rule; also returns the derivative factor 1/den."""
     if den == 0:
@@ -126,7 +160,7 @@ def reference(logits, targets, *, layout="NTC", mask=None, lengths=None,
               inputs="logits", label_smoothing=0.0, smoothing="uniform",
               z_loss=0.0, logit_softcap=None, reduction="mean",
               denominator="weights", normalizer=None, empty="zero", num_classes=None,
-              cotangent=None):
+              cotangent=None, shift=0, segment_ids=None):
     """Float64 loss and d sum(cotangent * loss) / d logits for valid inputs.
 
     Returns ``(value, grad)``: value has the shape of the reduction (API.md 1),
@@ -134,6 +168,13 @@ def reference(logits, targets, *, layout="NTC", mask=None, lengths=None,
     shape; default 1) is the upstream gradient of the value.  Only valid inputs
     are supported: this is the reference for what the package must compute,
     not a validator.
+
+    ``shift`` (API.md 7.2): the logits at step t are scored against the target
+    at step s = t + shift, and every target-side array (targets, mask, weights,
+    soft targets) is read at s; the step is a position only when s < T and,
+    with ``segment_ids`` (7.3), s lies in the same document as t.  A document
+    is found by walking each sequence and starting a new one wherever the id
+    changes; a negative id is padding (no document, no position).
     """
     x = np.asarray(logits, dtype=np.float64)
     tg = np.asarray(targets)
@@ -149,43 +190,51 @@ def reference(logits, targets, *, layout="NTC", mask=None, lengths=None,
     w_arr = None if weights is None else np.asarray(weights, dtype=np.float64)
     len_arr = None if lengths is None else np.asarray(lengths)
     eps = float(label_smoothing)
+    seg = None if segment_ids is None else np.asarray(segment_ids)
+
+    run, doc, n_docs = _documents(layout, seg, N, T)
+    exists = _exists(seg, run, doc, T, shift)
 
     # One pass over the positions: per-token loss, its gradient row, and what
     # the token adds to the three denominators.
-    tokens = {}  # (n, t) -> dict(loss, grad, W, counted)
+    tokens = {}  # (n, t) -> dict(loss, grad, W, counted, position)
     for n in range(N):
         for t in range(T):
-            ti = _token_index(layout, n, t)
-            counted = True
-            if m_arr is not None and not m_arr[ti]:
+            s = t + shift
+            position = exists(n, t)
+            counted = position
+            si = _token_index(layout, n, s) if position else None
+            if counted and m_arr is not None and not m_arr[si]:
                 counted = False
-            if len_arr is not None and not t < int(len_arr[n]):
+            if counted and len_arr is not None and not s < int(len_arr[n]):
                 counted = False
             y = None
-            if not soft:
-                y = int(tg[ti])
+            if counted and not soft:
+                y = int(tg[si])
                 if _ignored(y, ignore_index):
                     counted = False
             if not counted:
-                tokens[n, t] = dict(loss=0.0, grad=None, W=0.0, counted=False)
+                tokens[n, t] = dict(loss=0.0, grad=None, W=0.0, counted=False, position=position)
                 continue
-            w = 1.0 if w_arr is None else float(w_arr[ti])
+            w = 1.0 if w_arr is None else float(w_arr[si])
             ri = _row_index(layout, n, t)
             row = x[ri]
-            q = _target_distribution(C, y=y, soft=None if not soft else tg[ri],
+            q = _target_distribution(C, y=y, soft=None if not soft else tg[_row_index(layout, n, s)],
                                      eps=eps, smoothing=smoothing)
             a = np.array([cw[c] * q[c] for c in range(C)])
             loss, grad = _token_loss(row, a, inputs, float(z_loss), logit_softcap,
                                      1.0 if soft else float(cw[y]))
             W = w if soft else w * float(cw[y])
-            tokens[n, t] = dict(loss=w * loss, grad=w * grad, W=W, counted=True)
+            tokens[n, t] = dict(loss=w * loss, grad=w * grad, W=W, counted=True, position=True)
 
     def denom(keys):
         if denominator == "weights":
             return math.fsum(tokens[k]["W"] for k in keys if tokens[k]["counted"])
         if denominator == "tokens":
             return float(sum(1 for k in keys if tokens[k]["counted"]))
-        return float(len(keys))  # "positions": every position, counted or not
+        # "positions": every position, counted or not (with shift / segment_ids: the steps
+        # whose target exists in the same sequence and document)
+        return float(sum(1 for k in keys if tokens[k]["position"]))
 
     all_keys = [(n, t) for n in range(N) for t in range(T)]
     factor = {}  # (n, t) -> d sum(output) / d token loss
@@ -216,6 +265,26 @@ def reference(logits, targets, *, layout="NTC", mask=None, lengths=None,
             den = float(normalizer) if normalizer is not None else float(N)
             value, f = _divide(math.fsum(per_seq), den, empty)
             factor = {k: v * f for k, v in factor.items()}
+    elif reduction in ("per_segment", "segment_mean"):
+        per_doc = np.zeros((N, T))
+        for n in range(N):
+            for j in range(n_docs[n]):
+                keys = [(n, t) for t in range(T) if doc[n][t] == j]
+                num = math.fsum(tokens[k]["loss"] for k in keys)
+                per_doc[n, j], f = _divide(num, denom(keys), empty)
+                for k in keys:
+                    factor[k] = f
+        for k in all_keys:
+            factor.setdefault(k, 0.0)
+        if reduction == "per_segment":
+            value = per_doc if layout.replace("C", "") != "TN" else per_doc.T
+            if "N" not in layout:
+                value = per_doc[0]
+        else:
+            total = math.fsum(per_doc[n, j] for n in range(N) for j in range(n_docs[n]))
+            den = float(normalizer) if normalizer is not None else float(sum(n_docs))
+            value, f = _divide(total, den, empty)
+            factor = {k: v * f for k, v in factor.items()}
     elif reduction == "per_position":
         value = np.zeros(T)
         for t in range(T):
@@ -238,6 +307,9 @@ def reference(logits, targets, *, layout="NTC", mask=None, lengths=None,
             return float(ct[n])
         if reduction == "per_position":
             return float(ct[t])
+        if reduction == "per_segment":
+            j = doc[n][t]
+            return float(ct[_token_index(layout, n, j)]) if "N" in layout else float(ct[j])
         return float(ct[()])
 
     grad = np.zeros(x.shape)
@@ -248,20 +320,27 @@ def reference(logits, targets, *, layout="NTC", mask=None, lengths=None,
 
 
 def counted_positions(targets, *, layout, mask=None, lengths=None, ignore_index=-100,
-                      soft=False):
-    """Boolean array (the token shape: logits' shape minus C) of the counted positions."""
+                      soft=False, shift=0, segment_ids=None, at_targets=False):
+    """Boolean array (the token shape: logits' shape minus C) of the counted positions: the logits'
+    steps that count, or with ``at_targets`` the target steps they read (t + shift)."""
     tg = np.asarray(targets)
     shape = tuple(s for a, s in zip(layout, tg.shape) if a != "C") if soft else tg.shape
     tshape = [a for a in layout if a != "C"]
     out = np.zeros(shape, dtype=bool)
     N = shape[tshape.index("N")] if "N" in tshape else 1
     T = shape[tshape.index("T")] if "T" in tshape else 1
+    seg = None if segment_ids is None else np.asarray(segment_ids)
+    run, doc, _ = _documents(layout, seg, N, T)
+    exists = _exists(seg, run, doc, T, shift)
     for n in range(N):
         for t in range(T):
-            ti = _token_index(layout, n, t)
-            ok = mask is None or bool(np.asarray(mask)[ti])
-            ok = ok and (lengths is None or t < int(np.asarray(lengths)[n]))
+            if not exists(n, t):
+                continue
+            s = t + shift
+            si = _token_index(layout, n, s)
+            ok = mask is None or bool(np.asarray(mask)[si])
+            ok = ok and (lengths is None or s < int(np.asarray(lengths)[n]))
             if not soft:
-                ok = ok and not _ignored(int(tg[ti]), ignore_index)
-            out[ti] = ok
+                ok = ok and not _ignored(int(tg[si]), ignore_index)
+            out[si if at_targets else _token_index(layout, n, t)] = ok
     return out

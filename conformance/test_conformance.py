@@ -7,6 +7,9 @@ import pytest
 from .checks import CHECKS
 from .runner import BACKENDS
 
+# Under pytest-xdist the tests of this file stay on one worker (--dist loadfile, README): the suite
+# runs once (the session fixture) and every test reads it; spread over workers each would run it.
+
 
 def _format(fails: list[dict], limit: int = 30) -> str:
     lines = [f"{len(fails)} failing:"]

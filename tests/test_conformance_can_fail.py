@@ -53,8 +53,9 @@ def test_perturbed_torch_kernel_fails_torch_only(monkeypatch):
     # small default calls run F.cross_entropy itself (backends/torch.py, _native_default_loss), the
     # very function the native comparison calls: send them through the fused kernel, as large ones
     from xseqloss import _engine
-    with _engine.use("torch", "chunked"):
-        report = suite.run(cases=["ntc", "nct", "mask"], compiled=False, errors=False)
+    with _engine.use("torch", "chunked"):  # numpy beside it: only torch may fail
+        report = suite.run(backends=["numpy", "torch"], cases=["ntc", "nct", "mask"], compiled=False,
+                           errors=False, engines=False)
     assert calls, "the torch backend no longer calls torch.Tensor.log: perturb a function it does call"
     failing = {r["backend"] for r in report["results"] if not r["passed"]}
     assert failing == {"torch"}, f"expected only torch to fail, got {failing}"

@@ -55,7 +55,8 @@ def test_every_preset_and_system_has_a_section(text):
     for system in ("PyTorch", "Keras 3", "optax", "tfa", "Hugging Face", "fairseq"):
         assert any(h.startswith(system) for h in headings), system
     mistakes = ("(N, T, C) where (N, C, T)", "wrong reshape", "Padding without a mask", "output[:, -1]",
-                "Softmax before", "Where in the sequence")
+                "Softmax before", "Where in the sequence", "Hand-padding a target list", "Flattening a PackedSequence",
+                "Shifting by hand", "Packing that re-weights documents")
     for m in mistakes:
         assert any(m in h for h in headings), m
     # the differences the guide promises for each system

@@ -14,13 +14,15 @@ from typing import Any
 
 from ._dispatch import set_backend, use_backend
 from ._errors import XSeqLossError, XSeqLossTypeError
-from ._loss import sequence_cross_entropy, token_count, value_and_grad
+from ._loss import segment_count, sequence_cross_entropy, token_count, value_and_grad
 from ._pool import pool
+from .linear import linear_cross_entropy, linear_value_and_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "sequence_cross_entropy", "value_and_grad", "token_count", "pool", "set_backend", "use_backend",
+    "sequence_cross_entropy", "value_and_grad", "token_count", "segment_count", "pool",
+    "linear_cross_entropy", "linear_value_and_grad", "set_backend", "use_backend",
     "available_backends", "XSeqLossError", "XSeqLossTypeError", "presets", "__version__",
 ]
 

@@ -14,7 +14,8 @@ from ._errors import XSeqLossError, XSeqLossTypeError
 
 INPUTS = ("logits", "log_probs", "probs")
 SMOOTHING = ("uniform", "others")
-REDUCTIONS = ("none", "sum", "mean", "per_sequence", "per_position", "sequence_mean")
+REDUCTIONS = ("none", "sum", "mean", "per_sequence", "per_position", "sequence_mean", "per_segment",
+              "segment_mean")
 DENOMINATORS = ("weights", "tokens", "positions")
 EMPTY = ("zero", "nan")
 PROB_EPS = 1e-7  # Keras' epsilon for inputs="probs"
@@ -125,6 +126,7 @@ class Options:
     num_classes: int | None
     validate: bool
     inplace: bool
+    shift: int = 0
 
     @property
     def k(self) -> int:
@@ -170,7 +172,7 @@ def parse_options(**kw: Any) -> Options:
 
 def _parse_options(*, layout: Any, ignore_index: Any, inputs: Any, label_smoothing: Any, smoothing: Any,
                    z_loss: Any, logit_softcap: Any, reduction: Any, denominator: Any, empty: Any,
-                   num_classes: Any, validate: Any, inplace_backward: Any) -> Options:
+                   num_classes: Any, validate: Any, inplace_backward: Any, shift: Any = 0) -> Options:
     layout = parse_layout(layout)
     inputs = choice(inputs, "inputs", INPUTS)
     eps = number(label_smoothing, "label_smoothing", 0.0, 1.0)
@@ -190,19 +192,25 @@ def _parse_options(*, layout: Any, ignore_index: Any, inputs: Any, label_smoothi
         for name, active in (("z_loss", zl > 0), ("logit_softcap", cap is not None)):
             if active:
                 raise XSeqLossError(f'{name} acts on raw logits and needs inputs="logits", got inputs={inputs!r}')
-    need = {"per_sequence": "N", "sequence_mean": "N", "per_position": "T"}.get(reduction)
+    need = {"per_sequence": "N", "sequence_mean": "N", "per_position": "T", "per_segment": "T",
+            "segment_mean": "T"}.get(reduction)
     if need and need not in layout:
         raise XSeqLossError(
             f"reduction={reduction!r} needs a {'batch (N)' if need == 'N' else 'time (T)'} axis, "
             f"but layout={layout!r} has none")
+    shift = int(number(shift, "shift", 0, integer=True))
+    if shift and "T" not in layout:
+        raise XSeqLossError(f"shift={shift} moves targets along the time axis (T), but layout={layout!r} has "
+                            f"none; valid: shift=0 without T")
     return Options(layout, parse_ignore(ignore_index), inputs, eps, smoothing, zl, cap, reduction,
-                   denominator, empty, num_classes, validate, inplace_backward)
+                   denominator, empty, num_classes, validate, inplace_backward, shift)
 
 
 def normalizer_reduction(reduction: str) -> None:
-    """``normalizer`` replaces D of "mean" and N of "sequence_mean"; anywhere else it is an error."""
-    if reduction not in ("mean", "sequence_mean"):
-        raise XSeqLossError(f"normalizer replaces the denominator of reduction='mean' or 'sequence_mean'; "
+    """``normalizer`` replaces D of "mean", N of "sequence_mean" and the number of documents of
+    "segment_mean"; anywhere else it is an error."""
+    if reduction not in ("mean", "sequence_mean", "segment_mean"):
+        raise XSeqLossError(f"normalizer replaces the denominator of reduction='mean', 'sequence_mean' or 'segment_mean'; "
                             f"it has no meaning with reduction={reduction!r}")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _reduce, _tokens
 from ._plan import Static
 from ._token_loss import token_loss
 
@@ -29,100 +30,55 @@ def probs_rows(ops: Any, st: Static, z: Any) -> tuple[Any, Any]:
     return ops.any((p < 0) | (p > 1) | ~ops.isfinite(p), k), ops.sum(p, k)
 
 
-def _axes(tok: str, letters: str) -> tuple[int, ...]:
-    return tuple(i for i, a in enumerate(tok) if a in letters)
-
-
-def _sum(ops: Any, x: Any, axes: tuple[int, ...] | None) -> Any:
-    """Sum over ``axes`` (None: all, giving a scalar; (): none, the identity)."""
-    return x if axes == () else ops.sum(x, axes)
-
-
-def _inverse(ops: Any, den: Any) -> tuple[Any, Any]:
-    """(1/den, or 0 where den == 0; den == 0): the gradient through an empty denominator is exactly 0."""
-    zero = den == 0
-    return ops.where(zero, 0.0, 1.0 / ops.where(zero, 1.0, den)), zero
-
-
-def _divide(ops: Any, num: Any, inv: Any, zero: Any, empty: str) -> Any:
-    """num / den from ``_inverse``'s output, with the empty rule where den == 0."""
-    out = num * inv
-    return ops.where(zero, float("nan"), out) if empty == "nan" else out
-
-
-def _counted(ops: Any, st: Static, y: Any, mask: Any, lengths: Any, like: Any) -> tuple[Any, Any]:
-    """Which tokens count (bool, token shape, or None for all) and which counted ones are bad (or None).
-
-    A sequence with a bad length (negative or > T, only possible when values are not validated) is
-    counted whole, so that every one of its tokens shows the NaN.
-    """
-    tok = st.opts.tok_layout
-    counted = None if mask is None else ops.nonzero(mask)
-    bad = None
-    if lengths is not None:
-        na, ta = tok.index("N"), tok.index("T")
-        T = ops.dim(like, ta)
-        steps = ops.expand(ops.arange(T, like=lengths), na)
-        inside = steps < ops.expand(lengths, ta)
-        if st.mark_bad:
-            seq_bad = ops.expand((lengths < 0) | (lengths > T), ta) & (steps >= 0)  # broadcast to tokens
-            inside = inside | seq_bad
-            bad = seq_bad
-        counted = inside if counted is None else (counted & inside)
-    if not st.soft and st.ignore:
-        if len(st.ignore) == 1:
-            kept = y != st.ignore[0]
-        else:
-            ignored = None
-            for v in st.ignore:
-                hit = y == v
-                ignored = hit if ignored is None else (ignored | hit)
-            kept = ~ignored
-        counted = kept if counted is None else (counted & kept)
-    if bad is not None and counted is not None:
-        bad = bad & counted
-    return counted, bad
-
-
 def _or(a: Any, b: Any) -> Any:
     return b if a is None else (a | b)
 
 
-def _den(ops: Any, st: Static, W: Any, counted: Any, like: Any, axes: tuple[int, ...] | None, acc: Any) -> Any:
-    """The denominator summed over ``axes`` of the token array (None: all; (): per token).
+class Plan:
+    """What the core knows about one call before any loss is computed: the target-side arrays at the
+    logits' positions (``y`` clamped, ``t``), which tokens count, the loss multiplier ``mult``
+    (token weights, NaN at bad tokens), the class weights ``cw``, the coefficient of every token
+    (``expected_dl``, ``cotangent``) and ``finish``, the reduction."""
 
-    "weights": sum of W; "tokens": number of counted tokens; "positions": number of positions.
-    Counts are integers, cast to the accumulation dtype only for the division.
-    """
-    d = st.opts.denominator
-    if d == "weights" and W is not None:
-        return _sum(ops, W, axes)
-    flags = counted if (d != "positions" and counted is not None) else ops.true_like(like)
-    if axes == ():
-        return ops.cast(flags, acc)
-    return ops.cast(ops.count(flags, axes), acc)
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+    def per_token(self, with_marks: bool) -> Any:
+        ops = self.ops
+        ct = ops.full_tokens(self.like, 1.0, self.acc) * self.coef  # coef may be a Python float or 0-d
+        m = self.mult if with_marks else self.w
+        if m is None:
+            return ct
+        ct = ct * m
+        return ct if self.counted is None else ops.where(self.counted, ct, 0.0)  # as ``combine``
+
+    def expected_dl(self) -> Any:
+        """d result / d l per token when result's own upstream gradient is 1 (bad-token NaNs left
+        out): what a fused kernel's backward receives in the common case."""
+        return self.per_token(False)
+
+    def cotangent(self) -> Any:
+        """d result / d l per token, bad-token NaNs included: the gradient's per-row factor."""
+        return self.per_token(True)
+
+    def combine(self, l: Any) -> Any:
+        """The weighted per-token losses (``finish`` takes them): l * mult, exactly 0 where not counted."""
+        out = l if self.mult is None else l * self.mult
+        if self.counted is not None and self.mult is not None:
+            out = self.ops.where(self.counted, out, 0.0)
+        return out
 
 
-def _denominator_weights(ops: Any, st: Static, y: Any, counted: Any, w: Any, cw: Any) -> Any:
-    """W[n, t]: weights * cw[y] at counted tokens (soft targets: weights only); None = all ones."""
-    if st.opts.denominator != "weights":
-        return None
-    W = w
-    if cw is not None and not st.soft:
-        cwy = ops.take(cw, y)
-        W = cwy if W is None else W * cwy
-    if W is not None and counted is not None:
-        W = ops.where(counted, W, 0.0)
-    return W
-
-
-def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: Any, weights: Any,
-             cw: Any, normalizer: Any, want_grad: bool = False) -> Any:
+def token_plan(ops: Any, st: Static, like: Any, acc: Any, y: Any, t: Any, mask: Any, lengths: Any, weights: Any,
+               cw: Any, normalizer: Any, segs: Any, extra_bad: Any = None, k: int | None = None,
+               to_tokens: Any = None) -> Plan:
+    """The token-level half of the core, shared by ``_numeric`` and the fused output layer
+    (linear.py). ``extra_bad``: token-shaped bad marks only the caller can compute (probability
+    rows); ``k``: the class axis of soft targets ``t``; ``to_tokens``: ragged rows -> the padded
+    token array, for soft targets given as rows."""
     o = st.opts
-    tok = o.tok_layout
-    acc = ops.acc_dtype(z)
-    like = y if y is not None else ops.drop_class(z, o.k)
-    counted, bad = _counted(ops, st, y, mask, lengths, like)
+    k = o.k if k is None else k
+    y, t, mask, weights, counted, bad, pos = _tokens.token_facts(ops, st, y, t, mask, lengths, weights, segs, like)
     if st.mark_bad and not st.soft:
         lab_bad = (y < 0) | (y >= st.C)
         bad = _or(bad, lab_bad if counted is None else (lab_bad & counted))
@@ -133,16 +89,12 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
         if st.mark_bad:
             cw = ops.where((cw >= 0) & ops.isfinite(cw), cw, float("nan"))
     if st.mark_bad and st.soft:
-        rb = ops.any((t < 0) | ~ops.isfinite(t), o.k)
+        rb = ops.any((t < 0) | ~ops.isfinite(t), k)
+        if to_tokens is not None:
+            rb = to_tokens(rb)
         bad = _or(bad, rb if counted is None else (rb & counted))
-    if st.mark_bad and o.inputs == "probs":
-        outside, sums = probs_rows(ops, st, z)
-        rb = outside | (ops.abs(sums - 1.0) > PROBS_SUM_TOL)
-        bad = _or(bad, rb if counted is None else (rb & counted))
-
-    if st.mark_bad and o.inputs == "probs" and bad is not None:
-        # clamps and wheres would drop the NaN from parts of the row's gradient: poison the input row
-        z = z * ops.expand(ops.cast(ops.where(bad, float("nan"), 1.0), ops.dtype(z)), o.k)
+    if extra_bad is not None:
+        bad = _or(bad, extra_bad if counted is None else (extra_bad & counted))
     # token weights W (for the denominator) and the multiplier of each token's loss
     w = None if weights is None else ops.cast(weights, acc)
     if counted is not None and w is not None:
@@ -151,77 +103,93 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
     if bad is not None:
         nan_or_1 = ops.cast(ops.where(bad, float("nan"), 1.0), acc)
         mult = nan_or_1 if mult is None else mult * nan_or_1
+    if normalizer is not None:
+        normalizer = ops.cast(normalizer, acc)
+        if st.mark_bad:  # a negative or non-finite normalizer (unchecked): NaN, never a flipped sign
+            normalizer = ops.where((normalizer >= 0) & ops.isfinite(normalizer), normalizer, float("nan"))
+    W = None
+    if o.reduction not in ("none", "sum"):
+        W = _reduce.denominator_weights(ops, st, y, counted, w, cw)
+    docs = _tokens.documents(ops, st, segs) if o.reduction in ("per_segment", "segment_mean") else None
+    # coef = d result / d (weighted token loss), known before the loss is computed, so a fused kernel
+    # can fold it into the gradient it forms in its forward pass (Plan.expected_dl)
+    coef, finish = _reduce.plan(ops, st, like=like, counted=counted, W=W, pos=pos, docs=docs,
+                                normalizer=normalizer, acc=acc)
+    return Plan(ops=ops, like=like, acc=acc, y=y, t=t, counted=counted, bad=bad, mult=mult, w=w, cw=cw,
+                coef=coef, finish=finish)
 
-    # the denominators never depend on the losses: coef = d result / d (weighted token loss), known
-    # before the loss is computed, so a fused kernel can fold it into the gradient it forms in its
-    # forward pass (see expected_dl below)
-    red = o.reduction
-    coef = 1.0  # (no annotation: autograph cannot convert an annotated name a closure reads)
-    inv = zero = inv2 = zero2 = axes = None
-    if red not in ("none", "sum"):
-        W = _denominator_weights(ops, st, y, counted, w, cw)
-        if normalizer is not None:
-            normalizer = ops.cast(normalizer, acc)
-            if st.mark_bad:  # a negative or non-finite normalizer (unchecked): NaN, never a flipped sign
-                normalizer = ops.where((normalizer >= 0) & ops.isfinite(normalizer), normalizer, float("nan"))
-        if red == "mean":
-            D = normalizer if normalizer is not None else _den(ops, st, W, counted, like, None, acc)
-            inv, zero = _inverse(ops, D)
-            coef = inv
-        else:
-            over = "T" if red in ("per_sequence", "sequence_mean") else "N"
-            axes = _axes(tok, over)
-            inv, zero = _inverse(ops, _den(ops, st, W, counted, like, axes, acc))
-            coef = ops.expand(inv, tok.index(over)) if axes else inv
-            if red == "sequence_mean":
-                n_seq = ops.cast(normalizer if normalizer is not None else ops.dim(like, tok.index("N")), acc)
-                inv2, zero2 = _inverse(ops, n_seq)
-                coef = coef * inv2
 
-    def expected_dl() -> Any:
-        """d result / d l per token when result's own upstream gradient is 1 (bad-token NaNs left
-        out): what a fused kernel's backward receives in the common case."""
-        ct = ops.full_tokens(like, 1.0, acc) * coef  # coef may be a Python float or a 0-d array
-        if w is None:
-            return ct
-        ct = ct * w
-        return ct if counted is None else ops.where(counted, ct, 0.0)  # as ``out`` below
+def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: Any, weights: Any,
+             cw: Any, normalizer: Any, segs: Any = None, rows: Any = None, want_grad: bool = False) -> Any:
+    """The loss (and with ``want_grad`` its gradient, for backends without autodiff).
 
-    def cotangent() -> Any:
-        """d result / d l per token, bad-token NaNs included: the gradient's per-row factor."""
-        ct = ops.full_tokens(like, 1.0, acc) * coef
-        if mult is not None:
-            ct = ct * mult
-        return ct if counted is None else ops.where(counted, ct, 0.0)
+    ``rows`` (ragged inputs, _ragged.py): z and soft targets hold only the real tokens, as (R, C)
+    rows; the token-shaped arrays are the padded (N, T) batch, with a mask that is true exactly at
+    the real tokens; rows[r] is row r's flat index into it. The per-token loss is computed on the
+    rows (``st.kernel``, class axis 1) and scattered into the padded token array, so every rule
+    below is the padded batch's.
+    """
+    o = st.opts
+    k = st.kernel.opts.k  # the class axis of z as given
+    acc = ops.acc_dtype(z)
+    like = y if y is not None else (ops.drop_class(t, o.k) if rows is None else mask)
+    if rows is not None and st.soft and st.shift:
+        t = shifted_rows(ops, st, t, rows, like)
+    to_tokens = (lambda v: scatter_rows(ops, v, rows, like)) if rows is not None else None
+    probs_bad = None
+    if st.mark_bad and o.inputs == "probs":
+        outside, sums = probs_rows(ops, st.kernel, z)
+        probs_bad = outside | (ops.abs(sums - 1.0) > PROBS_SUM_TOL)
+        if rows is not None:
+            probs_bad = to_tokens(probs_bad)
+    p = token_plan(ops, st, like, acc, y, t, mask, lengths, weights, cw, normalizer, segs,
+                   extra_bad=probs_bad, k=k, to_tokens=to_tokens)
+    if st.mark_bad and o.inputs == "probs" and p.bad is not None:
+        # clamps and wheres would drop the NaN from parts of the row's gradient: poison the input row
+        b = p.bad if rows is None else ops.take(ops.flat(p.bad), rows)
+        z = z * ops.expand(ops.cast(ops.where(b, float("nan"), 1.0), ops.dtype(z)), k)
 
+    def to_kernel(x: Any) -> Any:
+        """A token-shaped array as the kernel sees it (rows: gathered at the rows)."""
+        return x if rows is None or x is None else ops.take(ops.flat(x), rows)
+
+    kst = st.kernel
+    yk, ck, tk = to_kernel(p.y), to_kernel(p.counted), p.t  # soft targets are rows already
+    expected_dl = lambda: to_kernel(p.expected_dl())  # noqa: E731
+    cotangent = lambda: to_kernel(p.cotangent())  # noqa: E731
     l = g = grad = None
     if want_grad:  # without autodiff (NumPy): a backend's kernel forms the scaled gradient itself
         fused_vg = getattr(ops, "fused_value_and_grad", None)
         if fused_vg is not None:
-            l, grad = fused_vg(st, z, y, t, counted, cw, acc, cotangent)
+            l, grad = fused_vg(kst, z, yk, tk, ck, p.cw, acc, cotangent)
     else:
         fused = getattr(ops, "fused_token_loss", None)  # a backend's own forward+backward kernel, if any
-        l = None if fused is None else fused(st, z, y, t, counted, cw, acc, expected_dl)
+        l = None if fused is None else fused(kst, z, yk, tk, ck, p.cw, acc, expected_dl)
     if l is None:
-        l, g = token_loss(ops, st, z, y, t, counted, cw, acc, want_grad)
-
-    out = l if mult is None else l * mult
-    if counted is not None and mult is not None:
-        out = ops.where(counted, out, 0.0)
-    if red == "none":
-        result = out
-    elif red == "sum":
-        result = ops.sum(out, None)
-    elif red == "mean":
-        result = _divide(ops, ops.sum(out, None), inv, zero, o.empty)
-    else:
-        result = _divide(ops, _sum(ops, out, axes), inv, zero, o.empty)
-        if red == "sequence_mean":
-            result = _divide(ops, ops.sum(result, None), inv2, zero2, o.empty)
+        l, g = token_loss(ops, kst, z, yk, tk, ck, p.cw, acc, want_grad)
+    if rows is not None:
+        l = scatter_rows(ops, l, rows, like)
+    result = p.finish(p.combine(l))
     if not want_grad:
         return result
     if grad is None:
-        grad = g * ops.expand(cotangent(), o.k)
+        grad = g * ops.expand(cotangent(), k)
     return result, grad
 
 
+# ------------------------------------------------------------------------------- ragged rows
+
+def scatter_rows(ops: Any, v: Any, rows: Any, like: Any) -> Any:
+    """A per-row array into the padded token array (0 / False where no row is)."""
+    return ops.reshape_like(ops.scatter(v, rows, ops.size_of(like)), like)
+
+
+def shifted_rows(ops: Any, st: Static, t: Any, rows: Any, like: Any) -> Any:
+    """Soft-target rows at their logits' rows under ``shift``: row r (sequence n, step t) takes the
+    row of (n, t + k). Where none exists (t + k past the sequence) any row will do: no position
+    exists there, so it never counts."""
+    T = ops.dim(like, 1)
+    of = ops.scatter(ops.arange(ops.dim(rows, 0), like=rows), rows, ops.size_of(like))  # flat -> row
+    step = rows % T
+    target = ops.where(step + st.shift < T, rows + st.shift, rows)
+    return ops.take(t, ops.take(of, target))

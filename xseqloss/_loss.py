@@ -14,16 +14,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _checks, _dispatch
+from . import _checks, _dispatch, _ragged, _reduce, _tokens
 from ._checks import fmt_shape
-from ._core import _counted, _denominator_weights, _numeric
-from ._errors import XSeqLossError, keep_type_when_compiled
+from ._core import _numeric
+from ._errors import XSeqLossError, XSeqLossTypeError, keep_type_when_compiled
 from ._plan import Static
 from ._prepare import _Call, _prepare, _prepare_sides
 from ._validate import (_act_on_flags, _check_values, _numeric_checked, _numeric_flagged,
                         _raise_value_error, check_concrete_sides)
 
-__all__ = ["sequence_cross_entropy", "value_and_grad", "token_count"]
+__all__ = ["sequence_cross_entropy", "value_and_grad", "token_count", "segment_count"]
 
 
 @keep_type_when_compiled
@@ -33,16 +33,20 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
                            smoothing: str = "uniform", z_loss: float = 0.0, logit_softcap: float | None = None,
                            reduction: str = "mean", denominator: str = "weights", normalizer: Any = None,
                            empty: str = "zero", num_classes: int | None = None, validate: bool = True,
-                           backend: str | None = None, inplace_backward: bool = False) -> Any:
+                           backend: str | None = None, inplace_backward: bool = False, shift: int = 0,
+                           segment_ids: Any = None) -> Any:
     """Cross-entropy of a sequence model's outputs, with one meaning on NumPy, PyTorch, TensorFlow and JAX.
 
     Per counted token (after ``logit_softcap``), with lse = logsumexp(z), eps = ``label_smoothing`` and
-    class weights cw: ``l = (1 - eps) cw[y] (lse - z[y]) + (eps / C) sum_c cw[c] (lse - z[c]) + z_loss lse^2``,
-    multiplied by ``weights``, reduced by ``reduction`` over ``denominator``. docs/semantics.md has every rule.
+    class weights cw: ``l = (1 - eps) cw[y] (lse - z[y]) + (eps / C) sum_c cw[c] (lse - z[c])
+    + z_loss cw[y] lse^2``, multiplied by ``weights``, reduced by ``reduction`` over ``denominator``.
+    docs/semantics.md has every rule.
 
     Args:
-        logits: array with axes named by ``layout`` (default "NTC"); floating point.
-        targets: integer class ids (logits' axes minus C), or floating probabilities with logits' shape.
+        logits: array with axes named by ``layout`` (default "NTC"); floating point. Also a PyTorch
+            PackedSequence or nested jagged tensor, or a TensorFlow RaggedTensor (API.md 7.1).
+        targets: integer class ids (logits' axes minus C), or floating probabilities with logits' shape;
+            or a list of per-sequence arrays, or the logits' own ragged structure.
         layout: order of the axes N (batch), T (time), C (classes); C required.
         mask, lengths, ignore_index: which tokens count (all must hold).
         weights, class_weights: per-token and per-class weights.
@@ -54,6 +58,8 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
         validate: check values in eager mode (raise) instead of marking bad tokens NaN.
         backend: "numpy", "torch", "tensorflow" or "jax"; default from the logits' type.
         inplace_backward: PyTorch only: write the gradient into the logits' storage.
+        shift: score the logits at step t against the target at t + shift (next-token prediction: 1).
+        segment_ids: packed documents (targets' token shape; a negative id is padding).
 
     Returns:
         The loss in the backend's array type on the logits' device (float32 for float16/bfloat16 input).
@@ -63,12 +69,22 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
     >>> round(float(xsl.sequence_cross_entropy(logits, targets)), 6)  # log(4), the ignored token excluded
     1.386294
     """
-    call = _prepare(logits, targets, layout=layout, mask=mask, lengths=lengths, ignore_index=ignore_index,
-                    weights=weights, class_weights=class_weights, inputs=inputs,
-                    label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
-                    logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
-                    normalizer=normalizer, empty=empty, num_classes=num_classes, validate=validate,
-                    backend=backend, inplace_backward=inplace_backward)
+    kw = dict(layout=layout, mask=mask, lengths=lengths, ignore_index=ignore_index, weights=weights,
+              class_weights=class_weights, inputs=inputs, label_smoothing=label_smoothing, smoothing=smoothing,
+              z_loss=z_loss, logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
+              normalizer=normalizer, empty=empty, num_classes=num_classes, validate=validate, backend=backend,
+              inplace_backward=inplace_backward, shift=shift, segment_ids=segment_ids)
+    sides = dict(mask=mask, weights=weights, segment_ids=segment_ids)
+    if _ragged.is_ragged(logits, targets, sides):
+        cv = _ragged.convert(logits, targets, layout=layout, lengths=lengths, sides=sides, reduction=reduction,
+                             backend=backend)
+        kw.update(cv.sides, layout=cv.layout, rows=cv.rows, padded=cv.padded)
+        return cv.restore(_loss(cv.logits, cv.targets, kw))
+    return _loss(logits, targets, kw)
+
+
+def _loss(logits: Any, targets: Any, kw: dict) -> Any:
+    call = _prepare(logits, targets, **kw)
     if call.st.native_default and not call.tracing:
         result = _native_default(call)
         if result is not None:
@@ -101,13 +117,25 @@ def _native_default(call: _Call) -> Any:
 def value_and_grad(logits: Any, targets: Any, **options: Any) -> tuple[Any, Any]:
     """``(loss, d loss / d logits)`` in the backend's own types; NumPy's gradient is analytic.
 
-    For a non-scalar reduction the gradient is that of the sum of the output.
+    For a non-scalar reduction the gradient is that of the sum of the output. Ragged logits give
+    their gradient in their own structure.
 
     >>> import numpy as np, xseqloss as xsl
     >>> loss, grad = xsl.value_and_grad(np.zeros((1, 1, 2)), np.array([[0]]))
     >>> grad.round(3).tolist()  # (softmax - onehot) / 1
     [[[-0.5, 0.5]]]
     """
+    sides = {k: options.get(k) for k in _ragged.SIDES}
+    if _ragged.is_ragged(logits, targets, sides):
+        cv = _ragged.convert(logits, targets, layout=options.get("layout", "NTC"), lengths=options.get("lengths"),
+                             sides=sides, reduction=options.get("reduction", "mean"), backend=options.get("backend"))
+        opts = dict(options, **cv.sides, layout=cv.layout, rows=cv.rows, padded=cv.padded)
+        value, grad = _value_and_grad(cv.logits, cv.targets, opts)
+        return cv.restore(value), cv.restore_grad(grad)
+    return _value_and_grad(logits, targets, options)
+
+
+def _value_and_grad(logits: Any, targets: Any, options: dict) -> tuple[Any, Any]:
     call = _prepare(logits, targets, **options)
     be = call.be
     if not call.st.mark_bad:
@@ -124,24 +152,19 @@ def value_and_grad(logits: Any, targets: Any, **options: Any) -> tuple[Any, Any]
     return be.value_and_grad(_numeric, call.st, *call.arrays)
 
 
-@keep_type_when_compiled
-def token_count(targets: Any, *, layout: str = "NTC", mask: Any = None, lengths: Any = None,
-                ignore_index: Any = -100, weights: Any = None, class_weights: Any = None,
-                denominator: str = "weights", num_classes: int | None = None, validate: bool = True,
-                backend: str | None = None) -> Any:
-    """The denominator D that ``reduction="mean"`` divides by, for summing across workers or micro-batches.
-
-    Pass the sum over micro-batches back as ``normalizer=`` and the accumulated loss equals the
-    full-batch mean exactly.
-
-    >>> import numpy as np, xseqloss as xsl
-    >>> int(xsl.token_count(np.array([[3, 1, -100]])))
-    2
-    """
+def _token_call(targets: Any, *, layout: str, mask: Any, lengths: Any, ignore_index: Any, weights: Any,
+                class_weights: Any, denominator: str, num_classes: int | None, validate: bool, backend: Any,
+                shift: int, segment_ids: Any, reduction: str) -> _Call:
+    """A prepared call on the targets alone (token_count, segment_count, global counts)."""
     o = _checks.parse_options(layout=layout, ignore_index=ignore_index, inputs="logits", label_smoothing=0.0,
-                              smoothing="uniform", z_loss=0.0, logit_softcap=None, reduction="mean",
+                              smoothing="uniform", z_loss=0.0, logit_softcap=None, reduction=reduction,
                               denominator=denominator, empty="zero", num_classes=num_classes,
-                              validate=validate, inplace_backward=False)
+                              validate=validate, inplace_backward=False, shift=shift)
+    sides = dict(mask=mask, weights=weights, segment_ids=segment_ids)
+    if _ragged.is_ragged(None, targets, sides) or _ragged.kind_of(targets) is not None:
+        targets, lengths, sides = _ragged.padded_targets(targets, layout=o.layout, lengths=lengths, sides=sides,
+                                                         backend=backend)
+        mask, weights, segment_ids = sides["mask"], sides["weights"], sides["segment_ids"]
     be, y = _dispatch.resolve(targets, backend)
     tshape = be.shape(y)
     if be.kind(y) == "f" and len(tshape) == len(o.layout):
@@ -154,26 +177,89 @@ def token_count(targets: Any, *, layout: str = "NTC", mask: Any = None, lengths:
         shape_l.insert(o.k, num_classes)
         shape = tuple(shape_l)
     call = _prepare_sides(be, o, None, shape, y, mask=mask, lengths=lengths, weights=weights,
-                          class_weights=class_weights, normalizer=None, like=y)
+                          class_weights=class_weights, normalizer=None, like=y, segment_ids=segment_ids)
     if not call.st.mark_bad:
         _check_values(call)
-    return be.run(_count_core, call.st, *call.arrays)
+    return call
+
+
+@keep_type_when_compiled
+def token_count(targets: Any, *, layout: str = "NTC", mask: Any = None, lengths: Any = None,
+                ignore_index: Any = -100, weights: Any = None, class_weights: Any = None,
+                denominator: str = "weights", num_classes: int | None = None, validate: bool = True,
+                backend: str | None = None, shift: int = 0, segment_ids: Any = None) -> Any:
+    """The denominator D that ``reduction="mean"`` divides by, for summing across workers or micro-batches.
+
+    Pass the sum over micro-batches back as ``normalizer=`` and the accumulated loss equals the
+    full-batch mean exactly. With ``shift`` it counts the shifted tokens (Hugging Face's
+    num_items_in_batch counted the unshifted labels, transformers PR 46204).
+
+    >>> import numpy as np, xseqloss as xsl
+    >>> int(xsl.token_count(np.array([[3, 1, -100]])))
+    2
+    >>> int(xsl.token_count(np.array([[3, 1, 4, -100]]), shift=1))  # targets 1 and 4 are scored
+    2
+    """
+    call = _token_call(targets, layout=layout, mask=mask, lengths=lengths, ignore_index=ignore_index,
+                       weights=weights, class_weights=class_weights, denominator=denominator,
+                       num_classes=num_classes, validate=validate, backend=backend, shift=shift,
+                       segment_ids=segment_ids, reduction="mean")
+    return call.be.run(_count_core, call.st, *call.arrays)
+
+
+@keep_type_when_compiled
+def segment_count(segment_ids: Any, *, layout: str = "NTC", backend: str | None = None) -> Any:
+    """The number of documents per sequence (shape (N,), or () without N): a document is a maximal
+    run of equal non-negative ids along T; a negative id is padding. The sum over workers is the
+    ``normalizer`` of ``reduction="segment_mean"``.
+
+    >>> import numpy as np, xseqloss as xsl
+    >>> xsl.segment_count(np.array([[0, 0, 1, 1, 1, -1], [5, 5, 5, 2, 5, -1]])).tolist()
+    [2, 3]
+    """
+    layout = _checks.parse_layout(layout)
+    if "T" not in layout:
+        raise XSeqLossError(f"segment_ids mark documents along the time axis (T), but layout={layout!r} has none")
+    be, segs = _dispatch.resolve(segment_ids, backend)
+    tok = layout.replace("C", "")
+    if be.kind(segs) not in "iu":
+        raise XSeqLossTypeError(f"segment_ids has dtype {be.dtype_name(segs)}; it must be integer (not bool, "
+                                f"not floating: ids are never rounded)")
+    if len(be.shape(segs)) != len(tok):
+        raise XSeqLossError(f"segment_ids has shape {fmt_shape(be.shape(segs))} but layout={layout!r} needs "
+                            f"{len(tok)} axes ({tok}: the targets' shape)")
+    st = _static_for_tokens(layout)
+    return be.run(_segment_count_core, st, be.index_dtype(segs))
+
+
+def _static_for_tokens(layout: str) -> Static:
+    from ._plan import _static
+    o = _checks.parse_options(layout=layout, ignore_index=None, inputs="logits", label_smoothing=0.0,
+                              smoothing="uniform", z_loss=0.0, logit_softcap=None, reduction="sum",
+                              denominator="weights", empty="zero", num_classes=None, validate=True,
+                              inplace_backward=False)
+    return _static(o, None, False, False, False, False, False, False, False)
+
+
+def _segment_count_core(ops: Any, st: Static, segs: Any) -> Any:
+    return _tokens.documents(ops, st, segs)[1]
 
 
 def _count_core(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: Any, weights: Any,
-                cw: Any, normalizer: Any) -> Any:
+                cw: Any, normalizer: Any, segs: Any = None, rows: Any = None) -> Any:
     """The D of "mean": an integer count, or the sum of W when weights enter it (token weights, or
     class weights of index targets; soft targets keep class weights out of W, decisions.md 7)."""
     like = y if y is not None else ops.drop_class(t, st.opts.k)
-    counted, _ = _counted(ops, st, y, mask, lengths, like)
+    y, t, mask, weights, counted, _, pos = _tokens.token_facts(ops, st, y, t, mask, lengths, weights, segs, like)
     d = st.opts.denominator
     if not (d == "weights" and (weights is not None or (cw is not None and not st.soft))):
-        if d == "positions" or counted is None:
+        flags = pos if d == "positions" else counted
+        if flags is None:
             return ops.size(like)
-        return ops.count(counted, None)
+        return ops.count(flags, None)
     acc = ops.acc_dtype(weights if weights is not None else cw)
     if y is not None and cw is not None:  # only class weights need the labels (C is then known)
         y = ops.where((y >= 0) & (y < st.C), y, 0)
     w = None if weights is None else ops.cast(weights, acc)
     cwc = None if cw is None else ops.cast(cw, acc)
-    return ops.sum(_denominator_weights(ops, st, y, counted, w, cwc), None)
+    return ops.sum(_reduce.denominator_weights(ops, st, y, counted, w, cwc), None)

@@ -3,7 +3,8 @@ needs besides the arrays themselves; hashable, so JAX and TensorFlow cache one p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from ._checks import Options
 from ._engine import Engine
@@ -23,6 +24,23 @@ class Static:
     has_normalizer: bool
     ignore: tuple[int, ...] = ()  # the ignore values a label of this backend's index dtype can hold
     engine: Engine = Engine()     # the backend's kernel and sizes for this call (_engine.py)
+    has_segments: bool = False
+    rows: bool = False            # ragged: z holds (R, C) rows of a padded (N, T) batch (_ragged.py)
+    linear: tuple | None = None   # the fused output layer: (hidden's H axis, weight layout, chunk) (linear.py)
+    class_parallel: Any = None    # classes split across workers: a process group or an axis name
+
+    def __post_init__(self) -> None:
+        # the plan a per-token kernel sees: itself, or for ragged rows and the fused layer's chunks
+        # the same options on "NC" rows
+        kernel = self
+        if self.rows or self.linear:
+            kernel = replace(self, opts=replace(self.opts, layout="NC", shift=0, reduction="none"), rows=False,
+                             linear=None)
+        object.__setattr__(self, "kernel", kernel)
+
+    @property
+    def shift(self) -> int:
+        return self.opts.shift
 
     @property
     def native_default(self) -> bool:
@@ -31,7 +49,8 @@ class Static:
         ``cross_entropy(ignore_index=...)``, which an eager backend may run directly
         (``native_default_loss``, see ``_native_default``) when that is the fastest way."""
         o = self.opts
-        return (self.plain and not (self.has_mask or self.has_lengths or self.has_weights or self.has_normalizer)
+        return (self.plain and not (self.has_mask or self.has_lengths or self.has_weights or self.has_normalizer
+                                    or self.has_segments or self.rows or o.shift)
                 and len(self.ignore) <= 1 and o.reduction in ("mean", "sum", "none")
                 and o.denominator != "positions")
 
@@ -47,17 +66,21 @@ _STATIC_CACHE: dict[tuple, Static] = {}
 
 
 def _static(o: Options, C: int | None, soft: bool, mark_bad: bool, *has: bool,
-            limits: tuple[int, int] | None = None, engine: Engine = Engine()) -> Static:
+            limits: tuple[int, int] | None = None, engine: Engine = Engine(), has_segments: bool = False,
+            rows: bool = False, linear: tuple | None = None, class_parallel: Any = None,
+            store: bool = True) -> Static:
     """The call's Static, cached: most calls repeat their options and shapes. ``limits``: the range
     of the backend's label dtype when narrower than int64 (JAX without x64): an ignore value outside
-    it can never match a label, and comparing with it would overflow."""
-    key = (o, C, soft, mark_bad, has, limits, engine)
+    it can never match a label, and comparing with it would overflow. ``store=False`` under
+    torch.compile: a cache write is a side effect dynamo must replay, and it cannot rebuild a Static."""
+    key = (o, C, soft, mark_bad, has, limits, engine, has_segments, rows, linear, class_parallel)
     st = _STATIC_CACHE.get(key)
     if st is None:
         ignore = o.ignore if limits is None else tuple(v for v in o.ignore if limits[0] <= v <= limits[1])
         st = Static(o, C, soft, 0.0 if C is None else _uniform_eps(o, C), mark_bad, *has, ignore=ignore,
-                    engine=engine)
-        if len(_STATIC_CACHE) < 1024:
+                    engine=engine, has_segments=has_segments, rows=rows, linear=linear,
+                    class_parallel=class_parallel)
+        if store and len(_STATIC_CACHE) < 1024:
             _STATIC_CACHE[key] = st
     return st
 

@@ -4,29 +4,41 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from . import _checks, _dispatch
 from ._checks import fmt_shape, position, shape_error
 from ._errors import XSeqLossError, XSeqLossTypeError, keep_type_when_compiled
 
-METHODS = ("last", "first", "mean", "max")
+METHODS = ("last", "first", "mean", "max", "attention")
 
 
 @keep_type_when_compiled
 def pool(hidden: Any, *, layout: str = "NTH", lengths: Any = None, mask: Any = None, method: str = "last",
-         validate: bool = True, backend: str | None = None) -> Any:
+         scores: Any = None, validate: bool = True, backend: str | None = None) -> Any:
     """Pool (N, T, H) hidden states to (N, H) over the counted steps of each sequence.
 
     "last" takes the last counted step (not index -1, which in a padded batch is padding), "first" the
-    first; "mean" and "max" reduce over counted steps. A sequence with no counted step gives zeros.
-    Steps that do not count never leak into the result or its gradient, even when they hold NaN.
+    first; "mean" and "max" reduce over counted steps; "attention" takes the weighted sum with the
+    softmax of ``scores`` (N, T) over the counted steps. A sequence with no counted step gives zeros.
+    Steps that do not count never leak into the result or its gradient, even when they (or their
+    scores) hold NaN. ``hidden`` may also be a list of (length, H) arrays or a PyTorch
+    PackedSequence (``scores`` then a list of (length,) arrays or padded): the padded batch with
+    ``lengths`` it means.
 
     >>> import numpy as np, xseqloss as xsl
     >>> h = np.arange(6.0).reshape(1, 3, 2)        # steps [0,1], [2,3], [4,5]
     >>> xsl.pool(h, lengths=np.array([2])).tolist()  # last real step, not the padding at index 2
     [[2.0, 3.0]]
+    >>> xsl.pool([h[0, :2]], method="attention", scores=[np.array([0.0, np.log(3.0)])]).tolist()  # 1/4, 3/4
+    [[1.5, 2.5]]
     """
     layout = _checks.parse_layout(layout, "layout", letters="NTH", required="NTH")
     method = _checks.choice(method, "method", METHODS)
+    if (scores is None) != (method != "attention"):
+        raise XSeqLossError('method="attention" needs scores (N, T), and scores mean nothing to the other '
+                            f'methods; got method={method!r} with scores={"None" if scores is None else "given"}')
+    hidden, scores, lengths, layout = _ragged_pool(hidden, scores, lengths, layout, backend)
     be, h = _dispatch.resolve(hidden, backend)
     if be.kind(h) != "f":
         raise XSeqLossTypeError(f"hidden must have a floating dtype, got {be.dtype_name(h)}")
@@ -39,15 +51,23 @@ def pool(hidden: Any, *, layout: str = "NTH", lengths: Any = None, mask: Any = N
         h = be.moveaxis(h, 2, 1)
     N, T, H = be.shape(h)
     steps = None
+    ml = "".join(a for a in layout if a != "H")
+    want = tuple(shape[layout.index(a)] for a in ml)
     if mask is not None:
         mask = _dispatch.side(be, mask, "mask", h)
-        ml = "".join(a for a in layout if a != "H")
-        want = tuple(shape[layout.index(a)] for a in ml)
         if not _checks.same_shape(be.shape(mask), want):
             raise shape_error("mask", be.shape(mask), want, ml)
         steps = be.nonzero(mask)
         if ml != "NT":
             steps = be.moveaxis(steps, 1, 0)
+    if scores is not None:
+        scores = _dispatch.side(be, scores, "scores", h)
+        if be.kind(scores) != "f":
+            raise XSeqLossTypeError(f"scores must have a floating dtype, got {be.dtype_name(scores)}")
+        if not _checks.same_shape(be.shape(scores), want):
+            raise shape_error("scores", be.shape(scores), want, ml)
+        if ml != "NT":
+            scores = be.moveaxis(scores, 1, 0)
     if lengths is not None:
         lengths = _dispatch.side(be, lengths, "lengths", h)
         if be.kind(lengths) not in "iu":
@@ -60,11 +80,42 @@ def pool(hidden: Any, *, layout: str = "NTH", lengths: Any = None, mask: Any = N
             i = int(((arr < 0) | (arr > T)).nonzero()[0][0])
             raise XSeqLossError(f"lengths{position((i,))} = {arr[i]} is out of range: valid lengths are "
                                 f"[0, {T}] (T = {T})")
-    return be.run(_pool_core, method, h, steps, lengths)
+    return be.run(_pool_core, method, h, steps, lengths, scores)
 
 
-def _pool_core(ops: Any, method: str, h: Any, steps: Any, lengths: Any) -> Any:
-    """h: (N, T, H); steps: (N, T) bool or None; lengths: (N,) or None."""
+def _ragged_pool(hidden: Any, scores: Any, lengths: Any, layout: str, backend: Any) -> tuple[Any, Any, Any, str]:
+    """A list of (length, H) arrays or a PackedSequence as the padded batch with lengths ("NTH")."""
+    from . import _ragged
+
+    if _ragged.kind_of(hidden) == "packed":
+        import torch
+        from torch.nn.utils.rnn import pad_packed_sequence
+        h, lens = pad_packed_sequence(hidden, batch_first=True)  # the caller's order; differentiable
+        if isinstance(scores, _ragged.packed_type()):
+            scores = pad_packed_sequence(scores, batch_first=True)[0]
+        elif isinstance(scores, (list, tuple)):
+            scores = torch.nn.utils.rnn.pad_sequence(list(scores), batch_first=True)
+        _ragged._check_lengths(lengths, lens, _dispatch.load("torch"), "PackedSequence hidden states")
+        return h, scores, lens, "NTH"
+    if isinstance(hidden, (list, tuple)):
+        be, first = _dispatch.resolve(hidden[0] if hidden else np.zeros((0, 0)), backend)
+        items = [_dispatch.side(be, v, f"hidden[{i}]", first) for i, v in enumerate(hidden)]
+        lens = [int(be.shape(v)[0]) for v in items]
+        T = max(lens + [0])
+        h = be.pad_stack(items, T, 0.0)
+        if isinstance(scores, (list, tuple)):
+            got = [int(be.shape(_dispatch.side(be, v, "scores", first))[0]) for v in scores]
+            if got != lens:
+                raise XSeqLossError(f"scores is a list with lengths {got} but hidden has lengths {lens}")
+            scores = be.pad_stack([_dispatch.side(be, v, f"scores[{i}]", first) for i, v in enumerate(scores)],
+                                  T, 0.0)
+        _ragged._check_lengths(lengths, lens, be, "list of hidden states")
+        return h, scores, np.asarray(lens, np.int64), "NTH"
+    return hidden, scores, lengths, layout
+
+
+def _pool_core(ops: Any, method: str, h: Any, steps: Any, lengths: Any, scores: Any = None) -> Any:
+    """h: (N, T, H); steps: (N, T) bool or None; lengths: (N,) or None; scores: (N, T) or None."""
     T = ops.dim(h, 1)
     counted = steps
     if lengths is not None:
@@ -87,5 +138,13 @@ def _pool_core(ops: Any, method: str, h: Any, steps: Any, lengths: Any) -> Any:
         n = ops.count(counted, 1)
         n = ops.cast(ops.where(n > 0, n, 1), ops.dtype(h))
         return ops.where(has, ops.sum(safe, 1) / ops.expand(n, 1), 0.0)
+    if method == "attention":  # softmax over the counted steps; padding scores (NaN too) never reach it
+        s = ops.where(counted, ops.cast(scores, ops.dtype(h)), -float("inf"))
+        m = ops.stop_gradient(ops.max(s, 1))
+        m = ops.where(m == -float("inf"), 0.0, m)
+        e = ops.where(counted, ops.exp(s - ops.expand(m, 1)), 0.0)
+        tot = ops.sum(e, 1)
+        a = e / ops.expand(ops.where(tot > 0, tot, 1.0), 1)
+        return ops.where(has, ops.sum(safe * ops.expand(a, 2), 1), 0.0)
     best = ops.max(ops.where(ops.expand(counted, 2), h, -float("inf")), 1)
     return ops.where(has, best, 0.0)

@@ -31,10 +31,14 @@ class _Call:
     tracing: bool = False
     raw: dict | None = None        # labels / lengths before their index cast, for messages
     check_sides: bool = False      # traced logits but concrete side arrays: check those (JAX grad)
+    segs: Any = None               # segment_ids
+    rows: Any = None               # ragged rows: z is (R, C), the token arrays padded (_ragged.py)
+    tok_shape: tuple[Any, ...] = ()  # the token arrays' shape (padded for rows)
 
     @property
     def arrays(self) -> tuple[Any, ...]:
-        return (self.z, self.y, self.t, self.mask, self.lengths, self.weights, self.cw, self.normalizer)
+        return (self.z, self.y, self.t, self.mask, self.lengths, self.weights, self.cw, self.normalizer,
+                self.segs, self.rows)
 
 
 def _prepare(logits: Any, targets: Any, *, layout: Any = "NTC", mask: Any = None, lengths: Any = None,
@@ -43,12 +47,15 @@ def _prepare(logits: Any, targets: Any, *, layout: Any = "NTC", mask: Any = None
              z_loss: Any = 0.0, logit_softcap: Any = None, reduction: Any = "mean",
              denominator: Any = "weights", normalizer: Any = None, empty: Any = "zero",
              num_classes: Any = None, validate: Any = True, backend: Any = None,
-             inplace_backward: Any = False) -> _Call:
+             inplace_backward: Any = False, shift: Any = 0, segment_ids: Any = None, rows: Any = None,
+             padded: tuple[int, int] | None = None) -> _Call:
+    """``rows`` / ``padded`` come from the ragged edge (_ragged.py): logits are (R, C) rows of the
+    padded (N, T) batch ``padded``, rows[r] the flat index of row r; the layout is then "NTC"."""
     o = _checks.parse_options(layout=layout, ignore_index=ignore_index, inputs=inputs,
                               label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
                               logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
                               empty=empty, num_classes=num_classes, validate=validate,
-                              inplace_backward=inplace_backward)
+                              inplace_backward=inplace_backward, shift=shift)
     be, z = _dispatch.resolve(logits, backend)
     if o.inplace and be.name != "torch":
         raise XSeqLossError(f"inplace_backward=True is PyTorch only; backend {be.name!r} does not support it")
@@ -60,6 +67,8 @@ def _prepare(logits: Any, targets: Any, *, layout: Any = "NTC", mask: Any = None
                                 f"integer logits are never cast for you")
     shape = be.shape(z)
     L = o.layout
+    if rows is not None:  # (R, C) rows of the padded (N, T, C) batch
+        shape = (*padded, shape[1])
     if len(shape) != len(L):
         raise XSeqLossError(f"logits have {len(shape)} axes, shape {fmt_shape(shape)}, but layout={L!r} names "
                             f"{len(L)}; give one letter per axis")
@@ -70,12 +79,13 @@ def _prepare(logits: Any, targets: Any, *, layout: Any = "NTC", mask: Any = None
         raise XSeqLossError(f"logits have C = 0 classes (axis {o.k}, shape {fmt_shape(shape, L)}): "
                             f"at least one class is required, valid range [1, inf)")
     return _prepare_sides(be, o, z, shape, targets, mask=mask, lengths=lengths, weights=weights,
-                          class_weights=class_weights, normalizer=normalizer)
+                          class_weights=class_weights, normalizer=normalizer, segment_ids=segment_ids,
+                          rows=rows)
 
 
 def _prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets: Any, *, mask: Any,
                    lengths: Any, weights: Any, class_weights: Any, normalizer: Any,
-                   like: Any = None) -> _Call:
+                   like: Any = None, segment_ids: Any = None, rows: Any = None) -> _Call:
     """Targets and side arrays against the logits' ``shape`` (``z`` is None for token_count)."""
     like = z if like is None else like
     L = o.layout
@@ -99,7 +109,10 @@ def _prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets:
     if tkind not in "fiu":
         raise XSeqLossTypeError(f"targets must be integer class ids or floating probabilities, got {be.dtype_name(y)}")
     soft = tkind == "f"
-    if soft and not _checks.same_shape(tshape, shape):
+    if soft and rows is not None:
+        if not _checks.same_shape(tshape, be.shape(z)):
+            raise shape_error("targets", tshape, be.shape(z), "RC", " (soft targets of ragged logits are their rows)")
+    elif soft and not _checks.same_shape(tshape, shape):
         if _checks.same_shape(tshape, tok_shape):
             raise XSeqLossTypeError(
                 f"targets have a floating dtype ({be.dtype_name(y)}) and the tokens' shape {fmt_shape(tshape)}: "
@@ -123,13 +136,22 @@ def _prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets:
             return None
         if be.kind(x) not in kinds:
             raise XSeqLossTypeError(f"{name} has dtype {be.dtype_name(x)}; it must be "
-                                    + ("bool or numeric" if "b" in kinds else "numeric (not bool)"))
+                                    + ("bool or numeric" if "b" in kinds else "numeric (not bool)" if "f" in kinds
+                                       else "integer (not bool, not floating: ids are never rounded)"))
         if not _checks.same_shape(be.shape(x), tok_shape):
             raise shape_error(name, be.shape(x), tok_shape, tok)
         return x
 
     mask = token_side(mask, "mask", "biuf")
     weights = token_side(weights, "weights", "iuf")
+    segs = token_side(segment_ids, "segment_ids", "iu")
+    if segs is not None:
+        if "T" not in L:
+            raise XSeqLossError(f"segment_ids mark documents along the time axis (T), but layout={L!r} has none")
+        segs = be.index_dtype(segs)
+    if o.reduction in ("per_segment", "segment_mean") and segs is None:
+        raise XSeqLossError(f"reduction={o.reduction!r} averages over documents and needs segment_ids "
+                            f"(the targets' shape, integers; a negative id marks padding)")
     if lengths is not None:
         if "N" not in L or "T" not in L:
             raise XSeqLossError(f"lengths needs both N and T in the layout, got layout={L!r}")
@@ -163,18 +185,22 @@ def _prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets:
     limits = getattr(be, "index_limits", None)
     st = _static(o, None if C is None else int(C), soft, not check_values, mask is not None, lengths is not None,
                  weights is not None, cw is not None, normalizer is not None,
+                 has_segments=segs is not None, rows=rows is not None,
                  limits=None if limits is None else limits(),
                  # under torch.compile inductor fuses the generic core whatever the kernel (and
                  # dynamo cannot trace the ContextVar of _engine.use)
-                 engine=_engine.DEFAULT if tracing and be.name == "torch" else _engine.current(be.name))
-    call = _Call(be, st, z, y, t, mask, lengths, weights, cw, normalizer)
-    call.shape = shape
+                 engine=_engine.DEFAULT if tracing and be.name == "torch" else _engine.current(be.name),
+                 store=not (tracing and be.name == "torch"))
+    call = _Call(be, st, z, y, t, mask, lengths, weights, cw, normalizer, segs=segs, rows=rows,
+                 tok_shape=tok_shape)
+    call.shape = shape if rows is None else be.shape(z)
     call.tracing = tracing
     call.raw = raw
     # jax.grad / jax.vjp / jax.vmap without jit trace the logits while targets and the other side
     # arrays stay concrete: those are checked (and raise) as in eager mode (decisions.md item 24)
     call.check_sides = (o.validate and tracing and z is not None
-                        and not any(be.tracing(a) for a in (y, t, mask, lengths, cw, normalizer) if a is not None))
+                        and not any(be.tracing(a) for a in (y, t, mask, lengths, cw, normalizer, segs)
+                                    if a is not None))
     return call
 
 

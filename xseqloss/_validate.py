@@ -12,7 +12,8 @@ import numpy as np
 
 from . import _dispatch
 from ._checks import position
-from ._core import PROBS_SUM_TOL, _counted, _numeric, probs_rows
+from . import _tokens
+from ._core import PROBS_SUM_TOL, _numeric, probs_rows, scatter_rows
 from ._errors import XSeqLossError
 from ._plan import Static
 from ._prepare import _Call
@@ -25,36 +26,48 @@ def _first(be: Any, bad: Any) -> tuple[int, ...] | None:
     return tuple(int(i) for i in np.argwhere(arr)[0])
 
 
+def _bad_tokens(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: Any, weights: Any,
+                cw: Any, normalizer: Any, segs: Any = None, rows: Any = None) -> dict[str, Any]:
+    """Token-shaped masks (at the logits' positions, the padded batch for ragged rows) of the
+    tokens that count and are bad, per kind of problem, and the counted tokens themselves. With
+    ``shift`` a label is checked where its step counts (the target at t + shift)."""
+    o, C = st.opts, st.C
+    k = st.kernel.opts.k if rows is not None else o.k  # ragged rows: (R, C)
+    like = y if y is not None else (ops.drop_class(t, o.k) if rows is None else mask)
+    y, t, mask, weights, m, _, _ = _tokens.token_facts(ops, st, y, t, mask, lengths, weights, segs, like)
+    counted = ops.true_like(like) if m is None else m
+    out = {"counted": counted}
+    if y is not None:
+        out["targets"] = ((y < 0) if C is None else ((y < 0) | (y >= C))) & counted
+    if t is not None:
+        bad = ops.any((t < 0) | ~ops.isfinite(t), k)
+        out["soft"] = (bad if rows is None else scatter_rows(ops, bad, rows, like)) & counted
+    if z is not None and o.inputs == "probs":
+        outside, sums = probs_rows(ops, st.kernel, z)
+        off = ops.abs(sums - 1.0) > PROBS_SUM_TOL
+        if rows is not None:
+            outside, off = scatter_rows(ops, outside, rows, like), scatter_rows(ops, off, rows, like)
+            sums = scatter_rows(ops, sums, rows, like)
+        out["probs"] = outside & counted
+        out["probs_sum"] = off & counted
+        out["sums"] = sums
+    return out
+
+
 def _value_flags(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: Any, weights: Any,
-                 cw: Any, normalizer: Any) -> dict[str, Any]:
+                 cw: Any, normalizer: Any, segs: Any = None, rows: Any = None) -> dict[str, Any]:
     """One scalar flag per kind of value problem: a single backend call (jitted on JAX) and one
     host read per flag, so validation stays cheap; the details are looked up only on failure."""
-    o, C = st.opts, st.C
-    m = _counted(ops, st, y, mask, lengths, y if y is not None else ops.drop_class(t, o.k))[0]
-    flags = {}
-    if y is not None:
-        bad = (y < 0) if C is None else ((y < 0) | (y >= C))
-        flags["targets"] = ops.any(bad if m is None else (bad & m), None)
+    bad = _bad_tokens(ops, st, z, y, t, mask, lengths, weights, cw, normalizer, segs, rows)
+    flags = {name: ops.any(v, None) for name, v in bad.items() if name not in ("counted", "sums")}
     if lengths is not None:
-        T = ops.dim(y if y is not None else ops.drop_class(t, o.k), o.tok_layout.index("T"))
+        T = ops.dim(bad["counted"], st.opts.tok_layout.index("T"))
         flags["lengths"] = ops.any((lengths < 0) | (lengths > T), None)
     if cw is not None:
         flags["class_weights"] = ops.any(~ops.isfinite_any_dtype(cw) | (cw < 0), None)
     if normalizer is not None:
         flags["normalizer"] = ops.any(~ops.isfinite_any_dtype(normalizer) | (normalizer < 0), None)
-    if t is not None:
-        bad = ops.any((t < 0) | ~ops.isfinite(t), o.k)
-        flags["soft"] = ops.any(bad if m is None else (bad & m), None)
-    if z is not None and o.inputs == "probs":
-        outside, sums = probs_rows(ops, st, z)
-        bad = outside | (ops.abs(sums - 1.0) > PROBS_SUM_TOL)
-        flags["probs"] = ops.any(bad if m is None else (bad & m), None)
     return flags
-
-
-def _probs_rows_and_sums(ops: Any, st: Static, z: Any) -> Any:
-    outside, sums = probs_rows(ops, st, z)
-    return ops.stack([ops.cast(outside, ops.dtype(sums)), sums])
 
 
 def _check_values(call: _Call) -> None:
@@ -71,9 +84,11 @@ def check_concrete_sides(call: _Call) -> None:
     logits' own checks (inputs="probs") cannot run: those rows are marked NaN as under jit."""
     be = call.be
     host = _dispatch.load("numpy")
-    arrays = [None if a is None else be.to_numpy(a) for a in call.arrays[1:]]
+    y, t, mask, lengths, weights, cw, normalizer, segs, rows = [None if a is None else be.to_numpy(a)
+                                                                 for a in call.arrays[1:]]
     raw = {k: be.to_numpy(v) for k, v in (call.raw or {}).items()}
-    sides = _Call(host, call.st, None, *arrays, shape=call.shape, raw=raw)
+    sides = _Call(host, call.st, None, y, t, mask, lengths, weights, cw, normalizer, shape=call.shape, raw=raw,
+                  segs=segs, rows=rows, tok_shape=call.tok_shape)
     _check_values(sides)
 
 
@@ -82,7 +97,7 @@ def _numeric_checked(ops: Any, st: Static, *arrays: Any, probe: bool = True) -> 
     one backend call (one jit dispatch on JAX, one traced call on TensorFlow, one host read
     everywhere): on bad input the loss is discarded and the error raised on the host."""
     flags = _value_flags(ops, st, *arrays)
-    z, k = arrays[0], st.opts.k
+    z, k = arrays[0], st.kernel.opts.k
     shape = ops.shape(z) if z is not None else ()
     if probe and _probe_in_core(ops, st, shape):
         flags["looks_like_probs"] = _looks_like_probs(ops, z, shape, k)
@@ -102,7 +117,7 @@ def _probe_in_core(ops: Any, st: Static, shape: tuple[Any, ...]) -> bool:
 
 
 def _probe_applies(st: Static, shape: tuple[Any, ...]) -> bool:
-    k = st.opts.k
+    k = st.kernel.opts.k  # the class axis of z as given (ragged rows: 1)
     return st.opts.inputs == "logits" and bool(shape) and shape[k] is not None and shape[k] >= 2 and 0 not in shape
 
 
@@ -115,13 +130,14 @@ def _looks_like_probs(ops: Any, z: Any, shape: tuple[Any, ...], k: int) -> Any:
 
 def _looks_like_probs_host(call: _Call) -> bool:
     """The same probe on the host, short-circuiting on the first value outside [0, 1]."""
-    idx = _sample_index(call.shape, call.st.opts.k, _SAMPLE_ROWS)
+    k = call.st.kernel.opts.k
+    idx = _sample_index(call.shape, k, _SAMPLE_ROWS)
     host = call.be.host_view(call.z)  # the whole array without a copy, or None (then copy the rows)
     rows = call.be.to_numpy(call.z[idx]) if host is None else host[idx]
     with np.errstate(invalid="ignore"):  # NaN is not >= 0: not a probability row
         if rows.size == 0 or not (rows.min() >= 0 and rows.max() <= 1):  # logits: min < 0 at once
             return False
-        return bool(np.all(np.abs(rows.astype(np.float64).sum(call.st.opts.k) - 1.0) <= 1e-3))
+        return bool(np.all(np.abs(rows.astype(np.float64).sum(k) - 1.0) <= 1e-3))
 
 
 def _act_on_flags(call: _Call, flagvec: Any) -> None:
@@ -139,88 +155,88 @@ def _act_on_flags(call: _Call, flagvec: Any) -> None:
                       UserWarning, stacklevel=4)
 
 
-def _counted_tokens(ops: Any, st: Static, y: Any, t: Any, mask: Any, lengths: Any) -> Any:
-    like = y if y is not None else ops.drop_class(t, st.opts.k)
-    counted = _counted(ops, st, y, mask, lengths, like)[0]
-    return ops.true_like(like) if counted is None else counted
-
-
 def _raise_value_error(call: _Call, shape: tuple[Any, ...]) -> None:
     """The slow path: find the first offending element of the first problem and raise."""
     be, st = call.be, call.st
     o, C = st.opts, st.C
-    counted = None
-    if call.y is not None or call.t is not None:
-        counted = be.run(_counted_tokens, st, call.y, call.t, call.mask, call.lengths)
-    if call.y is not None:
-        y = call.y
-        bad = (y < 0) if C is None else ((y < 0) | (y >= C))
-        bad = bad & counted
-        if be.any_true(bad):
-            pos = _first(be, bad)
-            if pos is not None:
-                value = _raw(call, "targets", y)[pos]
-                ign = (f"or ignore_index={o.ignore[0] if len(o.ignore) == 1 else list(o.ignore)}"
-                       if o.ignore else "and ignore_index=None")
-                raise XSeqLossError(
-                    f"targets{position(pos)} = {value} is out of range: valid class ids are [0, {C if C else 'C'}) "
-                    f"(C = {C}) {ign}" + ("; negative labels never wrap" if value < 0 else ""))
+    found = {name: be.to_numpy(v) for name, v in be.run(_bad_tokens, st, *call.arrays).items()}
+    T = call.tok_shape[o.tok_layout.index("T")] if "T" in o.tok_layout else None
+
+    def target_pos(pos: tuple[int, ...]) -> tuple[int, ...]:
+        """A position at the logits' steps -> the target's own position (shift)."""
+        if not st.shift:
+            return pos
+        p = list(pos)
+        p[o.tok_layout.index("T")] += st.shift
+        return tuple(p)
+
+    if "targets" in found and found["targets"].any():
+        pos = target_pos(tuple(int(i) for i in np.argwhere(found["targets"])[0]))
+        value = _raw(call, "targets", call.y)[pos]
+        ign = (f"or ignore_index={o.ignore[0] if len(o.ignore) == 1 else list(o.ignore)}"
+               if o.ignore else "and ignore_index=None")
+        raise XSeqLossError(
+            f"targets{position(pos)} = {value} is out of range: valid class ids are [0, {C if C else 'C'}) "
+            f"(C = {C}) {ign}" + ("; negative labels never wrap" if value < 0 else ""))
     if call.lengths is not None:
-        T = shape[o.layout.index("T")]
-        lens = call.lengths
+        lens = _raw(call, "lengths", call.lengths)
         bad = (lens < 0) | (lens > T)
-        if be.any_true(bad):
-            pos = _first(be, bad)
-            value = _raw(call, "lengths", lens)[pos]
-            raise XSeqLossError(f"lengths{position(pos)} = {value} is out of range: valid lengths are "
+        if bad.any():
+            pos = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise XSeqLossError(f"lengths{position(pos)} = {lens[pos]} is out of range: valid lengths are "
                                 f"[0, {T}] (T = {T})")
     if call.cw is not None:
-        cw = call.cw
-        bad = ~be.isfinite_any_dtype(cw) | (cw < 0)
-        if be.any_true(bad):
-            pos = _first(be, bad)
-            value = be.to_numpy(cw)[pos]
-            raise XSeqLossError(f"class_weights{position(pos)} = {value} is invalid: class weights must be "
+        cw = be.to_numpy(call.cw)
+        bad = ~np.isfinite(cw.astype(np.float64)) | (cw < 0)
+        if bad.any():
+            pos = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise XSeqLossError(f"class_weights{position(pos)} = {cw[pos]} is invalid: class weights must be "
                                 f"finite and in [0, inf)")
     if call.normalizer is not None:  # every array type: a NumPy scalar or 0-d array too (issue 11)
         v = float(be.to_numpy(call.normalizer))
         if not np.isfinite(v) or v < 0:
             raise XSeqLossError(f"normalizer = {v} is out of range: valid range is [0, inf)")
-    if call.t is not None:
-        # soft targets: entries must be finite and >= 0 at tokens that count
-        tt = be.to_numpy(call.t)
-        bad = ~np.isfinite(tt.astype(np.float64)) | (tt.astype(np.float64) < 0)
-        bad &= np.expand_dims(be.to_numpy(counted), o.k)
-        if bad.any():
-            pos = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise XSeqLossError(f"targets{position(pos)} = {tt[pos]} is invalid: soft-target values must be "
-                                f"finite and >= 0, i.e. in [0, inf) (they are not renormalised)")
-    if call.z is not None and o.inputs == "probs":
-        _check_probs(call, be.to_numpy(counted))
-
-
-def _check_probs(call: _Call, keep: np.ndarray) -> None:
-    """inputs="probs": the first entry outside [0, 1], else the first row whose sum is off by more
-    than 1e-3. The sums are the backend's own, in the accumulation dtype (``probs_rows``), the very
-    numbers the traced NaN mark uses: eager and traced agree at the boundary (issue 17)."""
-    be, o = call.be, call.st.opts
-    stats = be.to_numpy(be.run(_probs_rows_and_sums, call.st, call.z))
-    outside, sums = stats[0].astype(bool) & keep, stats[1]
-    if outside.any():
-        tok = tuple(int(i) for i in np.argwhere(outside)[0])
-        p = np.moveaxis(be.to_numpy(call.z), o.k, -1)[tok]
-        c = int(np.argmax((p < 0) | (p > 1) | ~np.isfinite(p)))
-        full = list(tok)
-        full.insert(o.k, c)
-        raise XSeqLossError(f"logits{position(full)} = {p[c]} is not a probability (inputs='probs'): values "
+    if "soft" in found and found["soft"].any():
+        tok = tuple(int(i) for i in np.argwhere(found["soft"])[0])
+        row, where = _row(call, target_pos(tok), call.t)
+        c = int(np.argmax(~np.isfinite(row.astype(np.float64)) | (row < 0)))
+        raise XSeqLossError(f"targets{where(c)} = {row[c]} is invalid: soft-target values must be "
+                            f"finite and >= 0, i.e. in [0, inf) (they are not renormalised)")
+    if "probs" in found and found["probs"].any():
+        tok = tuple(int(i) for i in np.argwhere(found["probs"])[0])
+        row, where = _row(call, tok, call.z)
+        c = int(np.argmax((row < 0) | (row > 1) | ~np.isfinite(row)))
+        raise XSeqLossError(f"logits{where(c)} = {row[c]} is not a probability (inputs='probs'): values "
                             f'must be in [0, 1]; if these are raw scores use inputs="logits"')
-    off = (np.abs(sums - 1.0) > PROBS_SUM_TOL) & keep
-    if off.any():
-        idx = tuple(int(i) for i in np.argwhere(off)[0])
-        row = ", ".join([str(i) for i in idx[:o.k]] + [":"] + [str(i) for i in idx[o.k:]])
-        raise XSeqLossError(f"logits[{row}] sums to {sums[idx]:.9g} in {stats.dtype} (inputs='probs'): "
-                            f"probability rows must sum to 1 within 1e-3, i.e. in [0.999, 1.001]; if these "
-                            f"are raw scores use inputs='logits'")
+    if "probs_sum" in found and found["probs_sum"].any():
+        tok = tuple(int(i) for i in np.argwhere(found["probs_sum"])[0])
+        _, where = _row(call, tok, call.z)
+        sums = found["sums"]
+        raise XSeqLossError(f"logits{where(None)} sums to {sums[tok]:.9g} in {sums.dtype} "
+                            f"(inputs='probs'): probability rows must sum to 1 within 1e-3, i.e. in "
+                            f"[0.999, 1.001]; if these are raw scores use inputs='logits'")
+
+
+def _row(call: _Call, tok: tuple[int, ...], x: Any) -> tuple[np.ndarray, Any]:
+    """The class row of ``x`` at token position ``tok`` (padded coordinates for ragged rows), and a
+    function giving the message's index of class c (None: the whole row, ':')."""
+    be, o = call.be, call.st.opts
+    a = be.to_numpy(x)
+    if call.rows is not None:  # a ragged row: find which row holds this padded position
+        T = call.tok_shape[1]
+        r = int(np.argmax(be.to_numpy(call.rows) == tok[0] * T + tok[1]))
+        return a[r], (lambda c: f"[{r}, {':' if c is None else c}] (row {r} of the ragged data: sequence "
+                                f"{tok[0]}, step {tok[1]})")
+    k = o.k
+    full = list(tok)
+    full.insert(k, slice(None))
+    row = a[tuple(full)]
+
+    def where(c: Any) -> str:
+        idx = [str(i) for i in tok]
+        idx.insert(k, ":" if c is None else str(c))
+        return "[" + ", ".join(idx) + "]"
+    return row, where
 
 
 def _raw(call: _Call, name: str, cast: Any) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 
 __all__ = ["main"]
 
-_SIDE = ("mask", "lengths", "weights", "class_weights")
+_SIDE = ("mask", "lengths", "weights", "class_weights", "segment_ids")
 
 
 def _suite() -> Any:
@@ -54,7 +54,8 @@ def _split(values: Sequence[str] | None) -> list[str] | None:
 
 
 def _quiet() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from ._quiet import tensorflow_quietly
+    tensorflow_quietly()
 
 
 # --------------------------------------------------------------------------------------- info
@@ -120,7 +121,7 @@ def _load(args: argparse.Namespace) -> dict:
         if missing:
             raise SystemExit(f"xseqloss crosscheck: {path} has no array named {missing} "
                              f"(it has {sorted(arrays)}); save with np.savez(path, logits=..., targets=..., [mask=, lengths=, weights=, "
-                             f"class_weights=])")
+                             f"class_weights=, segment_ids=])")
         unknown = sorted(set(arrays) - {"logits", "targets", *_SIDE})
         if unknown:
             raise SystemExit(f"xseqloss crosscheck: unknown arrays {unknown} in {path}; allowed: logits, targets, "
@@ -169,7 +170,7 @@ def _crosscheck(args: argparse.Namespace) -> int:
                                "ignore_index": _ignore_index(args.ignore_index), "inputs": args.inputs,
                                "label_smoothing": args.label_smoothing, "smoothing": args.smoothing,
                                "z_loss": args.z_loss, "logit_softcap": args.logit_softcap, "empty": args.empty,
-                               "normalizer": args.normalizer}
+                               "normalizer": args.normalizer, "shift": args.shift}
     if args.num_classes is not None:
         options["num_classes"] = args.num_classes
     ref_opts = {k: v for k, v in options.items() if k != "layout"}
@@ -277,6 +278,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--empty", default="zero")
     x.add_argument("--normalizer", type=float, default=None)
     x.add_argument("--num-classes", type=int, default=None)
+    x.add_argument("--shift", type=int, default=0, help="next-token prediction: score logits at t against "
+                                                        "the target at t + SHIFT")
     return p
 
 

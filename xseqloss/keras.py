@@ -97,12 +97,14 @@ class SequenceCrossEntropy(keras.losses.Loss):
                  z_loss: float = 0.0, logit_softcap: float | None = None, reduction: str = "mean",
                  denominator: str = "weights", normalizer: float | None = None, empty: str = "zero",
                  num_classes: int | None = None, validate: bool = True, name: str = "sequence_cross_entropy",
-                 dtype: Any = None) -> None:
+                 dtype: Any = None, shift: int = 0, segments_in_targets: bool = False) -> None:
         opts = _checks.parse_options(layout=layout, ignore_index=ignore_index, inputs=inputs,
                                      label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
                                      logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
                                      empty=empty, num_classes=num_classes, validate=validate,
-                                     inplace_backward=False)
+                                     inplace_backward=False, shift=shift)
+        if not isinstance(segments_in_targets, bool):
+            raise XSeqLossTypeError(f"segments_in_targets must be True or False, got {segments_in_targets!r}")
         if normalizer is not None:
             _checks.normalizer_reduction(opts.reduction)
             normalizer = _checks.number(normalizer, "normalizer", 0.0)
@@ -123,12 +125,21 @@ class SequenceCrossEntropy(keras.losses.Loss):
         self.empty = empty
         self.num_classes = opts.num_classes
         self.validate = validate
+        self.shift = opts.shift
+        self.segments_in_targets = segments_in_targets
 
-    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None, segment_ids: Any = None) -> Any:
         mask = _keras_mask(y_pred)  # read before any conversion creates a new tensor without it
         with keras.name_scope(self.name):
+            if _is_ragged(y_pred) or _is_ragged(y_true):  # TensorFlow RaggedTensors go to xseqloss as they are
+                opts = self._options()
+                opts.update(validate=self.validate, shift=self.shift, segment_ids=segment_ids)
+                loss = sequence_cross_entropy(y_pred, y_true, mask=mask, **opts)
+                return ops.cast(loss, self.dtype)
             y_pred = ops.convert_to_tensor(y_pred)  # keeps its dtype
             y_true = ops.convert_to_tensor(y_true)  # keeps its dtype: integer labels are never cast to float
+            if self.segments_in_targets:  # (.., 2) integer targets: [.., 0] class ids, [.., 1] segment ids
+                segment_ids, y_true = y_true[..., 1], y_true[..., 0]
             soft = "float" in keras.backend.standardize_dtype(y_true.dtype)
             weights = None
             if sample_weight is not None:
@@ -137,14 +148,15 @@ class SequenceCrossEntropy(keras.losses.Loss):
                 mask = ops.convert_to_tensor(mask)
             opts = self._options()
             opts["validate"] = self.validate and not _is_symbolic_placeholder(y_pred)
-            loss = sequence_cross_entropy(y_pred, y_true, mask=mask, weights=weights, **opts)
+            loss = sequence_cross_entropy(y_pred, y_true, mask=mask, weights=weights, shift=self.shift,
+                                          segment_ids=segment_ids, **opts)
             if self.reduction in ("mean", "sequence_mean") and self.normalizer is None:
                 loss = _scale_for_distribution(loss)
             return ops.cast(loss, self.dtype)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """Per-token losses (reduction "none"), for code that calls ``Loss.call`` directly."""
-        opts = {**self._options(), "reduction": "none", "normalizer": None}
+        opts = {**self._options(), "reduction": "none", "normalizer": None, "shift": self.shift}
         return sequence_cross_entropy(ops.convert_to_tensor(y_pred), ops.convert_to_tensor(y_true), **opts)
 
     def _options(self) -> dict[str, Any]:
@@ -204,11 +216,17 @@ class SequenceCrossEntropy(keras.losses.Loss):
                 "label_smoothing": self.label_smoothing, "smoothing": self.smoothing, "z_loss": self.z_loss,
                 "logit_softcap": self.logit_softcap, "reduction": self.reduction,
                 "denominator": self.denominator, "normalizer": self.normalizer, "empty": self.empty,
-                "num_classes": self.num_classes, "validate": self.validate}
+                "num_classes": self.num_classes, "validate": self.validate, "shift": self.shift,
+                "segments_in_targets": self.segments_in_targets}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "SequenceCrossEntropy":
         return cls(**config)
+
+
+def _is_ragged(x: Any) -> bool:
+    from . import _ragged
+    return _ragged.kind_of(x) == "ragged"
 
 
 def _class_weights(cw: Any, num_classes: int | None) -> list[float] | None:

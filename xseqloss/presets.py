@@ -28,7 +28,7 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any, Mapping
 
-__all__ = ["TORCH", "KERAS", "OPTAX", "TFA_SEQUENCE_LOSS", "HF_CAUSAL_LM", "FAIRSEQ", "ALL"]
+__all__ = ["TORCH", "KERAS", "OPTAX", "TFA_SEQUENCE_LOSS", "HF_CAUSAL_LM", "HF_FOR_CAUSAL_LM", "FAIRSEQ", "ALL"]
 
 
 def _preset(**kw: Any) -> Mapping[str, Any]:
@@ -117,11 +117,28 @@ HF_CAUSAL_LM = _preset(ignore_index=-100, smoothing="uniform", reduction="mean",
 
 -> ``normalizer=num_items_in_batch`` (the global count of labels != -100 over the accumulated
 micro-batches and workers, e.g. summed ``xsl.token_count``), which makes gradient accumulation exact.
-The shift is yours: ``ForCausalLMLoss`` compares ``logits[:, t]`` with ``labels[:, t + 1]``; pass
-``logits[:, :-1]`` and ``labels[:, 1:]`` (or pad ``labels`` with -100 on the right and drop the first).
+This preset does not shift: ``ForCausalLMLoss`` compares ``logits[:, t]`` with ``labels[:, t + 1]``,
+which is ``HF_FOR_CAUSAL_LM`` below (``shift=1``, nothing copied); slicing ``logits[:, :-1]`` by hand
+copies the logits and is the classic place for a double shift.
 HF casts the logits to float32 (``logits.float()``); xseqloss reduces in float32 anyway. The Trainer's
 ``LabelSmoother(epsilon)`` (``(1 - eps) mean nll + eps sum(-log p) / (n_active V)``) is
 ``label_smoothing=epsilon`` with this preset and no normalizer.
+"""
+
+HF_FOR_CAUSAL_LM = _preset(**HF_CAUSAL_LM, shift=1)
+"""Hugging Face transformers ``ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch)``
+(``transformers/loss/loss_utils.py``), its shift included::
+
+    labels   = pad(labels, (0, 1), value=-100)[..., 1:]        # the target of step t is labels[t + 1]
+    loss     = fixed_cross_entropy(logits.float().view(-1, V), labels.view(-1), num_items_in_batch)
+
+-> ``xsl.sequence_cross_entropy(logits, labels, **HF_FOR_CAUSAL_LM, normalizer=num_items_in_batch)``:
+``shift=1`` scores the logits at t against labels[t + 1] without copying the logits, and the last
+step of every row never counts (HF pads labels with -100 there). ``num_items_in_batch`` must count
+the *shifted* labels: ``xsl.token_count(labels, shift=1)`` summed over micro-batches and workers
+(transformers PR 46204 fixed the Trainer counting the unshifted ones). Without
+``num_items_in_batch`` omit ``normalizer`` (the mean over the counted shifted tokens, NaN if none).
+With ``shift_labels=`` given (already shifted, e.g. for sequence parallelism) use ``HF_CAUSAL_LM``.
 """
 
 FAIRSEQ = _preset(ignore_index=None, inputs="log_probs", smoothing="others", reduction="sum", empty="zero")
@@ -143,5 +160,5 @@ that is ``smoothing="uniform"``.
 """
 
 ALL = MappingProxyType({"TORCH": TORCH, "KERAS": KERAS, "OPTAX": OPTAX, "TFA_SEQUENCE_LOSS": TFA_SEQUENCE_LOSS,
-                        "HF_CAUSAL_LM": HF_CAUSAL_LM, "FAIRSEQ": FAIRSEQ})
+                        "HF_CAUSAL_LM": HF_CAUSAL_LM, "HF_FOR_CAUSAL_LM": HF_FOR_CAUSAL_LM, "FAIRSEQ": FAIRSEQ})
 """Every preset by name (read-only)."""

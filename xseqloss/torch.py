@@ -27,12 +27,12 @@ from ._errors import XSeqLossError, XSeqLossTypeError
 from ._loss import sequence_cross_entropy
 from .backends.torch import empty_cache
 
-__all__ = ["SequenceCrossEntropyLoss", "empty_cache"]
+__all__ = ["SequenceCrossEntropyLoss", "LinearCrossEntropyLoss", "empty_cache"]
 
 # Options whose value is shown by ``repr`` when it differs from the function's default.
 _DEFAULTS = dict(layout="NTC", ignore_index=-100, inputs="logits", label_smoothing=0.0, smoothing="uniform",
                  z_loss=0.0, logit_softcap=None, reduction="mean", denominator="weights", normalizer=None,
-                 empty="zero", num_classes=None, validate=True, inplace_backward=False)
+                 empty="zero", num_classes=None, validate=True, inplace_backward=False, shift=0)
 
 
 class SequenceCrossEntropyLoss(nn.Module):
@@ -40,8 +40,10 @@ class SequenceCrossEntropyLoss(nn.Module):
 
     The options (all keyword-only) are fixed at construction and checked there, so a typo fails
     when the model is built, not at the first batch. The arrays that change with every batch go to
-    ``forward``: ``mask``, ``lengths``, ``weights`` and, for gradient accumulation or data-parallel
-    training, ``normalizer`` (the global token count; it overrides the one given here).
+    ``forward``: ``mask``, ``lengths``, ``weights``, ``segment_ids`` (packed documents) and, for
+    gradient accumulation or data-parallel training, ``normalizer`` (the global token count; it
+    overrides the one given here). ``shift=1`` makes it a next-token loss (API.md 7.2). Logits and
+    targets may be ragged (a PackedSequence, nested jagged tensors, a list of target tensors).
 
     ``class_weights`` is a registered buffer: ``.to(device)`` / ``.to(dtype)`` move it with the model
     and it is saved in ``state_dict`` (as ``nn.CrossEntropyLoss`` does with ``weight``).
@@ -65,14 +67,15 @@ class SequenceCrossEntropyLoss(nn.Module):
                  inputs: str = "logits", label_smoothing: float = 0.0, smoothing: str = "uniform",
                  z_loss: float = 0.0, logit_softcap: float | None = None, reduction: str = "mean",
                  denominator: str = "weights", normalizer: float | None = None, empty: str = "zero",
-                 num_classes: int | None = None, validate: bool = True, inplace_backward: bool = False) -> None:
+                 num_classes: int | None = None, validate: bool = True, inplace_backward: bool = False,
+                 shift: int = 0) -> None:
         super().__init__()
         # the same checks (and messages) as the function's, once, at construction
         opts = _checks.parse_options(layout=layout, ignore_index=ignore_index, inputs=inputs,
                                      label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
                                      logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
                                      empty=empty, num_classes=num_classes, validate=validate,
-                                     inplace_backward=inplace_backward)
+                                     inplace_backward=inplace_backward, shift=shift)
         if normalizer is not None:
             _checks.normalizer_reduction(opts.reduction)
             if not isinstance(normalizer, torch.Tensor):
@@ -91,11 +94,12 @@ class SequenceCrossEntropyLoss(nn.Module):
         self.num_classes = opts.num_classes
         self.validate = validate
         self.inplace_backward = inplace_backward
+        self.shift = opts.shift
         self.register_buffer("class_weights", _class_weights(class_weights, opts.num_classes))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: Any = None, lengths: Any = None,
-                weights: Any = None, *, normalizer: Any = None) -> torch.Tensor:
-        """The loss of one batch; ``mask``, ``lengths``, ``weights`` as in ``sequence_cross_entropy``."""
+                weights: Any = None, segment_ids: Any = None, *, normalizer: Any = None) -> torch.Tensor:
+        """The loss of one batch; the arrays as in ``sequence_cross_entropy``."""
         return sequence_cross_entropy(
             logits, targets, layout=self.layout, mask=mask, lengths=lengths, ignore_index=self.ignore_index,
             weights=weights, class_weights=self.class_weights, inputs=self.inputs,
@@ -103,7 +107,7 @@ class SequenceCrossEntropyLoss(nn.Module):
             logit_softcap=self.logit_softcap, reduction=self.reduction, denominator=self.denominator,
             normalizer=self.normalizer if normalizer is None else normalizer, empty=self.empty,
             num_classes=self.num_classes, validate=self.validate, backend="torch",
-            inplace_backward=self.inplace_backward)
+            inplace_backward=self.inplace_backward, shift=self.shift, segment_ids=segment_ids)
 
     def extra_repr(self) -> str:
         parts = [f"{k}={getattr(self, k)!r}" for k, d in _DEFAULTS.items() if getattr(self, k) != d]
@@ -141,3 +145,70 @@ def _class_weights(cw: Any, num_classes: int | None) -> torch.Tensor | None:
         raise XSeqLossError(f"class_weights[{i}] = {v if math.isfinite(v) else v!r} is invalid: class weights "
                             f"must be finite and in [0, inf)")
     return t
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """``xseqloss.linear_cross_entropy`` as an ``nn.Module``: the output projection and the loss
+    fused, the (tokens, C) logits never held.
+
+    ``forward(hidden, weight, targets, bias=None, mask=None, lengths=None, weights=None,
+    segment_ids=None, *, normalizer=None)``; the weight is passed per call (``model.lm_head.weight``,
+    a tied embedding) so the module holds no parameters of its own. Options (every option of
+    ``linear_cross_entropy``) are fixed at construction and checked there. Works under
+    ``torch.compile(fullgraph=True)`` (the chunk loop is one custom op).
+
+    >>> import torch
+    >>> from xseqloss.torch import LinearCrossEntropyLoss
+    >>> head = torch.nn.Linear(4, 10)
+    >>> loss = LinearCrossEntropyLoss(label_smoothing=0.1)(torch.randn(2, 3, 4), head.weight,
+    ...                                                   torch.randint(0, 10, (2, 3)), bias=head.bias)
+    >>> loss.backward(); head.weight.grad.shape
+    torch.Size([10, 4])
+    """
+
+    def __init__(self, *, layout: str = "NTH", weight_layout: str = "CH", chunk_size: int | None = None,
+                 ignore_index: Any = -100, class_weights: Any = None, label_smoothing: float = 0.0,
+                 smoothing: str = "uniform", z_loss: float = 0.0, logit_softcap: float | None = None,
+                 reduction: str = "mean", denominator: str = "weights", normalizer: float | None = None,
+                 empty: str = "zero", num_classes: int | None = None, validate: bool = True, shift: int = 0,
+                 class_parallel: Any = None) -> None:
+        super().__init__()
+        opts = _checks.parse_options(layout=_checks.parse_layout(layout, "layout", "NTH", "H").replace("H", "C"),
+                                     ignore_index=ignore_index, inputs="logits", label_smoothing=label_smoothing,
+                                     smoothing=smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
+                                     reduction=reduction, denominator=denominator, empty=empty,
+                                     num_classes=num_classes, validate=validate, inplace_backward=False, shift=shift)
+        _checks.choice(weight_layout, "weight_layout", ("CH", "HC"))
+        if chunk_size is not None:
+            _checks.number(chunk_size, "chunk_size", 1, integer=True)
+        if normalizer is not None:
+            _checks.normalizer_reduction(opts.reduction)
+            if not isinstance(normalizer, torch.Tensor):
+                _checks.number(normalizer, "normalizer", 0.0)
+        self.options = dict(layout=layout, weight_layout=weight_layout, chunk_size=chunk_size,
+                            ignore_index=_checks.plain_ignore(ignore_index), label_smoothing=float(label_smoothing),
+                            smoothing=smoothing, z_loss=float(z_loss),
+                            logit_softcap=None if logit_softcap is None else float(logit_softcap),
+                            reduction=reduction, denominator=denominator, empty=empty, num_classes=opts.num_classes,
+                            validate=validate, shift=opts.shift, class_parallel=class_parallel)
+        self.normalizer = normalizer
+        self.register_buffer("class_weights", _class_weights(class_weights, opts.num_classes))
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: Any, bias: Any = None, mask: Any = None,
+                lengths: Any = None, weights: Any = None, segment_ids: Any = None, *,
+                normalizer: Any = None) -> torch.Tensor:
+        from .linear import linear_cross_entropy
+        return linear_cross_entropy(hidden, weight, targets, bias=bias, mask=mask, lengths=lengths, weights=weights,
+                                    segment_ids=segment_ids, class_weights=self.class_weights,
+                                    normalizer=self.normalizer if normalizer is None else normalizer,
+                                    backend="torch", **self.options)
+
+    def extra_repr(self) -> str:
+        defaults = dict(layout="NTH", weight_layout="CH", chunk_size=None, ignore_index=-100, label_smoothing=0.0,
+                        smoothing="uniform", z_loss=0.0, logit_softcap=None, reduction="mean",
+                        denominator="weights", empty="zero", num_classes=None, validate=True, shift=0,
+                        class_parallel=None)
+        parts = [f"{k}={v!r}" for k, v in self.options.items() if v != defaults[k]]
+        if self.class_weights is not None:
+            parts.append(f"class_weights=<{tuple(self.class_weights.shape)} buffer>")
+        return ", ".join(parts)

@@ -8,6 +8,19 @@ from typing import Any
 import numpy as np
 
 
+def shift(ops: Any, x: Any, k: int, axis: int, fill: Any) -> Any:
+    """out[.., t, ..] = x[.., t + k, ..] along ``axis``, ``fill`` where t + k falls outside: one slice
+    and one small fill of |k| steps (any k, also past the axis' length), written with slices so
+    unknown sizes (tf.function) work too."""
+    def cut(a: Any, b: Any) -> Any:
+        idx = [slice(None)] * ops.ndim(x)
+        idx[axis] = slice(a, b)
+        return x[tuple(idx)]
+    if k >= 0:
+        return ops.concat([cut(k, None), ops.full_like(cut(None, k), fill)], axis)
+    return ops.concat([ops.full_like(cut(None, -k), fill), cut(None, k)], axis)
+
+
 def logsumexp(ops: Any, x: Any, k: int) -> Any:
     """max-shifted logsumexp along axis k. A row whose max is -inf gives -inf; a +inf or NaN in a row
     gives NaN (softmax is undefined there), the same on every backend."""
@@ -30,3 +43,8 @@ def nll(ops: Any, z: Any, y: Any, keep: Any, k: int, acc: Any, differentiable: b
     x = x - ops.expand(m, k)
     l = ops.log(ops.sum(ops.exp(x), k)) - ops.take_class(x, y, k)
     return l if keep is None else ops.where(keep, l, 0.0)
+
+
+def moveaxis_to(ops: Any, x: Any, src: str, dst: str) -> Any:
+    """x with axes named by ``src`` (e.g. "NTC") rearranged into the order of ``dst``."""
+    return ops.permute(x, [src.index(a) for a in dst])

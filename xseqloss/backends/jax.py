@@ -201,8 +201,11 @@ class JaxBackend(NumpyBackend):
     def classdot(self, x: Any, w: Any, k: int) -> Any:
         return jnp.moveaxis(x, k, -1) @ w
 
-    def add_class(self, g: Any, y: Any, vals: Any, k: int) -> Any:  # pragma: no cover - autodiff is used
-        raise NotImplementedError
+    def add_class(self, g: Any, y: Any, vals: Any, k: int) -> Any:
+        """g + vals at class y along k (the fused layer's analytic gradient; autodiff elsewhere):
+        an iota comparison XLA fuses into the elementwise pass, never a stored one-hot."""
+        classes = jax.lax.broadcasted_iota(y.dtype, g.shape, k)
+        return g + jnp.where(classes == jnp.expand_dims(y, k), jnp.expand_dims(vals, k).astype(g.dtype), 0)
 
     def full_tokens(self, like: Any, value: float, dtype: Any) -> Any:
         return jnp.full(jnp.shape(like), value, dtype)
@@ -217,13 +220,55 @@ class JaxBackend(NumpyBackend):
         return jnp.asarray(jnp.size(x))
 
     def arange(self, n: int, like: Any) -> Any:
-        return jnp.arange(n, dtype=None if like is None else like.dtype)
+        """0..n-1 in like's integer dtype (a floating like: the default integer type)."""
+        dt = None if like is None or not jnp.issubdtype(like.dtype, jnp.integer) else like.dtype
+        return jnp.arange(n, dtype=dt)
 
     def moveaxis(self, x: Any, src: int, dst: int) -> Any:
         return jnp.moveaxis(x, src, dst)
 
     def pick_step(self, h: Any, idx: Any) -> Any:
         return h[jnp.arange(h.shape[0]), idx]
+
+    # ---- token-level ops for shift, segments and ragged rows (O(tokens), never the logits)
+    def concat(self, xs: Any, axis: int) -> Any:
+        return jnp.concatenate(xs, axis=axis)
+
+    def full_like(self, x: Any, value: Any) -> Any:
+        return jnp.full_like(x, value)
+
+    def cumsum(self, x: Any, axis: int) -> Any:
+        return jnp.cumsum(x, axis=axis, dtype=x.dtype)
+
+    def segment_sum(self, v: Any, j: Any) -> Any:
+        return jnp.zeros_like(v).at[jnp.arange(v.shape[0])[:, None], j].add(v)
+
+    def gather_along(self, x: Any, idx: Any, axis: int) -> Any:
+        return jnp.take_along_axis(x, idx, axis=axis)
+
+    def flat(self, x: Any) -> Any:
+        return jnp.reshape(x, (-1,))
+
+    def scatter(self, v: Any, idx: Any, size: Any) -> Any:
+        return jnp.zeros(int(size), v.dtype).at[idx].set(v)
+
+    def reshape_like(self, x: Any, like: Any) -> Any:
+        return jnp.reshape(x, jnp.shape(like))
+
+    def reshape_rows(self, x: Any) -> Any:
+        return jnp.reshape(x, (-1, jnp.shape(x)[-1]))
+
+    def pad_stack(self, items: Any, T: int, fill: Any) -> Any:
+        if not items:
+            return jnp.zeros((0, T), jnp.int32)
+        return jnp.stack([jnp.pad(v, [(0, T - v.shape[0])] + [(0, 0)] * (v.ndim - 1), constant_values=fill)
+                          for v in items])
+
+    def permute(self, x: Any, perm: Any) -> Any:
+        return jnp.transpose(x, perm)
+
+    def zeros_shape(self, shape: Any, like: Any) -> Any:
+        return jnp.zeros(shape)
 
     @staticmethod
     def version() -> str:
@@ -262,3 +307,125 @@ def _fused_nll_jvp(k: int, acc: str, primals: Any, tangents: Any) -> Any:
 
 
 BACKEND = JaxBackend()
+
+
+# ------------------------------------------------------------------------ the fused output layer
+#
+# linear_cross_entropy (xseqloss/linear.py): a custom_vjp over a lax.scan of chunks, so XLA holds
+# one chunk's logits at a time. The forward forms the gradients with the expected upstream factor;
+# the backward returns them scaled when the upstream is a uniform multiple of it, and scans the
+# chunks again with the upstream otherwise (a cotangent of reduction="none"). Matmuls take the
+# inputs' dtype with a float32 (or wider) result: no float32 copy of a 16-bit weight.
+
+
+def _linear_scan(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any,
+                 cw: Any, scale: Any, grads: bool) -> Any:
+    from ..linear import chunk_grad
+    ops = BACKEND
+    R, H = h2.shape
+    C = w.shape[0] if wl == "CH" else w.shape[1]
+    n = max(1, -(-R // chunk))
+    P = n * chunk - R
+
+    def rows(a: Any, fill: Any) -> Any:
+        if a is None:
+            return None
+        a = jnp.pad(a, [(0, P)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+        return a.reshape((n, chunk) + a.shape[1:])
+    keep = jnp.ones((R,), bool) if keep is None else keep
+    xs = dict(h=rows(h2, 0), y=rows(y, 0), t=rows(t, 0), k=rows(keep, False), s=rows(scale, 0))
+    wt = w.T if wl == "CH" else w  # (H, C)
+    dot = functools.partial(jnp.matmul, preferred_element_type=acc)
+
+    def body(carry: Any, x: Any) -> Any:
+        z = dot(x["h"], wt)
+        if b is not None:
+            z = z + b.astype(acc)
+        if not grads:
+            l = _token_loss_fn()(ops, kst, z, x["y"], x["t"], x["k"], cw, acc, False, k=1)[0]
+            return carry, l
+        l, g = chunk_grad(ops, kst, z, x["y"], x["t"], x["k"], cw, acc, x["s"])
+        dw, db = carry
+        gw = g.astype(w.dtype) if w.dtype != acc else g  # the weight's dtype, float32 accumulation
+        dh = dot(gw, wt.T).astype(h2.dtype)
+        dw = dw + (dot(gw.T, x["h"]) if wl == "CH" else dot(x["h"].T, gw))
+        if db is not None:
+            db = db + g.sum(0)
+        return (dw, db), (l, dh)
+
+    init = (jnp.zeros(w.shape, acc), None if b is None else jnp.zeros((C,), acc))
+    carry, out = jax.lax.scan(body, init if grads else None, xs)
+    if not grads:
+        return out.reshape(-1)[:R]
+    l, dh = out
+    dw, db = carry
+    return (l.reshape(-1)[:R], dh.reshape(-1, H)[:R], dw.astype(w.dtype),
+            None if db is None else db.astype(b.dtype))
+
+
+def _token_loss_fn() -> Any:
+    from .._token_loss import token_loss
+    return token_loss
+
+
+@functools.lru_cache(maxsize=256)
+def _jax_linear(kst: Any, acc: str, chunk: int, wl: str) -> Any:
+    @jax.custom_vjp
+    def f(h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, hint: Any) -> Any:
+        return _linear_scan(kst, acc, chunk, wl, h2, w, b, y, t, keep, cw, hint, False)
+
+    def fwd(h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, hint: Any) -> Any:
+        l, dh, dw, db = _linear_scan(kst, acc, chunk, wl, h2, w, b, y, t, keep, cw, hint, True)
+        return l, (dh, dw, db, (h2, w, b, y, t, keep, cw, hint))
+
+    def bwd(res: Any, ct: Any) -> Any:
+        dh, dw, db, inputs = res
+        h2, w, b, y, t, keep, cw, hint = inputs
+        nz = hint != 0
+        ratio = jnp.where(nz, ct / jnp.where(nz, hint, 1.0), jnp.nan)
+        r = jnp.nanmax(jnp.where(nz, ratio, -jnp.inf)) if hint.size else jnp.zeros((), acc)
+        r = jnp.where(jnp.any(nz), r, 0.0)
+        uniform = jnp.all(jnp.where(nz, ratio == r, ct == 0))
+
+        def scaled() -> Any:
+            return dh * r.astype(dh.dtype), dw * r.astype(dw.dtype), None if db is None else db * r.astype(db.dtype)
+
+        def again() -> Any:
+            _, a, bb, c = _linear_scan(kst, acc, chunk, wl, h2, w, b, y, t, keep, cw, ct, True)
+            return a, bb, c
+        gh, gw, gb = jax.lax.cond(uniform, scaled, again)
+        zero = lambda a: None if a is None or not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(a)  # noqa: E731
+        return gh, gw, gb, None if y is None else zero(y), zero(t), None if keep is None else zero(keep), zero(cw), \
+            jnp.zeros_like(hint)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
+                       scale_fn: Any, chunk: int, wl: str, want_grad: bool, cp: Any) -> Any:
+    if cp is not None:
+        from .. import distributed
+        return distributed.jax_linear_class_parallel(self, kst, h2, w, b, y, t, keep, cw, acc, scale_fn, chunk, wl, cp)
+    hint = jax.lax.stop_gradient(scale_fn())
+    return _jax_linear(kst, jnp.dtype(acc).name, chunk, wl)(h2, w, b, y, t, keep, cw, hint)
+
+
+def _linear_value_and_grad(self: Any, fn: Any, st: Any, h: Any, w: Any, b: Any, *arrays: Any) -> Any:
+    present = tuple(a is not None for a in arrays)
+    key = (fn, "linear_vjp", st, b is not None, present)
+    f = self._jitted.get(key)
+    if f is None:
+        def vg(h: Any, w: Any, b: Any, *given: Any) -> Any:
+            it = iter(given)
+            rest = [next(it) if p else None for p in present]
+            out, vjp = jax.vjp(lambda hh, ww, bb: fn(self, st, hh, ww, bb, *rest), h, w, b)
+            return out, vjp(jnp.ones_like(out))
+        f = self._jitted[key] = jax.jit(vg)
+    out, grads = f(h, w, b, *[a for a in arrays if a is not None])
+    return out, tuple(grads)
+
+
+JaxBackend.linear_token_loss = _linear_token_loss  # type: ignore[attr-defined]
+JaxBackend.linear_value_and_grad = _linear_value_and_grad  # type: ignore[attr-defined]
+JaxBackend.plain_chunk_grad = None  # type: ignore[attr-defined]

@@ -163,7 +163,8 @@ class NumpyBackend:
         return np.int64(np.size(x))
 
     def arange(self, n: int, like: Any) -> Any:
-        return np.arange(n, dtype=np.int64 if like is None else like.dtype)
+        """0..n-1 in like's integer dtype (int64 for a floating like)."""
+        return np.arange(n, dtype=np.int64 if like is None or like.dtype.kind not in "iu" else like.dtype)
 
     def moveaxis(self, x: Any, src: int, dst: int) -> Any:
         return np.moveaxis(x, src, dst)
@@ -176,6 +177,62 @@ class NumpyBackend:
 
     def pick_step(self, h: Any, idx: Any) -> Any:
         return h[np.arange(h.shape[0]), idx]
+
+    # ---- token-level ops for shift, segments and ragged rows (O(tokens), never the logits)
+    def shift(self, x: Any, k: int, axis: int, fill: Any) -> Any:
+        return _common.shift(self, x, k, axis, fill)
+
+    def concat(self, xs: Any, axis: int) -> Any:
+        return np.concatenate(xs, axis=axis)
+
+    def full_like(self, x: Any, value: Any) -> Any:
+        return np.full_like(x, value)
+
+    def cumsum(self, x: Any, axis: int) -> Any:
+        return np.cumsum(x, axis=axis)
+
+    def segment_sum(self, v: Any, j: Any) -> Any:
+        """(N, T) sums of v by index j along T: out[n, i] = sum of v[n, t] over t with j[n, t] == i."""
+        out = np.zeros(v.shape, v.dtype)
+        np.add.at(out, (np.arange(v.shape[0])[:, None], j), v)
+        return out
+
+    def gather_along(self, x: Any, idx: Any, axis: int) -> Any:
+        return np.take_along_axis(x, idx, axis=axis)
+
+    def flat(self, x: Any) -> Any:
+        return np.reshape(x, (-1,))
+
+    def scatter(self, v: Any, idx: Any, size: Any) -> Any:
+        out = np.zeros(int(size), v.dtype)
+        out[idx] = v
+        return out
+
+    def reshape_like(self, x: Any, like: Any) -> Any:
+        return np.reshape(x, np.shape(like))
+
+    def reshape_rows(self, x: Any) -> Any:
+        return np.reshape(x, (-1, np.shape(x)[-1]))
+
+    def size_of(self, x: Any) -> int:
+        return int(np.size(x))
+
+    def pad_stack(self, items: Any, T: int, fill: Any) -> Any:
+        """Per-sequence arrays (length, ...) as one (N, T, ...) array, ``fill`` past each length."""
+        ref = items[0] if items else np.zeros(0, np.int64)
+        out = np.full((len(items), T, *np.shape(ref)[1:]), fill, dtype=np.asarray(ref).dtype)
+        for i, v in enumerate(items):
+            out[i, :len(v)] = v
+        return out
+
+    def permute(self, x: Any, perm: Any) -> Any:
+        return np.transpose(x, perm)
+
+    def moveaxis_to(self, x: Any, src: str, dst: str) -> Any:
+        return _common.moveaxis_to(self, x, src, dst)
+
+    def zeros_shape(self, shape: Any, like: Any) -> Any:
+        return np.zeros(shape, np.float32)
 
 
 BACKEND = NumpyBackend()
@@ -307,3 +364,73 @@ def _version() -> str:
 
 NumpyBackend.version = staticmethod(_version)  # type: ignore[attr-defined]
 NumpyBackend.devices = staticmethod(lambda: ["cpu"])  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------ the fused output layer
+#
+# linear_cross_entropy (xseqloss/linear.py): one chunk's float32 logits at a time; the gradient is
+# formed in the chunk's buffer; d weight is accumulated in float32 in blocks of classes, so no
+# C x H temporary is ever allocated (NumPy has no in-place GEMM).
+
+def _plain_chunk_grad(self: Any, z: Any, y: Any, keep: Any, scale: Any) -> tuple[Any, Any]:
+    l = _plain_chunk(z, y, z, scale)  # in place: z becomes the gradient
+    if keep is not None and not keep.all():
+        drop = ~keep
+        z[drop] = 0.0
+        l[drop] = 0.0
+    return l, z
+
+
+def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
+                       scale_fn: Any, chunk: int, wl: str, want_grad: bool, cp: Any) -> Any:
+    from .._token_loss import token_loss
+    from ..linear import chunk_grad
+
+    R, H = h2.shape
+    wa = w if w.dtype == acc else w.astype(acc)
+    ba = None if b is None else b.astype(acc)
+    C = wa.shape[0] if wl == "CH" else wa.shape[1]
+    l = np.empty(R, acc)
+    if want_grad:
+        scale = scale_fn()
+        dh = np.empty(h2.shape, h2.dtype)
+        dw = np.zeros(wa.shape, acc)
+        db = None if b is None else np.zeros(C, acc)
+        block = max(1, (1 << 21) // max(H, 1))  # classes per d-weight update: a small temporary
+    for i in range(0, R, chunk):
+        j = min(R, i + chunk)
+        hc = h2[i:j] if h2.dtype == acc else h2[i:j].astype(acc)
+        z = hc @ (wa.T if wl == "CH" else wa)
+        if ba is not None:
+            z += ba
+        yc = None if y is None else y[i:j]
+        kc = None if keep is None else keep[i:j]
+        tc = None if t is None else t[i:j]
+        if not want_grad:
+            l[i:j] = token_loss(self, kst, z, yc, tc, kc, cw, acc, False, k=1)[0]
+            continue
+        lc, g = chunk_grad(self, kst, z, yc, tc, kc, cw, acc, scale[i:j])
+        l[i:j] = lc
+        dh[i:j] = g @ (wa if wl == "CH" else wa.T)
+        for c0 in range(0, C, block):
+            c1 = min(C, c0 + block)
+            if wl == "CH":
+                dw[c0:c1] += g[:, c0:c1].T @ hc
+            else:
+                dw[:, c0:c1] += hc.T @ g[:, c0:c1]
+        if db is not None:
+            db += g.sum(0)
+    if not want_grad:
+        return l
+    return l, (dh, dw.astype(w.dtype, copy=False), None if db is None else db.astype(b.dtype, copy=False))
+
+
+def _linear_value_and_grad(self: Any, fn: Any, st: Any, *arrays: Any) -> Any:
+    with np.errstate(all="ignore"):
+        value, grads = fn(self, st, *arrays, want_grad=True)
+    return np.asarray(value), grads
+
+
+NumpyBackend.plain_chunk_grad = _plain_chunk_grad  # type: ignore[attr-defined]
+NumpyBackend.linear_token_loss = _linear_token_loss  # type: ignore[attr-defined]
+NumpyBackend.linear_value_and_grad = _linear_value_and_grad  # type: ignore[attr-defined]

@@ -222,8 +222,13 @@ class TensorflowBackend:
     def classdot(self, x: Any, w: Any, k: int) -> Any:
         return tf.tensordot(x, w, axes=[[k], [0]])
 
-    def add_class(self, g: Any, y: Any, vals: Any, k: int) -> Any:  # pragma: no cover - autodiff is used
-        raise NotImplementedError
+    def add_class(self, g: Any, y: Any, vals: Any, k: int) -> Any:
+        """g + vals at class y along k (the fused layer's analytic gradient; autodiff elsewhere)."""
+        shape = [1] * len(g.shape)
+        shape[k] = -1
+        classes = tf.reshape(tf.range(tf.shape(g)[k], dtype=y.dtype), shape)
+        hit = tf.equal(classes, tf.expand_dims(y, k))
+        return g + tf.where(hit, tf.cast(tf.expand_dims(vals, k), g.dtype), tf.zeros([], g.dtype))
 
     def reshape_class(self, w: Any, k: int, ndim: int) -> Any:
         shape = [1] * ndim
@@ -250,7 +255,9 @@ class TensorflowBackend:
         return tf.size(x, out_type=tf.int64)
 
     def arange(self, n: Any, like: Any) -> Any:
-        return tf.range(tf.cast(n, like.dtype) if like is not None else n, dtype=None if like is None else like.dtype)
+        """0..n-1 in like's integer dtype (int64 for a floating like)."""
+        dt = tf.int64 if like is None or not like.dtype.is_integer else like.dtype
+        return tf.range(tf.cast(n, dt), dtype=dt)
 
     def moveaxis(self, x: Any, src: int, dst: int) -> Any:
         return tf.experimental.numpy.moveaxis(x, src, dst)
@@ -260,6 +267,59 @@ class TensorflowBackend:
 
     def pick_step(self, h: Any, idx: Any) -> Any:
         return tf.gather(h, idx, batch_dims=1)
+
+    # ---- token-level ops for shift, segments and ragged rows (O(tokens), never the logits)
+    def shift(self, x: Any, k: int, axis: int, fill: Any) -> Any:
+        return _common.shift(self, x, k, axis, fill)
+
+    def concat(self, xs: Any, axis: int) -> Any:
+        return tf.concat(xs, axis)
+
+    def full_like(self, x: Any, value: Any) -> Any:
+        return tf.fill(tf.shape(x), tf.cast(value, x.dtype))
+
+    def cumsum(self, x: Any, axis: int) -> Any:
+        return tf.cumsum(x, axis=axis)
+
+    def segment_sum(self, v: Any, j: Any) -> Any:
+        shape = tf.shape(v, out_type=j.dtype)
+        ids = tf.expand_dims(tf.range(shape[0], dtype=j.dtype), 1) * shape[1] + j
+        out = tf.math.unsorted_segment_sum(tf.reshape(v, [-1]), tf.reshape(ids, [-1]), shape[0] * shape[1])
+        return tf.reshape(out, tf.shape(v))
+
+    def gather_along(self, x: Any, idx: Any, axis: int) -> Any:
+        return tf.gather(x, idx, axis=axis, batch_dims=axis)
+
+    def flat(self, x: Any) -> Any:
+        return tf.reshape(x, [-1])
+
+    def scatter(self, v: Any, idx: Any, size: Any) -> Any:
+        if v.dtype == tf.bool:  # scatter_nd takes numbers
+            return tf.cast(self.scatter(tf.cast(v, tf.int8), idx, size), tf.bool)
+        return tf.scatter_nd(tf.expand_dims(idx, 1), v, tf.reshape(tf.cast(size, idx.dtype), [1]))
+
+    def reshape_like(self, x: Any, like: Any) -> Any:
+        return tf.reshape(x, tf.shape(like))
+
+    def reshape_rows(self, x: Any) -> Any:
+        return tf.reshape(x, [-1, tf.shape(x)[-1]])
+
+    def size_of(self, x: Any) -> Any:
+        return tf.size(x, out_type=tf.int64)
+
+    def pad_stack(self, items: Any, T: Any, fill: Any) -> Any:
+        rank = len(items[0].shape) if items else 1
+        return tf.stack([tf.pad(v, [[0, T - tf.shape(v)[0]]] + [[0, 0]] * (rank - 1),
+                                constant_values=tf.cast(fill, v.dtype)) for v in items])
+
+    def permute(self, x: Any, perm: Any) -> Any:
+        return tf.transpose(x, perm)
+
+    def moveaxis_to(self, x: Any, src: str, dst: str) -> Any:
+        return _common.moveaxis_to(self, x, src, dst)
+
+    def zeros_shape(self, shape: Any, like: Any) -> Any:
+        return tf.zeros(shape)
 
     @staticmethod
     def version() -> str:
@@ -404,3 +464,129 @@ def _rescaled(z: Any, y: Any, keep: Any, g: Any, dl: Any, hint: Any, k: int, has
 TensorflowBackend.fused_token_loss = _fused_token_loss  # type: ignore[attr-defined]
 
 BACKEND = TensorflowBackend()
+
+
+# ------------------------------------------------------------------------ the fused output layer
+#
+# linear_cross_entropy (xseqloss/linear.py): a tf.while_loop over chunks (XLA-compilable, one
+# chunk's float32 logits at a time) under a custom gradient. The forward forms the gradients with
+# the expected upstream factor; the backward returns them scaled when the upstream is a uniform
+# multiple of it and runs the chunks again otherwise. 16-bit inputs: the chunk and the weight are
+# cast to float32 (tf.matmul has no wider result type).
+
+
+def _linear_loop(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any,
+                 cw: Any, scale: Any, grads: bool) -> Any:
+    from .._token_loss import token_loss
+    from ..linear import chunk_grad
+    ops = BACKEND
+    R = tf.shape(h2)[0]
+    n = tf.maximum((R + chunk - 1) // chunk, 1)
+    P = n * chunk - R
+    wa = tf.cast(w, acc)
+    wt = tf.transpose(wa) if wl == "CH" else wa  # (H, C)
+    ba = None if b is None else tf.cast(b, acc)
+    C = tf.shape(wt)[1]
+
+    def padded(a: Any, fill: Any) -> Any:  # whole chunks of a static size: XLA compiles the loop once
+        if a is None:
+            return None
+        pad = tf.concat([[[0, P]], tf.zeros([len(a.shape) - 1, 2], tf.int32)], 0)
+        return tf.pad(a, pad, constant_values=tf.cast(fill, a.dtype))
+    keep = tf.ones([R], tf.bool) if keep is None else keep
+    h2p, yp, tp, kp = padded(h2, 0), padded(y, 0), padded(t, 0), padded(keep, False)
+    sp = padded(scale, 0)
+
+    def piece(a: Any, i: Any) -> Any:  # a static size: XLA needs one inside the loop
+        if a is None:
+            return None
+        rank = len(a.shape)
+        return tf.slice(a, tf.concat([[i * chunk], tf.zeros([rank - 1], tf.int32)], 0), [chunk] + [-1] * (rank - 1))
+
+    def body(i: Any, ls: Any, dhs: Any, dw: Any, db: Any) -> Any:
+        hc = tf.cast(piece(h2p, i), acc)
+        z = tf.matmul(hc, wt)
+        if ba is not None:
+            z = z + ba
+        if not grads:
+            l = token_loss(ops, kst, z, piece(yp, i), piece(tp, i), piece(kp, i), cw, acc, False, k=1)[0]
+            return i + 1, ls.write(i, l), dhs, dw, db
+        l, g = chunk_grad(ops, kst, z, piece(yp, i), piece(tp, i), piece(kp, i), cw, acc, piece(sp, i))
+        dh = tf.cast(tf.matmul(g, wt, transpose_b=True), h2.dtype)
+        dw = dw + (tf.matmul(g, hc, transpose_a=True) if wl == "CH" else tf.matmul(hc, g, transpose_a=True))
+        if db is not None:
+            db = db + tf.reduce_sum(g, 0)
+        return i + 1, ls.write(i, l), dhs.write(i, dh), dw, db
+
+    ls = tf.TensorArray(acc, size=n, infer_shape=False)
+    dhs = tf.TensorArray(h2.dtype, size=n, infer_shape=False)
+    dw0 = tf.zeros(tf.shape(w), acc)
+    db0 = tf.zeros([C], acc) if (b is not None and grads) else tf.zeros([0], acc)
+    has_b = b is not None and grads
+
+    def step(i: Any, ls: Any, dhs: Any, dw: Any, db: Any) -> Any:
+        out = body(i, ls, dhs, dw, db if has_b else None)
+        return out[:4] + ((out[4],) if has_b else (db,))
+    _, ls, dhs, dw, db = tf.while_loop(lambda i, *_: i < n, step, (tf.constant(0), ls, dhs, dw0, db0))
+    l = ls.concat()[:R]
+    if not grads:
+        return l
+    return l, dhs.concat()[:R], tf.cast(dw, w.dtype), (tf.cast(db, b.dtype) if has_b else None)
+
+
+def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
+                       scale_fn: Any, chunk: int, wl: str, want_grad: bool, cp: Any) -> Any:
+    if cp is not None:
+        raise XSeqLossTypeError("class_parallel is for PyTorch and JAX: tf.distribute has no tensor parallelism")
+    if not (self._grad_possible or _record.could_possibly_record()):  # nothing records: losses only
+        return _linear_loop(kst, acc, chunk, wl, h2, w, b, y, t, keep, cw, None, False)
+    hint = tf.stop_gradient(scale_fn())
+
+    def forward(*params: Any) -> Any:
+        hh, ww = params[0], params[1]
+        bb = params[2] if len(params) > 2 else None
+        l, dh, dw, db = _linear_loop(kst, acc, chunk, wl, hh, ww, bb, y, t, keep, cw, hint, True)
+
+        def grad(dl: Any) -> Any:
+            dl = tf.reshape(dl, [-1])  # per token (its rank may be unknown in the tape's graph)
+            nz = hint != 0
+            ratio = tf.where(nz, dl / tf.where(nz, hint, tf.ones_like(hint)), tf.zeros_like(dl))
+            r = tf.reduce_max(tf.where(nz, ratio, tf.fill(tf.shape(ratio), tf.constant(-np.inf, ratio.dtype))))
+            r = tf.where(tf.reduce_any(nz), r, tf.zeros_like(r))
+            uniform = tf.reduce_all(tf.where(nz, tf.equal(ratio, r), tf.equal(dl, 0)))
+
+            def scaled() -> Any:
+                out = [dh * tf.cast(r, dh.dtype), dw * tf.cast(r, dw.dtype)]
+                return out + ([db * tf.cast(r, db.dtype)] if db is not None else [])
+
+            def again() -> Any:
+                _, a, bb_, c = _linear_loop(kst, acc, chunk, wl, hh, ww, bb, y, t, keep, cw, dl, True)
+                return [a, bb_] + ([c] if c is not None else [])
+            return tf.cond(uniform, scaled, again)
+        return l, grad
+
+    params = (h2, w) if b is None else (h2, w, b)
+    return tf.custom_gradient(forward)(*params)
+
+
+def _linear_value_and_grad(self: Any, fn: Any, st: Any, h: Any, w: Any, b: Any, *arrays: Any) -> Any:
+    return self.run(_with_linear_gradient(fn), st, h, w, b, *arrays)  # eager: one traced call
+
+
+@functools.lru_cache(maxsize=None)
+def _with_linear_gradient(fn: Any) -> Any:
+    """fn's value and the gradients of its sum with respect to hidden, weight and bias."""
+    def value_and_grads(ops: Any, st: Any, h: Any, w: Any, b: Any, *rest: Any) -> Any:
+        with tf.GradientTape() as tape:
+            watched = [a for a in (h, w, b) if a is not None]
+            for a in watched:
+                tape.watch(a)
+            out = fn(ops, st, h, w, b, *rest)
+            total = tf.reduce_sum(out)
+        g = iter(tape.gradient(total, watched))
+        return out, tuple(None if a is None else next(g) for a in (h, w, b))
+    return value_and_grads
+
+
+TensorflowBackend.linear_token_loss = _linear_token_loss  # type: ignore[attr-defined]
+TensorflowBackend.linear_value_and_grad = _linear_value_and_grad  # type: ignore[attr-defined]

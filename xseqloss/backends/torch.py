@@ -3,8 +3,9 @@ logits' device."""
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -223,7 +224,9 @@ class TorchBackend:
         return torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
 
     def arange(self, n: int, like: Any) -> Any:
-        return torch.arange(n, device=like.device, dtype=like.dtype)
+        """0..n-1 on like's device, in like's integer dtype (int64 for a floating like)."""
+        dt = like.dtype if not (like.dtype.is_floating_point or like.dtype == torch.bool) else torch.int64
+        return torch.arange(n, device=like.device, dtype=dt)
 
     def moveaxis(self, x: Any, src: int, dst: int) -> Any:
         return torch.movedim(x, src, dst)
@@ -233,6 +236,60 @@ class TorchBackend:
 
     def pick_step(self, h: Any, idx: Any) -> Any:
         return h[torch.arange(h.shape[0], device=h.device), idx]
+
+    # ---- token-level ops for shift, segments and ragged rows (O(tokens), never the logits)
+    def shift(self, x: Any, k: int, axis: int, fill: Any) -> Any:
+        return _common.shift(self, x, k, axis, fill)
+
+    def concat(self, xs: Any, axis: int) -> Any:
+        return torch.cat(xs, dim=axis)
+
+    def full_like(self, x: Any, value: Any) -> Any:
+        return torch.full_like(x, value)
+
+    def cumsum(self, x: Any, axis: int) -> Any:
+        return torch.cumsum(x, dim=axis)
+
+    def segment_sum(self, v: Any, j: Any) -> Any:
+        return torch.zeros_like(v).scatter_add(1, j, v)
+
+    def gather_along(self, x: Any, idx: Any, axis: int) -> Any:
+        return torch.gather(x, axis, idx)
+
+    def flat(self, x: Any) -> Any:
+        return x.reshape(-1)
+
+    def scatter(self, v: Any, idx: Any, size: Any) -> Any:
+        return torch.zeros(int(size), dtype=v.dtype, device=v.device).index_put((idx,), v)
+
+    def reshape_like(self, x: Any, like: Any) -> Any:
+        return x.reshape(like.shape)
+
+    def reshape_rows(self, x: Any) -> Any:
+        return x.reshape(-1, x.shape[-1])
+
+    def size_of(self, x: Any) -> int:
+        return x.numel()
+
+    def pad_stack(self, items: Any, T: int, fill: Any) -> Any:
+        """Per-sequence tensors (length, ...) as one (N, T, ...) tensor, ``fill`` past each length
+        (differentiable: gradients reach each item)."""
+        if not items:
+            return torch.zeros(0, T, dtype=torch.long)
+        out = torch.nn.utils.rnn.pad_sequence(list(items), batch_first=True, padding_value=fill)
+        if out.shape[1] < T:
+            pad = out.new_full((out.shape[0], T - out.shape[1], *out.shape[2:]), fill)
+            out = torch.cat([out, pad], 1)
+        return out
+
+    def permute(self, x: Any, perm: Any) -> Any:
+        return x.permute(*perm)
+
+    def moveaxis_to(self, x: Any, src: str, dst: str) -> Any:
+        return _common.moveaxis_to(self, x, src, dst)
+
+    def zeros_shape(self, shape: Any, like: Any) -> Any:
+        return torch.zeros(shape, device=like.device)
 
     @staticmethod
     def version() -> str:
@@ -549,3 +606,179 @@ def _cross_entropy(z: Any, y: Any, ig: int, red: str, C: int, k: int) -> Any:
 
 
 TorchBackend.native_default_loss = _native_default_loss  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------ the fused output layer
+#
+# linear_cross_entropy (xseqloss/linear.py): the chunk loop and the matmuls. One chunk's logits at a
+# time, in float32 (16-bit inputs: the weight is read in float32 once per call), the gradient formed
+# in the forward and written into the chunk's own buffer, d hidden per chunk, d weight accumulated in
+# float32 with addmm_ (no C x H temporary). Two custom ops, so torch.compile(fullgraph=True) sees
+# one opaque node (no graph break, no chunk loop unrolled into the graph): the forward returns the
+# losses and the gradients it formed; the backward op makes those gradients match the upstream
+# gradient in place (nothing when it is the expected one, a rescale when it is a uniform multiple
+# of it, the chunks again otherwise).
+
+@functools.lru_cache(maxsize=256)
+def _kernel_static(C: int, soft: bool, eps: float, z_loss: float, cap: float, has_cw: bool) -> Any:
+    """The per-token kernel's plan from the primitives a custom op can carry (torch.compile bakes
+    them into its graph): "NC" rows, the smoothing already in the uniform convention."""
+    from .._checks import Options
+    from .._plan import Static
+    o = Options("NC", (), "logits", eps, "uniform", z_loss, cap if cap > 0 else None, "none", "weights", "zero",
+                None, False, False)
+    return Static(o, C, soft, eps, False, False, False, False, has_cw, False)
+
+
+def _plan_args(kst: Any) -> tuple:
+    o = kst.opts
+    return kst.C, kst.soft, float(kst.eps), float(o.z_loss), float(o.cap or 0.0), bool(kst.has_cw)
+
+
+def _plain_chunk_grad(self: Any, z: Any, y: Any, keep: Any, scale: Any) -> tuple[Any, Any]:
+    """Plain cross-entropy of one chunk, the gradient written into z's own buffer."""
+    l = _plain_chunk(z, y, keep, z, 1, True, scale.unsqueeze(1))
+    return l, z
+
+
+TorchBackend.plain_chunk_grad = _plain_chunk_grad  # type: ignore[attr-defined]
+
+
+def _linear_loop(plan: tuple, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, scale: Any,
+                 grads: bool) -> tuple[Any, Any, Any, Any]:
+    from .._token_loss import token_loss
+    from ..linear import chunk_grad
+    *kargs, chunk, wl = plan
+    kst = _kernel_static(*kargs)
+    acc = torch.float64 if h2.dtype == torch.float64 else torch.float32
+    R = h2.shape[0]
+    C = w.shape[0] if wl == "CH" else w.shape[1]
+    l = torch.empty(R, dtype=acc, device=h2.device)
+    wa = w if w.dtype == acc else w.to(acc)  # 16-bit: read once in float32 (logits in float32)
+    ba = None if b is None else b.to(acc)
+    dh = dw = db = None
+    if grads:
+        dh = torch.empty_like(h2)
+        dw = torch.zeros(w.shape, dtype=acc, device=w.device)  # float32 across chunks (Liger 512)
+        db = None if b is None else torch.zeros(C, dtype=acc, device=w.device)
+    zbuf = torch.empty((min(chunk, R), C), dtype=acc, device=h2.device) if R else None
+    for i in range(0, R, chunk):
+        j = min(R, i + chunk)
+        hc = h2[i:j] if h2.dtype == acc else h2[i:j].to(acc)
+        z = zbuf[:j - i]
+        torch.mm(hc, wa.t() if wl == "CH" else wa, out=z)
+        if ba is not None:
+            z += ba
+        yc = None if y is None else y[i:j]
+        kc = None if keep is None else keep[i:j]
+        tc = None if t is None else t[i:j]
+        if not grads:
+            l[i:j] = token_loss(BACKEND, kst, z, yc, tc, kc, cw, acc, False, k=1)[0]
+            continue
+        lc, g = chunk_grad(BACKEND, kst, z, yc, tc, kc, cw, acc, scale[i:j])
+        l[i:j] = lc
+        if dh.dtype == acc:
+            torch.mm(g, wa if wl == "CH" else wa.t(), out=dh[i:j])
+        else:
+            dh[i:j] = torch.mm(g, wa if wl == "CH" else wa.t())
+        if wl == "CH":
+            dw.addmm_(g.t(), hc)
+        else:
+            dw.addmm_(hc.t(), g)
+        if db is not None:
+            db += g.sum(0)
+    if not grads:
+        return l, h2.new_empty(0), w.new_empty(0), w.new_empty(0)
+    return l, dh, dw.to(w.dtype), (w.new_empty(0) if db is None else db.to(b.dtype))
+
+
+@torch.library.custom_op("xseqloss::linear_ce", mutates_args=())
+def _linear_ce(h2: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: Optional[torch.Tensor],
+               t: Optional[torch.Tensor], keep: Optional[torch.Tensor], cw: Optional[torch.Tensor],
+               scale: torch.Tensor, C: int, soft: bool, eps: float, z_loss: float, cap: float, has_cw: bool,
+               chunk: int, wl: str, grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _linear_loop((C, soft, eps, z_loss, cap, has_cw, chunk, wl), h2, w, b, y, t, keep, cw, scale, grads)
+
+
+@_linear_ce.register_fake
+def _(h2, w, b, y, t, keep, cw, scale, C, soft, eps, z_loss, cap, has_cw, chunk, wl, grads):
+    acc = torch.float64 if h2.dtype == torch.float64 else torch.float32
+    l = h2.new_empty(h2.shape[0], dtype=acc)
+    if not grads:
+        return l, h2.new_empty(0), w.new_empty(0), w.new_empty(0)
+    return l, torch.empty_like(h2), torch.empty_like(w), (w.new_empty(0) if b is None else torch.empty_like(b))
+
+
+@torch.library.custom_op("xseqloss::linear_ce_match", mutates_args=("dh", "dw", "db"))
+def _linear_ce_match(dl: torch.Tensor, formed: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor, db: torch.Tensor,
+                     h2: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: Optional[torch.Tensor],
+                     t: Optional[torch.Tensor], keep: Optional[torch.Tensor], cw: Optional[torch.Tensor],
+                     C: int, soft: bool, eps: float, z_loss: float, cap: float, has_cw: bool, chunk: int,
+                     wl: str) -> None:
+    """Make the gradients formed with the per-token factor ``formed`` those of ``dl``, in place."""
+    if torch.equal(dl, formed):
+        return  # loss.backward() of the reduced loss: the gradients are ready
+    nz = formed != 0
+    ratio = dl[nz] / formed[nz]
+    uniform = bool((dl[~nz] == 0).all()) and (ratio.numel() == 0 or bool((ratio == ratio[0]).all()))
+    if uniform:  # a scaled loss, GradScaler: every gradient scales alike
+        r = ratio[0] if ratio.numel() else dl.new_zeros(())
+        for g in (dh, dw, db):
+            if g.numel():
+                g.mul_(r.to(g.dtype))
+        return
+    plan = (C, soft, eps, z_loss, cap, has_cw, chunk, wl)
+    _, dh2, dw2, db2 = _linear_loop(plan, h2, w, b, y, t, keep, cw, dl, True)  # a cotangent: the chunks again
+    dh.copy_(dh2)
+    dw.copy_(dw2)
+    if db.numel():
+        db.copy_(db2)
+
+
+@_linear_ce_match.register_fake
+def _(dl, formed, dh, dw, db, h2, w, b, y, t, keep, cw, C, soft, eps, z_loss, cap, has_cw, chunk, wl):
+    return None
+
+
+def _linear_setup(ctx: Any, inputs: Any, output: Any) -> None:
+    ctx.inputs = inputs
+    ctx.grads = output[1:]
+    ctx.formed = inputs[7]
+
+
+def _linear_backward(ctx: Any, dl: Any, *_: Any) -> Any:
+    h2, w, b, y, t, keep, cw, scale, *plan, grads = ctx.inputs
+    dh, dw, db = ctx.grads
+    torch.ops.xseqloss.linear_ce_match(dl, ctx.formed, dh, dw, db, h2, w, b, y, t, keep, cw, *plan)
+    ctx.formed = dl  # a second backward (retain_graph) starts from what this one left
+    return (dh, dw, (db if b is not None else None)) + (None,) * 14
+
+
+torch.library.register_autograd("xseqloss::linear_ce", _linear_backward, setup_context=_linear_setup)
+
+
+def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
+                       scale_fn: Any, chunk: int, wl: str, want_grad: bool, cp: Any) -> Any:
+    if cp is not None:
+        from .. import distributed
+        return distributed.torch_linear_class_parallel(self, kst, h2, w, b, y, t, keep, cw, acc, scale_fn, chunk,
+                                                       wl, cp)
+    needs = torch.is_grad_enabled() and (h2.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
+    with torch.no_grad():
+        scale = scale_fn() if needs else h2.new_empty(0, dtype=acc)
+    return torch.ops.xseqloss.linear_ce(h2, w, b, y, t, keep, cw, scale.detach(), *_plan_args(kst), chunk, wl,
+                                        needs)[0]
+
+
+def _linear_value_and_grad(self: Any, fn: Any, st: Any, h: Any, w: Any, b: Any, *arrays: Any) -> Any:
+    with torch.enable_grad():
+        leaves = [None if a is None else a.detach().requires_grad_(True) for a in (h, w, b)]
+        out = fn(self, st, *leaves, *arrays)
+        want = [a for a in leaves if a is not None]
+        grads = torch.autograd.grad(out.sum(), want)
+    g = iter(grads)
+    return out.detach(), tuple(None if a is None else next(g) for a in leaves)
+
+
+TorchBackend.linear_token_loss = _linear_token_loss  # type: ignore[attr-defined]
+TorchBackend.linear_value_and_grad = _linear_value_and_grad  # type: ignore[attr-defined]

@@ -1,0 +1,340 @@
+"""The fused output layer, ``linear_cross_entropy`` (API.md section 8, issue 13). Values and
+gradients against the float64 reference for every option, layout and dtype are in the conformance
+suite (conformance/linear.py); here: that it equals sequence_cross_entropy of the materialised
+logits across the option matrix and chunk sizes, the memory bound, the numerics (bfloat16 at
+p(y) -> 1, float32 weight-gradient accumulation), every kind of upstream gradient, the framework
+habits (Module, torch.compile, jit / grad / vmap, tf.function(jit_compile=True)) and the errors."""
+
+import numpy as np
+import pytest
+
+from support import assert_close, require_or_skip
+
+import xseqloss as xsl
+
+rng0 = np.random.default_rng(11)
+
+OPTION_SETS = {
+    "plain": {},
+    "mix": dict(label_smoothing=0.1, class_weights=True, weights=True, mask=True, z_loss=1e-3, logit_softcap=8.0),
+    "others_lengths": dict(label_smoothing=0.2, smoothing="others", lengths=True, reduction="per_sequence"),
+    "soft": dict(soft=True, label_smoothing=0.05, class_weights=True),
+    "shift_segments": dict(shift=1, segments=True, reduction="per_segment", ignore=True),
+    "tokens_positions": dict(denominator="positions", reduction="per_position", mask=True),
+    "none": dict(reduction="none", weights=True),
+    "normalizer": dict(normalizer=3.5, ignore=True),
+}
+
+
+def _case(name, N=3, T=4, H=5, C=6, seed=0):
+    r = np.random.default_rng(seed)
+    spec = OPTION_SETS[name]
+    h = r.normal(size=(N, T, H))
+    w = r.normal(size=(C, H))
+    y = r.integers(0, C, size=(N, T))
+    kw = {k: v for k, v in spec.items() if k not in ("class_weights", "weights", "mask", "lengths", "soft",
+                                                        "segments", "ignore")}
+    if spec.get("ignore"):
+        y[0, 1] = -100
+    t = r.dirichlet(np.ones(C), size=(N, T)) if spec.get("soft") else y
+    if spec.get("class_weights"):
+        kw["class_weights"] = r.uniform(0.5, 2.0, C)
+    if spec.get("weights"):
+        kw["weights"] = r.uniform(0.0, 2.0, (N, T))
+    if spec.get("mask"):
+        kw["mask"] = r.uniform(size=(N, T)) > 0.3
+    if spec.get("lengths"):
+        kw["lengths"] = np.array([4, 2, 3])
+    if spec.get("segments"):
+        kw["segment_ids"] = np.array([[0, 0, 1, 1], [3, 3, 3, -1], [1, 2, 2, 2]])
+    return h, w, t, kw
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_SETS))
+def test_equals_the_materialised_logits(backend, name):
+    """Value and d hidden equal sequence_cross_entropy of h @ W^T + b for chunks of 1, 5 and all
+    tokens (chunk boundaries inside sequences), both weight layouts, with a bias."""
+    h, w, t, kw = _case(name)
+    b = rng0.normal(size=w.shape[0])
+    z = h @ w.T + b
+    ref, gz = backend.loss_and_grad(z, t, **kw)
+    ref, gz = backend.float_out(ref), backend.float_out(gz)
+    for chunk, wl in ((1, "CH"), (5, "HC"), (None, "CH")):
+        W = w if wl == "CH" else w.T
+        v, grads = xsl.linear_value_and_grad(backend.array(h), backend.array(W), backend.array(t), bias=backend.array(b),
+                                             weight_layout=wl, chunk_size=chunk,
+                                             **{k: (backend.array(v) if isinstance(v, np.ndarray) else v)
+                                                for k, v in kw.items()})
+        dh, dw, db = (backend.float_out(g) for g in grads)
+        assert_close(backend.float_out(v), ref, what=f"value chunk={chunk}")
+        assert_close(dh, gz @ w, what=f"d hidden chunk={chunk}")
+        want_dw = np.einsum("ntc,nth->ch", gz, h)
+        assert_close(dw, want_dw if wl == "CH" else want_dw.T, what=f"d weight chunk={chunk}")
+        assert_close(db, gz.sum((0, 1)), what=f"d bias chunk={chunk}")
+
+
+@pytest.mark.parametrize("layout", ["TNH", "NH", "H"])
+def test_other_layouts(backend, layout):
+    r = np.random.default_rng(5)
+    shape = {"TNH": (4, 3, 5), "NH": (6, 5), "H": (5,)}[layout]
+    h = r.normal(size=shape)
+    w = r.normal(size=(7, 5))
+    y = r.integers(0, 7, size=shape[:-1])
+    z = h @ w.T
+    ref = backend.float_out(backend.loss(z, y, layout=layout.replace("H", "C")))
+    got = backend.float_out(xsl.linear_cross_entropy(backend.array(h), backend.array(w), backend.array(y), layout=layout,
+                                                     chunk_size=2))
+    assert_close(got, ref)
+
+
+# ------------------------------------------------------------------ memory
+
+def test_numpy_peak_memory_stays_within_two_chunks():
+    """tracemalloc (NumPy's allocations): forward and backward beyond the inputs and the returned
+    gradients stay within two chunks' float32 logits plus O(tokens), whatever the tokens."""
+    import tracemalloc
+    H, C, chunk = 64, 4096, 128
+    w = rng0.normal(size=(C, H)).astype(np.float32)
+    peaks = []
+    for tokens in (2048, 4096):
+        h = rng0.normal(size=(tokens, H)).astype(np.float32)
+        y = rng0.integers(0, C, size=tokens)
+        xsl.linear_value_and_grad(h[:chunk], w, y[:chunk], layout="NH", chunk_size=chunk)  # warm caches
+        tracemalloc.start()
+        _, (dh, dw, _) = xsl.linear_value_and_grad(h, w, y, layout="NH", chunk_size=chunk)
+        peak = tracemalloc.get_traced_memory()[1] - dh.nbytes - dw.nbytes
+        tracemalloc.stop()
+        peaks.append(peak)
+        logits = tokens * C * 4
+        assert peak <= 2 * chunk * C * 4 + 64 * tokens + (1 << 20), (peak, logits)
+        assert peak < 0.15 * logits
+    assert abs(peaks[1] - peaks[0]) <= 0.1 * peaks[0] + 64 * 2048, peaks  # the same absolute peak
+
+
+def test_torch_never_allocates_the_logits():
+    """The profiler's memory events: no tensor as large as a third of the logits is ever allocated
+    (two chunks are 2 / 16 of them here), forward and backward."""
+    require_or_skip("torch")
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    tokens, H, C, chunk = 4096, 64, 4096, 256
+    h = torch.randn(tokens, H, requires_grad=True)
+    w = torch.randn(C, H, requires_grad=True)
+    y = torch.randint(0, C, (tokens,))
+    xsl.linear_cross_entropy(h[:chunk], w, y[:chunk], layout="NH", chunk_size=chunk).backward()
+    h.grad = w.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        xsl.linear_cross_entropy(h, w, y, layout="NH", chunk_size=chunk).backward()
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    logits = tokens * C * 4
+    assert biggest <= chunk * C * 4 + 1024, (biggest, logits)
+    assert biggest < logits / 3
+
+
+# ------------------------------------------------------------------ numerics
+
+def test_bfloat16_true_class_gradient_at_p_near_one():
+    """p(y) = 0.9, 0.99, 0.999 in bfloat16: the true-class gradient entry (p - 1 of a tiny number)
+    within 1% of the float64 value. PyTorch's own bfloat16 CPU cross-entropy rounds p to bfloat16
+    first and is off by up to 100% at 0.999 (Liger-Kernel PR 1329 is the same bug in place)."""
+    require_or_skip("torch")
+    import torch
+    C = 32000
+    errors_ours, errors_torch = [], []
+    for p in (0.9, 0.99, 0.999):
+        margin = float(np.log(p * (C - 1) / (1 - p)))
+        h = torch.tensor([[1.0]], dtype=torch.bfloat16, requires_grad=True)
+        w = torch.zeros(C, 1, dtype=torch.bfloat16)
+        w[3, 0] = margin
+        w.requires_grad_(True)
+        y = torch.tensor([3])
+        m64 = float(w[3, 0].double())
+        p64 = np.exp(m64) / (np.exp(m64) + C - 1)
+        exact = p64 - 1.0  # d loss / d z_y, and d loss / d w[3, 0] = (p - 1) * h with h = 1
+        xsl.linear_cross_entropy(h, w, y, layout="NH").backward()
+        errors_ours.append(abs(float(w.grad[3, 0].double()) - exact) / abs(exact))
+        z = (h.detach() @ w.detach().t()).requires_grad_(True)
+        torch.nn.functional.cross_entropy(z, y).backward()
+        errors_torch.append(abs(float(z.grad[0, 3].double()) - exact) / abs(exact))
+    assert max(errors_ours) < 0.01, errors_ours
+    assert max(errors_torch) > 0.1, errors_torch  # the bug this guards against is real
+
+
+def test_weight_gradient_accumulates_in_float32():
+    """256 chunks of one token in bfloat16: a bfloat16 running sum of d weight would drift (Liger
+    512, xtuner 1747); float32 accumulation matches the float64 sum to bfloat16 precision."""
+    require_or_skip("torch")
+    import torch
+    r = np.random.default_rng(3)
+    tokens, H, C = 256, 8, 16
+    h = r.normal(size=(tokens, H))
+    w = r.normal(size=(C, H)) * 0.3
+    y = r.integers(0, C, tokens)
+    hb = torch.tensor(h).bfloat16()
+    wb = torch.tensor(w).bfloat16().requires_grad_(True)
+    xsl.linear_cross_entropy(hb, wb, torch.tensor(y), layout="NH", chunk_size=1, reduction="sum").backward()
+    h64, w64 = hb.double().numpy(), wb.detach().double().numpy()
+    _, g = xsl.value_and_grad(h64 @ w64.T, y, layout="NC", reduction="sum")
+    want = g.T @ h64
+    err = np.abs(wb.grad.double().numpy() - want).max() / np.abs(want).max()
+    assert err < 1e-2, err
+
+
+# ------------------------------------------------------------------ upstream gradients
+
+def test_every_upstream_gradient_is_right_torch():
+    require_or_skip("torch")
+    import torch
+    h, w, y, kw = _case("mix", seed=2)
+    kw = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    ht, wt = torch.tensor(h, requires_grad=True), torch.tensor(w, requires_grad=True)
+    z = (ht @ wt.t()).detach().requires_grad_(True)
+    for reduction, up in (("mean", 1024.0), ("mean", 1.0 + 1e-4), ("none", None), ("per_sequence", None)):
+        ht.grad = wt.grad = z.grad = None
+        out = xsl.linear_cross_entropy(ht, wt, torch.tensor(y), reduction=reduction, chunk_size=5, **kw)
+        ref = xsl.sequence_cross_entropy(z, torch.tensor(y), reduction=reduction, **kw)
+        ct = torch.tensor(rng0.normal(size=out.shape)) if up is None else torch.tensor(up)
+        (out * ct).sum().backward()
+        (ref * ct).sum().backward()
+        assert_close(ht.grad.numpy(), (z.grad @ wt.detach()).numpy(), what=f"{reduction} d hidden")
+        assert_close(wt.grad.numpy(), (z.grad.reshape(-1, w.shape[0]).t() @ ht.detach().reshape(-1, h.shape[-1])).numpy(),
+                     what=f"{reduction} d weight")
+    # a second backward through the same graph (retain_graph): the same gradients again
+    ht.grad = wt.grad = None
+    out = xsl.linear_cross_entropy(ht, wt, torch.tensor(y), chunk_size=5, **kw)
+    out.backward(retain_graph=True)
+    g1 = ht.grad.clone()
+    ht.grad = None
+    (2.0 * out).backward()
+    assert_close(ht.grad.numpy(), 2.0 * g1.numpy())
+
+
+def test_grad_scaler_style_loss_scale_torch():
+    require_or_skip("torch")
+    import torch
+    h = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(5, 4, requires_grad=True)
+    y = torch.randint(0, 5, (6,))
+    (xsl.linear_cross_entropy(h, w, y, layout="NH") * 65536.0).backward()
+    g = h.grad.clone()
+    h.grad = None
+    xsl.linear_cross_entropy(h, w, y, layout="NH").backward()
+    assert torch.allclose(g / 65536.0, h.grad, rtol=1e-6, atol=1e-12)
+
+
+# ------------------------------------------------------------------ framework habits
+
+def test_torch_module_and_compile_without_graph_breaks():
+    require_or_skip("torch")
+    import torch
+    from xseqloss.torch import LinearCrossEntropyLoss
+    fn = LinearCrossEntropyLoss(label_smoothing=0.1, reduction="sum", chunk_size=3)
+    assert "chunk_size=3" in repr(fn)
+    h = torch.randn(2, 4, 5, requires_grad=True)
+    w = torch.randn(7, 5, requires_grad=True)
+    b = torch.randn(7, requires_grad=True)
+    y = torch.randint(0, 7, (2, 4))
+    eager = fn(h, w, y, bias=b)
+    eager.backward()
+    g_eager = [t.grad.clone() for t in (h, w, b)]
+    for t in (h, w, b):
+        t.grad = None
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h, w, y, b: fn(h, w, y, bias=b), fullgraph=True)
+    out = compiled(h, w, y, b)
+    out.backward()
+    assert torch.allclose(out, eager, rtol=1e-5)
+    for t, g in zip((h, w, b), g_eager):
+        assert torch.allclose(t.grad, g, rtol=1e-5, atol=1e-6)
+
+
+def test_jax_jit_grad_and_vmap():
+    require_or_skip("jax")
+    import jax
+    import jax.numpy as jnp
+    r = np.random.default_rng(4)
+    h = jnp.asarray(r.normal(size=(3, 2, 4, 5)))  # a leading batch of 3 for vmap
+    w = jnp.asarray(r.normal(size=(6, 5)))
+    y = jnp.asarray(r.integers(0, 6, size=(3, 2, 4)))
+    f = lambda h, w, y: xsl.linear_cross_entropy(h, w, y, chunk_size=3, label_smoothing=0.1)  # noqa: E731
+    g = jax.jit(jax.grad(f, argnums=(0, 1)))(h[0], w, y[0])
+    z = lambda h, w, y: xsl.sequence_cross_entropy(h @ w.T, y, label_smoothing=0.1)  # noqa: E731
+    gz = jax.grad(z, argnums=(0, 1))(h[0], w, y[0])
+    for a, b in zip(g, gz):
+        assert_close(np.asarray(a), np.asarray(b))
+    batched = jax.vmap(f, in_axes=(0, None, 0))(h, w, y)
+    assert_close(np.asarray(batched), np.asarray([z(h[i], w, y[i]) for i in range(3)]))
+    gb = jax.vmap(jax.grad(f), in_axes=(0, None, 0))(h, w, y)
+    assert_close(np.asarray(gb), np.asarray([jax.grad(z)(h[i], w, y[i]) for i in range(3)]))
+
+
+def test_tf_function_jit_compile():
+    require_or_skip("tensorflow")
+    import tensorflow as tf
+    r = np.random.default_rng(6)
+    h = tf.constant(r.normal(size=(2, 5, 4)).astype(np.float32))
+    w = tf.constant(r.normal(size=(4, 7)).astype(np.float32))  # a Dense kernel: (H, C)
+    y = tf.constant(r.integers(0, 7, size=(2, 5)))
+
+    @tf.function(jit_compile=True)
+    def step(h, w):
+        with tf.GradientTape() as tape:
+            tape.watch([h, w])
+            loss = xsl.linear_cross_entropy(h, w, y, weight_layout="HC", chunk_size=3)
+        return loss, tape.gradient(loss, [h, w])
+    loss, (dh, dw) = step(h, w)
+    ref, gz = xsl.value_and_grad(h.numpy() @ w.numpy(), y.numpy())
+    assert_close(float(loss), float(ref), "float32")
+    assert_close(dh.numpy(), gz @ w.numpy().T, "float32")
+    assert_close(dw.numpy(), np.einsum("nth,ntc->hc", h.numpy(), gz), "float32")
+
+
+# ------------------------------------------------------------------ errors
+
+@pytest.mark.parametrize("what, kind, match", [
+    ("dtype", xsl.XSeqLossTypeError, "weight has dtype float32 but hidden has float64"),
+    ("H", xsl.XSeqLossError, "weight has shape .* but hidden has H = 5"),
+    ("other_layout", xsl.XSeqLossError, "did you mean weight_layout='HC'"),
+    ("chunk", xsl.XSeqLossError, r"chunk_size=0 is out of range"),
+    ("inputs", xsl.XSeqLossError, "inputs is not an option of linear_cross_entropy"),
+    ("inplace", xsl.XSeqLossError, "inplace_backward is not an option of linear_cross_entropy"),
+    ("bias", xsl.XSeqLossError, r"bias has shape \(6,\) but must be \(C=7,\)"),
+    ("label", xsl.XSeqLossError, r"targets\[0, 1\] = 7 is out of range"),
+])
+def test_errors(backend, what, kind, match):
+    h = rng0.normal(size=(2, 3, 5))
+    w = rng0.normal(size=(7, 5))
+    y = np.zeros((2, 3), np.int64)
+    kw = {}
+    if what == "dtype":
+        w = w.astype(np.float32)
+    elif what == "H":
+        w = rng0.normal(size=(7, 4))
+    elif what == "other_layout":
+        w = w.T.copy()
+    elif what == "chunk":
+        kw["chunk_size"] = 0
+    elif what == "inputs":
+        kw["inputs"] = "probs"
+    elif what == "inplace":
+        kw["inplace_backward"] = True
+    elif what == "bias":
+        kw["bias"] = backend.array(np.zeros(6))
+    elif what == "label":
+        y[0, 1] = 7
+    with pytest.raises(kind, match=match):
+        xsl.linear_cross_entropy(backend.array(h), backend.array(w), backend.array(y), **kw)
+
+
+def test_bad_label_is_nan_when_traced():
+    require_or_skip("jax")
+    import jax
+    import jax.numpy as jnp
+    h = jnp.ones((1, 3, 2))
+    w = jnp.ones((4, 2))
+    y = jnp.array([[0, 9, 1]])
+    out = jax.jit(lambda h, y: xsl.linear_cross_entropy(h, w, y, reduction="none"))(h, y)
+    assert bool(jnp.isnan(out[0, 1])) and bool(jnp.isfinite(out[0, [0, 2]]).all())
+    # labels closed over are concrete: they are checked even inside the trace (decisions.md 24)
+    with pytest.raises(xsl.XSeqLossError, match=r"targets\[0, 1\] = 9"):
+        jax.jit(lambda h: xsl.linear_cross_entropy(h, w, y, reduction="none"))(h)
