@@ -16,6 +16,7 @@ from ._dispatch import set_backend, use_backend
 from ._errors import XSeqLossError, XSeqLossTypeError
 from ._loss import segment_count, sequence_cross_entropy, token_count, value_and_grad
 from ._pool import pool
+from .distributed import ddp_normalizer, global_segment_count, global_sequence_count, global_token_count
 from .linear import linear_cross_entropy, linear_value_and_grad
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "sequence_cross_entropy", "value_and_grad", "token_count", "segment_count", "pool",
     "linear_cross_entropy", "linear_value_and_grad", "set_backend", "use_backend",
     "available_backends", "XSeqLossError", "XSeqLossTypeError", "presets", "__version__",
+    "global_token_count", "global_segment_count", "global_sequence_count", "ddp_normalizer",
 ]
 
 
