@@ -5,6 +5,7 @@ logits across the option matrix and chunk sizes, the memory bound, the numerics 
 p(y) -> 1, float32 weight-gradient accumulation), every kind of upstream gradient, the framework
 habits (Module, torch.compile, jit / grad / vmap, tf.function(jit_compile=True)) and the errors."""
 
+import os
 import numpy as np
 import pytest
 
@@ -338,3 +339,60 @@ def test_bad_label_is_nan_when_traced():
     # labels closed over are concrete: they are checked even inside the trace (decisions.md 24)
     with pytest.raises(xsl.XSeqLossError, match=r"targets\[0, 1\] = 9"):
         jax.jit(lambda h: xsl.linear_cross_entropy(h, w, y, reduction="none"))(h)
+
+
+# ------------------------------------------------------------------- Keras 3: a Dense kernel feeds the loss
+
+KERAS_SNIPPET = r"""
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+import numpy as np, keras, xseqloss as xsl
+rng = np.random.default_rng(0)
+x = rng.normal(size=(2, 5, 6)).astype("float32")
+y = np.array([[1, 2, 3, -100, 0], [6, 5, 4, 3, 2]])
+inp = keras.Input((5, 6))
+feat = keras.layers.Dense(4, name="features")(inp)
+head = keras.layers.Dense(7, name="head")           # the output layer: its kernel is (H, C) = (4, 7)
+model = keras.Model(inp, head(feat))
+features = keras.Model(inp, feat)(x)
+backend = keras.backend.backend()
+def fused(k, b):
+    return xsl.linear_cross_entropy(features, k, y, bias=b, weight_layout="HC", label_smoothing=0.1, chunk_size=3)
+def naive(k, b):
+    return xsl.sequence_cross_entropy(features @ k + b, y, label_smoothing=0.1)
+k, b = head.kernel.value, head.bias.value
+if backend == "tensorflow":
+    import tensorflow as tf
+    out = {}
+    for name, f in (("fused", fused), ("naive", naive)):
+        with tf.GradientTape() as tape:
+            tape.watch([k, b]); v = f(k, b)
+        gk, gb = tape.gradient(v, [k, b]); out[name] = (float(v), np.asarray(gk).tolist(), np.asarray(gb).tolist())
+else:
+    import jax
+    out = {name: (float(f(k, b)), *[np.asarray(g).tolist() for g in jax.grad(f, argnums=(0, 1))(k, b)])
+           for name, f in (("fused", fused), ("naive", naive))}
+out["model"] = float(xsl.sequence_cross_entropy(model(x), y, label_smoothing=0.1))
+out["backend"] = backend
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("backend,framework", [("tensorflow", "tensorflow"), ("jax", "jax")])
+def test_keras_dense_kernel_feeds_the_fused_loss(backend, framework):
+    """docs/porting.md: a Keras 3 model whose last Dense layer's kernel (H, C) feeds the loss, with
+    weight_layout="HC", on the TensorFlow and JAX Keras backends: value and kernel/bias gradients
+    equal the loss of the materialised logits."""
+    import json
+    import subprocess
+    import sys
+    require_or_skip(framework)  # keras itself is in requirements-dev.txt
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", KERAS_SNIPPET], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["backend"] == backend
+    for a, b in zip(r["fused"], r["naive"]):
+        assert_close(np.asarray(a), np.asarray(b), tol=1e-5)
+    assert r["fused"][0] == pytest.approx(r["model"], rel=1e-5)

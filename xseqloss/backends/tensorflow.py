@@ -527,7 +527,9 @@ def _linear_loop(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: An
     def step(i: Any, ls: Any, dhs: Any, dw: Any, db: Any) -> Any:
         out = body(i, ls, dhs, dw, db if has_b else None)
         return out[:4] + ((out[4],) if has_b else (db,))
-    _, ls, dhs, dw, db = tf.while_loop(lambda i, *_: i < n, step, (tf.constant(0), ls, dhs, dw0, db0))
+    # one chunk at a time: by default TensorFlow runs up to 10 iterations at once, 10 chunks' logits
+    _, ls, dhs, dw, db = tf.while_loop(lambda i, *_: i < n, step, (tf.constant(0), ls, dhs, dw0, db0),
+                                       parallel_iterations=1)
     l = ls.concat()[:R]
     if not grads:
         return l
