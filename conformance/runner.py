@@ -38,15 +38,39 @@ PLAIN_CASES = ("ntc", "nct", "tnc", "nc", "cnt", "c", "mask", "lengths", "ignore
                "weights", "weights_tokens", "mask_lengths_ignore", "garbage_masked", "garbage_ignored",
                "big_near_max*", "huge_near_max", "all_masked_mean_zero", "all_ignored_*", "red_per_sequence_tnc",
                "red_per_position_nct", "red_sequence_mean_cnt", "normalizer_zero_nan", "vocab32k", "multichunk*")
+# The Triton kernel (xseqloss/backends/torch_triton.py, API.md 10): every option it covers, float32
+# and bfloat16, C = 32000 crossing its blocks, NaN in rows that do not count, p(y) -> 1 in
+# bfloat16; it runs where a CUDA device is, or on CPU under TRITON_INTERPRET=1 (slow: this subset).
+TRITON_CASES = ("ntc", "tnc", "nc", "c", "c1", "vocab32k", "vocab32k_zloss_cap", "mask", "lengths", "ignore_default",
+                "ignore_collection", "mask_lengths_ignore", "weights", "weights_tokens", "class_weights",
+                "class_weights_zero_ignore", "smooth_uniform", "smooth_others", "mix_uniform", "mix_others",
+                "zloss", "zloss_mix", "zloss_class_weights", "softcap", "softcap_zloss_mix", "red_none", "red_sum",
+                "red_per_sequence_weights", "red_sequence_mean_tokens", "normalizer_mean", "big_near_max*",
+                "huge_near_max*", "neginf_nontarget", "masked_vocab_cw", "garbage_masked", "garbage_mix",
+                "garbage_ignored", "garbage_lengths_softcap", "all_ignored_*", "shift1", "segments_mean")
 ENGINES = {
     "numpy": {"native": (None, None, {}), "chunked": (None, None, TINY)},
-    "torch": {"native": (None, None, {}), "chunked": (None, None, TINY)},
+    "torch": {"native": (None, None, {}), "chunked": (None, None, TINY),
+              "triton": (TRITON_CASES, ("float32", "bfloat16"), {})},
     "tensorflow": {"xla": (PLAIN_CASES, ("float32", "bfloat16"), {}),
                    "native": (("multichunk*",), None, {})},
     "jax": {"native": (("ntc", "mask", "mix_uniform", "soft", "zloss", "big_near_max", "garbage_ignored",
                         "red_mean_weights", "multichunk*"), ("float32",), {})},
 }
 
+
+
+def _kernel_unavailable(backend: str, kernel: str, device: str) -> str | None:
+    """Why a forced kernel cannot run here (reported, never counted as passing), or None."""
+    if (backend, kernel) != ("torch", "triton"):
+        return None
+    from xseqloss.backends import torch_triton
+    if not torch_triton.available():
+        return "the triton package does not import" if not torch_triton._AVAILABLE else \
+            "no CUDA device and TRITON_INTERPRET=1 is not set"
+    if device == "cpu" and not torch_triton._interpret_requested():
+        return "on CPU it runs only under TRITON_INTERPRET=1 (tests/test_triton_conformance.py sets it)"
+    return None
 
 
 def _version(module: str) -> str | None:
@@ -142,6 +166,30 @@ def _engine_runs(case, names, dtypes) -> bool:
     return names is None or any(fnmatch.fnmatchcase(case.base, p) for p in names)
 
 
+def run_engine(backend: str, kernel: str, device: str = "cpu", exclude: Iterable[str] = (),
+               progress: Callable[[str], None] | None = None) -> dict:
+    """Only the cases ``ENGINES[backend][kernel]`` runs, with that kernel forced, on ``device``
+    (the Triton kernel through the interpreter in CI: tests/test_triton_conformance.py)."""
+    say = progress or (lambda msg: None)
+    pats, dtypes, sizes = ENGINES[backend][kernel]
+    specs = [s for s in case_matrix.BASE_CASES
+             if (pats is None or any(fnmatch.fnmatchcase(s["name"], p) for p in pats))
+             and not any(fnmatch.fnmatchcase(s["name"], p) for p in exclude)]
+    mine = [c for c in case_matrix.expand(specs) if _engine_runs(c, pats, dtypes)]
+    why = _kernel_unavailable(backend, kernel, device)
+    if why:
+        raise RuntimeError(f"kernel {kernel} cannot run on {backend}/{device}: {why}")
+    adapter = ADAPTERS[backend]
+    results: list[dict] = []
+    with adapter.engine(kernel, **sizes):
+        for i, case in enumerate(mine):
+            results += check_case(adapter, case, device, reference_of(case), deterministic=False,
+                                  natives=False, engine=kernel, held=True)
+            if (i + 1) % 20 == 0:
+                say(f"[{backend}/{device}] kernel {kernel}: {i + 1}/{len(mine)} cases")
+    return {"results": results, "cases": len(mine)}
+
+
 def run(backends: Iterable[str] | None = None, devices: Iterable[str] | None = None,
         progress: Callable[[str], None] | None = None, cases: Iterable[str] | None = None,
         quick: bool = False, compiled: bool = True, errors: bool = True, jobs: int = 1,
@@ -210,6 +258,12 @@ def _run_here(names: list[str], devices: Iterable[str] | None, progress: Callabl
                     say(f"[{b}/{dev}] {i + 1}/{len(todo)} cases, {time.perf_counter() - tb:.0f}s")
             for kernel, (pats, dtypes, sizes) in (ENGINES.get(b, {}) if engines else {}).items():
                 mine = [c for c in todo if _engine_runs(c, pats, dtypes)]
+                why = _kernel_unavailable(b, kernel, dev)
+                if why:
+                    say(f"[{b}/{dev}] kernel {kernel}: not run ({why})")
+                    not_applicable.append({"backend": b, "dtype": "all", "cases": len(mine),
+                                           "reason": f"kernel {kernel} on {dev}: {why}"})
+                    continue
                 say(f"[{b}/{dev}] kernel {kernel}: {len(mine)} cases")
                 with adapter.engine(kernel, **sizes):
                     for case in mine:

@@ -433,6 +433,8 @@ def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, ac
     None for 1) written into it (gbuf may be z itself)."""
     from .. import _token_loss
 
+    if st.engine.kernel == "triton" and _triton_covers(st, z, t, gbuf):
+        return _run_triton(st, z, y, keep, cw, acc, gbuf, scale)
     k = st.opts.k
     want_grad = gbuf is not None
     kk, chunks = _chunks(z, k, st.engine.chunk_elements)
@@ -476,6 +478,35 @@ def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, ac
                 else:
                     gf[idx].copy_(g.mul_(sc))
     return out
+
+
+def _triton_covers(st: Any, z: Any, t: Any, gbuf: Any) -> bool:
+    """The Triton kernel (torch_triton.py) covers this call: logits with index targets, classes
+    last in contiguous rows, float32/16-bit, the gradient (if any) in a buffer of z's dtype; on
+    CUDA, or on CPU under TRITON_INTERPRET=1. Everything else runs the chunked kernel."""
+    if t is not None or st.opts.inputs != "logits" or z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if st.opts.k != z.ndim - 1 or not z.is_contiguous():
+        return False
+    if gbuf is not None and (gbuf.dtype != z.dtype or not gbuf.is_contiguous() or gbuf.shape != z.shape):
+        return False
+    from . import torch_triton
+    return torch_triton.available() and (z.device.type == "cuda" or torch_triton._interpret_requested())
+
+
+def _run_triton(st: Any, z: Any, y: Any, keep: Any, cw: Any, acc: Any, gbuf: Any, scale: Any) -> Any:
+    """One pass over the logits: per-token losses (float32) and, with gbuf, the gradient times
+    ``scale`` written into it (gbuf may be z itself: inplace_backward). The rules (which rows count,
+    the coefficient, the NaN marks) arrive as arrays from the core, as for the chunked kernel."""
+    from . import torch_triton
+    C = z.shape[-1]
+    tok_shape = z.shape[:-1]
+    f = lambda a: None if a is None else a.reshape(-1)  # noqa: E731
+    l = torch_triton.token_loss_triton(
+        z.reshape(-1, C), f(y).to(torch.int64), f(keep), None if cw is None else cw.to(torch.float32),
+        None if scale is None else f(scale).to(torch.float32).contiguous(), eps=float(st.eps),
+        z_loss=float(st.opts.z_loss), cap=st.opts.cap, out=None if gbuf is None else gbuf.reshape(-1, C))
+    return l.reshape(tok_shape).to(acc)
 
 
 class _FusedTokenLoss(torch.autograd.Function):
@@ -662,6 +693,7 @@ def _linear_loop(plan: tuple, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any
         dw = torch.zeros(w.shape, dtype=acc, device=w.device)  # float32 across chunks (Liger 512)
         db = None if b is None else torch.zeros(C, dtype=acc, device=w.device)
     zbuf = torch.empty((min(chunk, R), C), dtype=acc, device=h2.device) if R else None
+    tri = _linear_triton(kst, acc, h2, cw)
     for i in range(0, R, chunk):
         j = min(R, i + chunk)
         hc = h2[i:j] if h2.dtype == acc else h2[i:j].to(acc)
@@ -672,11 +704,17 @@ def _linear_loop(plan: tuple, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any
         yc = None if y is None else y[i:j]
         kc = None if keep is None else keep[i:j]
         tc = None if t is None else t[i:j]
-        if not grads:
+        if tri is not None:  # the Triton kernel on the chunk, its gradient written into the chunk
+            l[i:j] = tri(z, yc, kc, scale[i:j] if grads else None, z if grads else None)
+            if not grads:
+                continue
+            g = z
+        elif not grads:
             l[i:j] = token_loss(BACKEND, kst, z, yc, tc, kc, cw, acc, False, k=1)[0]
             continue
-        lc, g = chunk_grad(BACKEND, kst, z, yc, tc, kc, cw, acc, scale[i:j])
-        l[i:j] = lc
+        else:
+            lc, g = chunk_grad(BACKEND, kst, z, yc, tc, kc, cw, acc, scale[i:j])
+            l[i:j] = lc
         if dh.dtype == acc:
             torch.mm(g, wa if wl == "CH" else wa.t(), out=dh[i:j])
         else:
@@ -690,6 +728,25 @@ def _linear_loop(plan: tuple, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any
     if not grads:
         return l, h2.new_empty(0), w.new_empty(0), w.new_empty(0)
     return l, dh, dw.to(w.dtype), (w.new_empty(0) if db is None else db.to(b.dtype))
+
+
+def _linear_triton(kst: Any, acc: Any, h2: Any, cw: Any) -> Any:
+    """The Triton kernel for the fused layer's float32 chunks where the torch engine is "triton"
+    and it covers the call (index targets; CUDA, or CPU under TRITON_INTERPRET=1), else None."""
+    from .. import _engine
+    if kst.soft or acc != torch.float32 or _engine.current("torch").kernel != "triton":
+        return None
+    from . import torch_triton
+    if not (torch_triton.available() and (h2.device.type == "cuda" or torch_triton._interpret_requested())):
+        return None
+    cw32 = None if cw is None else cw.to(torch.float32)
+    o = kst.opts
+
+    def run(z: Any, y: Any, keep: Any, scale: Any, out: Any) -> Any:
+        return torch_triton.token_loss_triton(z, y.to(torch.int64), keep, cw32,
+                                              None if scale is None else scale.to(torch.float32),
+                                              eps=float(kst.eps), z_loss=float(o.z_loss), cap=o.cap, out=out)
+    return run
 
 
 @torch.library.custom_op("xseqloss::linear_ce", mutates_args=())
@@ -741,6 +798,9 @@ def _(dl, formed, dh, dw, db, h2, w, b, y, t, keep, cw, C, soft, eps, z_loss, ca
 
 
 def _linear_setup(ctx: Any, inputs: Any, output: Any) -> None:
+    # the gradients it returns are outputs no loss uses: without this autograd would hand the
+    # backward a zeros_like of each (a d hidden and a d weight of zeros at the peak)
+    ctx.set_materialize_grads(False)
     ctx.inputs = inputs
     ctx.grads = output[1:]
     ctx.formed = inputs[7]
@@ -748,9 +808,14 @@ def _linear_setup(ctx: Any, inputs: Any, output: Any) -> None:
 
 def _linear_backward(ctx: Any, dl: Any, *_: Any) -> Any:
     h2, w, b, y, t, keep, cw, scale, *plan, grads = ctx.inputs
-    dh, dw, db = ctx.grads
-    torch.ops.xseqloss.linear_ce_match(dl, ctx.formed, dh, dw, db, h2, w, b, y, t, keep, cw, *plan)
-    ctx.formed = dl  # a second backward (retain_graph) starts from what this one left
+    if ctx.grads is None:  # a second backward (retain_graph): the first handed its buffers out
+        _, dh, dw, db = torch.ops.xseqloss.linear_ce(h2, w, b, y, t, keep, cw, dl, *plan, True)
+    else:
+        dh, dw, db = ctx.grads
+        torch.ops.xseqloss.linear_ce_match(dl, ctx.formed, dh, dw, db, h2, w, b, y, t, keep, cw, *plan)
+    # handed over, not kept: a gradient still referenced here would be copied by autograd's
+    # accumulation into .grad (a second d weight and d hidden at the peak)
+    ctx.grads = ctx.formed = None
     return (dh, dw, (db if b is not None else None)) + (None,) * 14
 
 
