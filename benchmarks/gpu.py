@@ -737,7 +737,9 @@ def _w_lce(w: Worker) -> None:
             liger = LigerFusedLinearCrossEntropyLoss()
         except Exception as exc:
             w.error("import LigerFusedLinearCrossEntropyLoss", exc)
-    if importlib.util.find_spec("cut_cross_entropy") is not None:
+    if importlib.util.find_spec("cut_cross_entropy") is not None and not torch.cuda.is_available():
+        w.skip("Cut Cross-Entropy linear_cross_entropy", "its default Triton kernel (impl='cce') needs CUDA")
+    elif importlib.util.find_spec("cut_cross_entropy") is not None:
         try:
             from cut_cross_entropy import linear_cross_entropy as cce
         except Exception as exc:
