@@ -182,14 +182,8 @@ def _packed(logits: Any, targets: Any, *, layout: str, lengths: Any, sides: dict
                 return d  # soft targets stay rows, like the logits
             return _scatter(d, rows, N, T, _FILL.get(name, 0))
         if _is_list(value):
-            items = [_dispatch.side(be, v, f"{name}[{i}]", data) for i, v in enumerate(value)]
-            got = [int(v.shape[0]) for v in items]
-            if got != lens.tolist():
-                raise XSeqLossError(f"{name} is a list with lengths {got} but the PackedSequence logits hold "
-                                    f"sequences of lengths {lens.tolist()} (caller's order)")
-            if name == "targets" and items and items[0].is_floating_point():
-                return _scatter_back(be.pad_stack(items, T, 0.0), rows, T)  # soft: the rows
-            return be.pad_stack(items, T, _FILL.get(name, 0))
+            return _list_side(be, name, value, data, lens, rows, T,
+                              "the PackedSequence logits hold sequences of lengths {} (caller's order)")
         v = _dispatch.side(be, value, name, data)
         if name == "targets" and v.is_floating_point():
             raise XSeqLossTypeError("soft targets of PackedSequence logits must be a PackedSequence of the "
@@ -236,6 +230,18 @@ def _scatter(d: Any, rows: Any, N: int, T: int, fill: Any = 0) -> Any:
     return out.index_put((rows,), d).reshape(N, T)
 
 
+def _list_side(be: Any, name: str, value: Any, data: Any, lens: Any, rows: Any, T: int, theirs: str) -> Any:
+    """A list of per-sequence side arrays (or targets) beside packed / nested torch logits: padded
+    (N, T), or soft targets as the logits' rows. ``theirs`` describes the logits' lengths ({})."""
+    items = [_dispatch.side(be, v, f"{name}[{i}]", data) for i, v in enumerate(value)]
+    got = [int(v.shape[0]) for v in items]
+    if got != lens.tolist():
+        raise XSeqLossError(f"{name} is a list with lengths {got} but " + theirs.format(lens.tolist()))
+    if name == "targets" and items and items[0].is_floating_point():
+        return _scatter_back(be.pad_stack(items, T, 0.0), rows, T)  # soft: the rows
+    return be.pad_stack(items, T, _FILL.get(name, 0))
+
+
 def _scatter_back(padded: Any, rows: Any, T: int) -> Any:
     """Padded (N, T, C) soft targets -> their (R, C) rows."""
     return padded.reshape(-1, padded.shape[-1])[rows]
@@ -274,14 +280,7 @@ def _nested(logits: Any, targets: Any, *, layout: str, lengths: Any, sides: dict
                 return d
             return _scatter(d, rows, N, T, _FILL.get(name, 0))
         if _is_list(value):
-            items = [_dispatch.side(be, v, f"{name}[{i}]", data) for i, v in enumerate(value)]
-            got = [int(v.shape[0]) for v in items]
-            if got != lens.tolist():
-                raise XSeqLossError(f"{name} is a list with lengths {got} but the nested logits have row "
-                                    f"lengths {lens.tolist()}")
-            if name == "targets" and items and items[0].is_floating_point():
-                return _scatter_back(be.pad_stack(items, T, 0.0), rows, T)
-            return be.pad_stack(items, T, _FILL.get(name, 0))
+            return _list_side(be, name, value, data, lens, rows, T, "the nested logits have row lengths {}")
         v = _dispatch.side(be, value, name, data)
         if tuple(v.shape) != (N, T):
             raise XSeqLossError(f"{name} has shape {fmt_shape(tuple(v.shape))} but the nested logits pad to "
