@@ -396,3 +396,36 @@ def test_keras_dense_kernel_feeds_the_fused_loss(backend, framework):
     for a, b in zip(r["fused"], r["naive"]):
         assert_close(np.asarray(a), np.asarray(b), tol=1e-5)
     assert r["fused"][0] == pytest.approx(r["model"], rel=1e-5)
+
+
+@pytest.mark.parametrize("weight_layout", ["CH", "HC"])
+def test_jax_d_weight_in_class_blocks(monkeypatch, weight_layout):
+    """JAX accumulates d weight a block of classes at a time (backends/jax.py CLASS_BLOCK, a
+    memory fix); blocks of 3 over 7 classes: the last block overlaps the one before it and masks
+    the overlap. Chunks of at most 4 over 10 tokens: _even_chunk picks 5 chunks of 2."""
+    require_or_skip("jax")
+    import jax
+    import jax.numpy as jnp
+    from xseqloss.backends import jax as bj
+    monkeypatch.setattr(bj, "CLASS_BLOCK", 3)
+    assert bj._even_chunk(10, 4) == 2 and bj._even_chunk(7, 3) == 3  # 7 is prime: padded chunks
+    r = np.random.default_rng(7)
+    h = jnp.asarray(r.normal(size=(2, 5, 4)))
+    w = jnp.asarray(r.normal(size=(7, 4) if weight_layout == "CH" else (4, 7)))
+    y = jnp.asarray(r.integers(0, 7, size=(2, 5)))
+    f = lambda h, w: xsl.linear_cross_entropy(h, w, y, chunk_size=4, weight_layout=weight_layout,  # noqa: E731
+                                              label_smoothing=0.1)
+    z = lambda h, w: xsl.sequence_cross_entropy(h @ (w.T if weight_layout == "CH" else w), y,  # noqa: E731
+                                                label_smoothing=0.1)
+    for cot in (None, jnp.asarray(r.normal(size=(2, 5)))):  # the expected upstream, and a cotangent
+        if cot is None:
+            got, want = jax.grad(f, argnums=(0, 1))(h, w), jax.grad(z, argnums=(0, 1))(h, w)
+        else:
+            fn = lambda g: (lambda h, w: jnp.sum(g(h, w) * cot))  # noqa: E731
+            kw = dict(reduction="none")
+            got = jax.grad(fn(lambda h, w: xsl.linear_cross_entropy(h, w, y, chunk_size=4, weight_layout=weight_layout,
+                                                                     **kw)), argnums=(0, 1))(h, w)
+            want = jax.grad(fn(lambda h, w: xsl.sequence_cross_entropy(
+                h @ (w.T if weight_layout == "CH" else w), y, **kw)), argnums=(0, 1))(h, w)
+        for a, b in zip(got, want):
+            assert_close(np.asarray(a), np.asarray(b))

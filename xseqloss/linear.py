@@ -182,7 +182,7 @@ def _prepare_linear(hidden: Any, weight: Any, targets: Any, *, bias: Any = None,
         if a != "H" and d is not None:
             tokens *= d
     if chunk_size is None:
-        cap = CHUNK_BYTES // (4 * max(int(ws[1 - hpos]), 1))
+        cap = getattr(be, "linear_chunk_bytes", CHUNK_BYTES) // (4 * max(int(ws[1 - hpos]), 1))
         if not call.st.plain:  # the general formula keeps a few chunk-sized temporaries
             cap //= 4
         chunk_size = max(1, min(cap, tokens))

@@ -25,6 +25,9 @@ class JaxBackend(NumpyBackend):
     # NumPy's eager kernels (in-place writes) do not apply: the jitted core and jax.grad do it all
     native_default_loss = None
     fused_value_and_grad = None
+    # linear_cross_entropy: XLA keeps about three chunk-sized temporaries of the chunk's logits
+    # (measured with memory_analysis: 64 MiB chunks 196 MB, 32 MiB chunks 99 MB at 1,024 x 32,000)
+    linear_chunk_bytes = 32 << 20
     host_view = None
 
     def __init__(self) -> None:
@@ -318,49 +321,129 @@ BACKEND = JaxBackend()
 # inputs' dtype with a float32 (or wider) result: no float32 copy of a 16-bit weight.
 
 
-def _linear_scan(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any,
-                 cw: Any, scale: Any, grads: bool) -> Any:
-    from ..linear import chunk_grad
-    ops = BACKEND
-    R, H = h2.shape
-    C = w.shape[0] if wl == "CH" else w.shape[1]
+def _even_chunk(R: int, chunk: int) -> int:
+    """A chunk size <= ``chunk`` that divides R when one is near (at most twice as many chunks):
+    whole chunks need no padded copy of the hidden states and no sliced copy of d hidden, each
+    a d-hidden-sized temporary that grows with the tokens."""
+    n0 = max(1, -(-R // max(chunk, 1)))
+    for n in range(n0, min(2 * n0, R) + 1):
+        if R % n == 0:
+            return R // n
+    return chunk
+
+
+def _linear_parts(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: Any, y: Any, t: Any,
+                  keep: Any) -> Any:
+    """The chunk geometry shared by the forward scan and the backward loop: the token arrays
+    padded to whole chunks (rows past R never count), the weight, the matmul."""
+    R = h2.shape[0]
     n = max(1, -(-R // chunk))
     P = n * chunk - R
 
-    def rows(a: Any, fill: Any) -> Any:
-        if a is None:
-            return None
-        a = jnp.pad(a, [(0, P)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
-        return a.reshape((n, chunk) + a.shape[1:])
+    def pad(a: Any, fill: Any) -> Any:
+        return None if a is None else jnp.pad(a, [(0, P)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
     keep = jnp.ones((R,), bool) if keep is None else keep
-    xs = dict(h=rows(h2, 0), y=rows(y, 0), t=rows(t, 0), k=rows(keep, False), s=rows(scale, 0))
-    wt = w.T if wl == "CH" else w  # (H, C)
-    dot = functools.partial(jnp.matmul, preferred_element_type=acc)
+    xs = dict(h=pad(h2, 0), y=pad(y, 0), t=pad(t, 0), k=pad(keep, False))
+    dot = functools.partial(jax.lax.dot_general, preferred_element_type=acc)
+    return n, pad, xs, w, dot
+
+
+# contracting dimensions, never a transposed copy of the weight (XLA hoists w.T out of the loop as
+# a (H, C) copy: 131 MB at 1,024 x 32,000)
+_TC = (((1,), (1,)), ((), ()))   # a (t, k) . b (n, k) -> (t, n)
+_TN = (((1,), (0,)), ((), ()))   # a (t, k) . b (k, n) -> (t, n)
+_TT = (((0,), (0,)), ((), ()))   # a (k, m) . b (k, n) -> (m, n)
+
+
+# d weight is accumulated CLASS_BLOCK classes at a time, in place: XLA does not fuse a matmul into
+# the add that accumulates it, so a whole chunk's d weight term would be a (C, H) temporary, as
+# large as d weight itself (131 MB at 32,000 x 1,024). Peak extra memory of forward+backward at
+# 8,192 x 1,024 x 32,000: 0.30 L without the blocks, 0.07 L with them (benchmarks/linear_bench.py).
+CLASS_BLOCK = 4096
+
+
+def _add_dw(dw: Any, gw: Any, hc: Any, wl: str, dot: Any) -> Any:
+    """dw + the chunk's d weight term (gw: (t, C) the chunk's logit gradient, hc: (t, H)), a block
+    of classes at a time. The last block starts at C - CLASS_BLOCK and masks the classes an
+    earlier block added."""
+    C = gw.shape[1]
+    cb = CLASS_BLOCK
+    if C <= cb:
+        return dw + (dot(gw, hc, _TT) if wl == "CH" else dot(hc, gw, _TT))
+    axis = 0 if wl == "CH" else 1
+
+    def block(j: Any, dw: Any) -> Any:
+        c0 = j * cb
+        start = jnp.minimum(c0, C - cb)
+        g = jax.lax.dynamic_slice_in_dim(gw, start, cb, 1)
+        g = jnp.where((start + jnp.arange(cb) >= c0)[None, :], g, jnp.zeros((), g.dtype))
+        term = dot(g, hc, _TT) if wl == "CH" else dot(hc, g, _TT)
+        old = jax.lax.dynamic_slice_in_dim(dw, start, cb, axis)
+        return jax.lax.dynamic_update_slice_in_dim(dw, old + term, start, axis)
+    return jax.lax.fori_loop(0, -(-C // cb), block, dw)
+
+
+def _linear_chunk(kst: Any, acc: Any, wl: str, w: Any, b: Any, cw: Any, dot: Any, x: Any, s: Any,
+                  dw: Any = None) -> Any:
+    """One chunk: its losses, and with a scale ``s`` its d hidden, ``dw`` plus its d weight term,
+    and its d bias term."""
+    from ..linear import chunk_grad
+    z = dot(x["h"], w, _TC if wl == "CH" else _TN)
+    if b is not None:
+        z = z + b.astype(acc)
+    if s is None:
+        return _token_loss_fn()(BACKEND, kst, z, x["y"], x["t"], x["k"], cw, acc, False, k=1)[0]
+    l, g = chunk_grad(BACKEND, kst, z, x["y"], x["t"], x["k"], cw, acc, s)
+    gw = g.astype(w.dtype) if w.dtype != acc else g  # the weight's dtype, float32 accumulation
+    dh = dot(gw, w, _TN if wl == "CH" else _TC)
+    return l, dh, _add_dw(dw, gw, x["h"], wl, dot), (None if b is None else g.sum(0))
+
+
+def _linear_scan(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any,
+                 cw: Any, scale: Any, grads: bool) -> Any:
+    """Losses (R,), and with ``grads`` d hidden padded to whole chunks, d weight, d bias."""
+    R, H = h2.shape
+    n, pad, xs, _, dot = _linear_parts(kst, acc, chunk, wl, h2, w, b, y, t, keep)
+    xs = {k: None if v is None else v.reshape((n, chunk) + v.shape[1:]) for k, v in xs.items()}
+    if grads:
+        xs["s"] = pad(scale, 0).reshape(n, chunk)
 
     def body(carry: Any, x: Any) -> Any:
-        z = dot(x["h"], wt)
-        if b is not None:
-            z = z + b.astype(acc)
         if not grads:
-            l = _token_loss_fn()(ops, kst, z, x["y"], x["t"], x["k"], cw, acc, False, k=1)[0]
-            return carry, l
-        l, g = chunk_grad(ops, kst, z, x["y"], x["t"], x["k"], cw, acc, x["s"])
+            return carry, _linear_chunk(kst, acc, wl, w, b, cw, dot, x, None)
         dw, db = carry
-        gw = g.astype(w.dtype) if w.dtype != acc else g  # the weight's dtype, float32 accumulation
-        dh = dot(gw, wt.T).astype(h2.dtype)
-        dw = dw + (dot(gw.T, x["h"]) if wl == "CH" else dot(x["h"].T, gw))
-        if db is not None:
-            db = db + g.sum(0)
-        return (dw, db), (l, dh)
+        l, dh, dw, dbc = _linear_chunk(kst, acc, wl, w, b, cw, dot, x, x["s"], dw)
+        return (dw, None if db is None else db + dbc), (l, dh.astype(h2.dtype))
 
-    init = (jnp.zeros(w.shape, acc), None if b is None else jnp.zeros((C,), acc))
+    init = (jnp.zeros(w.shape, acc), None if b is None else jnp.zeros(b.shape, acc))
     carry, out = jax.lax.scan(body, init if grads else None, xs)
     if not grads:
         return out.reshape(-1)[:R]
     l, dh = out
     dw, db = carry
-    return (l.reshape(-1)[:R], dh.reshape(-1, H)[:R], dw.astype(w.dtype),
-            None if db is None else db.astype(b.dtype))
+    return l.reshape(-1)[:R], dh.reshape(-1, H), dw, db
+
+
+def _linear_again(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any,
+                  cw: Any, ct: Any, trips: Any, dh: Any, dw: Any, db: Any) -> Any:
+    """The chunks again with the cotangent ``ct``, for ``trips`` (n or 0) chunks, accumulating into
+    the given buffers: a while loop whose carry is the residuals, so no second set of gradient
+    buffers exists (a lax.cond would size both branches' buffers into the program)."""
+    n, pad, xs, _, dot = _linear_parts(kst, acc, chunk, wl, h2, w, b, y, t, keep)
+    sp = pad(ct, 0)
+
+    def piece(a: Any, i: Any) -> Any:
+        return None if a is None else jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, 0)
+
+    def body(state: Any) -> Any:
+        i, dh, dw, db = state
+        x = {k: piece(v, i) for k, v in xs.items()}
+        _, dhc, dw, dbc = _linear_chunk(kst, acc, wl, w, b, cw, dot, x, piece(sp, i), dw)
+        dh = jax.lax.dynamic_update_slice_in_dim(dh, dhc.astype(dh.dtype), i * chunk, 0)
+        return i + 1, dh, dw, None if db is None else db + dbc
+
+    _, dh, dw, db = jax.lax.while_loop(lambda st: st[0] < trips, body, (jnp.zeros((), jnp.int32), dh, dw, db))
+    return dh, dw, db
 
 
 def _token_loss_fn() -> Any:
@@ -386,14 +469,15 @@ def _jax_linear(kst: Any, acc: str, chunk: int, wl: str) -> Any:
         r = jnp.nanmax(jnp.where(nz, ratio, -jnp.inf)) if hint.size else jnp.zeros((), acc)
         r = jnp.where(jnp.any(nz), r, 0.0)
         uniform = jnp.all(jnp.where(nz, ratio == r, ct == 0))
-
-        def scaled() -> Any:
-            return dh * r.astype(dh.dtype), dw * r.astype(dw.dtype), None if db is None else db * r.astype(db.dtype)
-
-        def again() -> Any:
-            _, a, bb, c = _linear_scan(kst, acc, chunk, wl, h2, w, b, y, t, keep, cw, ct, True)
-            return a, bb, c
-        gh, gw, gb = jax.lax.cond(uniform, scaled, again)
+        # uniform: the formed gradients times r (a scaled loss, the expected upstream); otherwise
+        # zeros and every chunk again with the cotangent (reduction="none" with a random one)
+        scaled = lambda a: None if a is None else jnp.where(uniform, a * r.astype(a.dtype), jnp.zeros((), a.dtype))  # noqa: E731
+        n = max(1, -(-h2.shape[0] // chunk))
+        gh, gw, gb = _linear_again(kst, acc, chunk, wl, h2, w, b, y, t, keep, cw, ct,
+                                   jnp.where(uniform, 0, n).astype(jnp.int32), scaled(dh), scaled(dw), scaled(db))
+        gh = gh[:h2.shape[0]].astype(h2.dtype)
+        gw = gw.astype(w.dtype)
+        gb = None if gb is None else gb.astype(b.dtype)
         zero = lambda a: None if a is None or not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(a)  # noqa: E731
         return gh, gw, gb, None if y is None else zero(y), zero(t), None if keep is None else zero(keep), zero(cw), \
             jnp.zeros_like(hint)
@@ -408,7 +492,7 @@ def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: 
         from .. import distributed
         return distributed.jax_linear_class_parallel(self, kst, h2, w, b, y, t, keep, cw, acc, scale_fn, chunk, wl, cp)
     hint = jax.lax.stop_gradient(scale_fn())
-    return _jax_linear(kst, jnp.dtype(acc).name, chunk, wl)(h2, w, b, y, t, keep, cw, hint)
+    return _jax_linear(kst, jnp.dtype(acc).name, _even_chunk(h2.shape[0], chunk), wl)(h2, w, b, y, t, keep, cw, hint)
 
 
 def _linear_value_and_grad(self: Any, fn: Any, st: Any, h: Any, w: Any, b: Any, *arrays: Any) -> Any:
