@@ -20,14 +20,11 @@ instead of hanging it:
 import importlib.util
 import json
 import os
-import signal
-import subprocess
-import sys
-import traceback
 
 import numpy as np
 import pytest
 
+from _spawn import main, spawn as _spawn_script, torch_launch
 from support import assert_close, require_or_skip
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -137,12 +134,6 @@ def test_numpy_segment_and_sequence_mean_over_workers(xsl):
         assert_close(np.concatenate([g[1] for g in got]), gfull, tol=TOL, what=f"{reduction} gradient")
 
 
-def test_class_parallel_is_an_honest_error(xsl):
-    h, w, y = np.zeros((1, 2, 3)), np.zeros((5, 3)), np.zeros((1, 2), np.int64)
-    with pytest.raises(xsl.XSeqLossTypeError, match="not implemented in this version"):
-        xsl.linear_cross_entropy(h, w, y, class_parallel="tp")
-
-
 # ============================================================================ PyTorch, one process
 
 
@@ -180,36 +171,8 @@ def test_torch_gradient_accumulation_three_micro_batches(xsl):
 # ============================================================================ subprocess plumbing
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + HERE + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3", TF_NUM_INTEROP_THREADS="1",
-               TF_NUM_INTRAOP_THREADS="1")
-    env.pop("XSEQLOSS_BACKEND", None)
-    return env
-
-
 def _spawn(mode, n, tmp):
-    """Run this file in ``mode`` as one process (for "torch" it forks the ``n`` ranks after importing
-    torch once: four imports of torch would cost more than all the arithmetic); rank r writes
-    tmp/<r>.json. One timeout for everything; on timeout the whole process group is killed."""
-    init = os.path.join(tmp, "init")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), mode, str(n), init, tmp], cwd=ROOT,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"{mode}: the {n} worker(s) did not finish in {TIMEOUT} s (a hung collective?)\n{log[-6000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"{mode} exited with {proc.returncode}:\n{log[-6000:]}")
-    results = []
-    for r in range(n):
-        with open(os.path.join(tmp, f"{r}.json")) as f:
-            results.append(json.load(f))
-    return results
+    return _spawn_script(__file__, mode, n, tmp, TIMEOUT)
 
 
 def _check_pairs(results, prefix):
@@ -691,54 +654,8 @@ def _tf_worker(out):
 # =========================================================================== the script entry
 
 
-def _torch_launch(world, init, out):
-    """Fork the ``world`` ranks after one import of torch and xseqloss (shared by the children)."""
-    import torch  # noqa: F401
-
-    import xseqloss.torch  # noqa: F401  (imports xseqloss.backends.torch too)
-
-    if not hasattr(os, "fork"):  # pragma: no cover - not POSIX: one interpreter per rank
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "torch-rank", str(r), str(world),
-                                   init, out]) for r in range(world)]
-        return 1 if any(p.wait() for p in procs) else 0
-    pids = []
-    for r in range(world):
-        pid = os.fork()
-        if pid == 0:
-            _run_rank(r, world, init, out)
-        pids.append(pid)
-    failed = [r for r, pid in enumerate(pids) if os.waitpid(pid, 0)[1] != 0]
-    if failed:
-        print(f"ranks {failed} failed", flush=True)
-    return 1 if failed else 0
-
-
-def _run_rank(rank, world, init, out):
-    code = 0
-    try:
-        _torch_worker(rank, world, init, out)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # never run the parent's exit handlers, never wait on a collective at exit
-
-
 if __name__ == "__main__":
-    mode = sys.argv[1]
-    try:
-        if mode == "torch":
-            code = _torch_launch(int(sys.argv[2]), sys.argv[3], sys.argv[4])
-        elif mode == "torch-rank":
-            _run_rank(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
-        elif mode == "jax":
-            code = _jax_worker(sys.argv[4]) or 0
-        else:
-            code = _tf_worker(sys.argv[4]) or 0
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    main(__file__, {"torch": lambda n, init, out: torch_launch(__file__, _torch_worker, n, init, out),
+                    "torch-rank": _torch_worker,
+                    "jax": lambda n, init, out: _jax_worker(out),
+                    "tensorflow": lambda n, init, out: _tf_worker(out)})

@@ -27,7 +27,19 @@ def probs_rows(ops: Any, st: Static, z: Any) -> tuple[Any, Any]:
     (issue 17); in float64 the order changes the sum by ~1e-16."""
     p = ops.cast(z, ops.wide_dtype())
     k = st.opts.k
-    return ops.any((p < 0) | (p > 1) | ~ops.isfinite(p), k), ops.sum(p, k)
+    outside, sums = ops.any((p < 0) | (p > 1) | ~ops.isfinite(p), k), ops.sum(p, k)
+    if st.class_parallel is not None:  # the row is spread over the workers: its sum is theirs together
+        outside, sums = _cp_any(ops, st, outside, sums)
+    return outside, sums
+
+
+def _cp_any(ops: Any, st: Static, flags: Any, *more: Any) -> Any:
+    """Token flags true where any worker's slice flags them (and ``more`` partial sums combined),
+    in one all-reduce."""
+    from .class_parallel import reducer
+    dt = ops.dtype(more[0]) if more else ops.wide_dtype()
+    out = reducer(ops, st.class_parallel).sums([ops.cast(flags, dt), *more])
+    return (out[0] > 0, *out[1:]) if more else out[0] > 0
 
 
 def _or(a: Any, b: Any) -> Any:
@@ -90,6 +102,8 @@ def token_plan(ops: Any, st: Static, like: Any, acc: Any, y: Any, t: Any, mask: 
             cw = ops.where((cw >= 0) & ops.isfinite(cw), cw, float("nan"))
     if st.mark_bad and st.soft:
         rb = ops.any((t < 0) | ~ops.isfinite(t), k)
+        if st.class_parallel is not None:
+            rb = _cp_any(ops, st, rb)
         if to_tokens is not None:
             rb = to_tokens(rb)
         bad = _or(bad, rb if counted is None else (rb & counted))
@@ -109,7 +123,11 @@ def token_plan(ops: Any, st: Static, like: Any, acc: Any, y: Any, t: Any, mask: 
             normalizer = ops.where((normalizer >= 0) & ops.isfinite(normalizer), normalizer, float("nan"))
     W = None
     if o.reduction not in ("none", "sum"):
-        W = _reduce.denominator_weights(ops, st, y, counted, w, cw)
+        cwy = None
+        if st.class_parallel is not None and cw is not None and not st.soft:
+            from .class_parallel import reducer
+            cwy = reducer(ops, st.class_parallel).take(cw, y)
+        W = _reduce.denominator_weights(ops, st, y, counted, w, cw, cwy)
     docs = _tokens.documents(ops, st, segs) if o.reduction in ("per_segment", "segment_mean") else None
     # coef = d result / d (weighted token loss), known before the loss is computed, so a fused kernel
     # can fold it into the gradient it forms in its forward pass (Plan.expected_dl)
@@ -158,7 +176,9 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
     expected_dl = lambda: to_kernel(p.expected_dl())  # noqa: E731
     cotangent = lambda: to_kernel(p.cotangent())  # noqa: E731
     l = g = grad = None
-    if want_grad:  # without autodiff (NumPy): a backend's kernel forms the scaled gradient itself
+    if st.class_parallel is not None:
+        pass  # classes split across workers: the generic formula with its sums combined (token_loss)
+    elif want_grad:  # without autodiff (NumPy): a backend's kernel forms the scaled gradient itself
         fused_vg = getattr(ops, "fused_value_and_grad", None)
         if fused_vg is not None:
             l, grad = fused_vg(kst, z, yk, tk, ck, p.cw, acc, cotangent)

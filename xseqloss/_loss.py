@@ -34,7 +34,7 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
                            reduction: str = "mean", denominator: str = "weights", normalizer: Any = None,
                            empty: str = "zero", num_classes: int | None = None, validate: bool = True,
                            backend: str | None = None, inplace_backward: bool = False, shift: int = 0,
-                           segment_ids: Any = None) -> Any:
+                           segment_ids: Any = None, class_parallel: Any = None) -> Any:
     """Cross-entropy of a sequence model's outputs, with one meaning on NumPy, PyTorch, TensorFlow and JAX.
 
     Per counted token (after ``logit_softcap``), with lse = logsumexp(z), eps = ``label_smoothing`` and
@@ -60,6 +60,8 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
         inplace_backward: PyTorch only: write the gradient into the logits' storage.
         shift: score the logits at step t against the target at t + shift (next-token prediction: 1).
         segment_ids: packed documents (targets' token shape; a negative id is padding).
+        class_parallel: classes split across workers (API.md 9.2): a torch ProcessGroup or a JAX
+            mesh axis name; logits, soft targets and class_weights are this worker's slice of C.
 
     Returns:
         The loss in the backend's array type on the logits' device (float32 for float16/bfloat16 input).
@@ -74,6 +76,16 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
               z_loss=z_loss, logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
               normalizer=normalizer, empty=empty, num_classes=num_classes, validate=validate, backend=backend,
               inplace_backward=inplace_backward, shift=shift, segment_ids=segment_ids)
+    if class_parallel is not None:
+        kw["class_parallel"] = class_parallel
+    if type(logits).__name__ == "DTensor":  # torch.distributed.tensor: the placement says the class split
+        from . import class_parallel as cpm
+        if cpm.is_dtensor(logits):
+            logits, kw = cpm.from_dtensor(logits, dict(kw, targets=targets), _checks.parse_layout(layout).index("C"),
+                                          ("targets", "mask", "lengths", "weights", "class_weights", "normalizer",
+                                           "segment_ids"))
+            targets = kw.pop("targets")
+            mask, weights, segment_ids = kw["mask"], kw["weights"], kw["segment_ids"]
     sides = dict(mask=mask, weights=weights, segment_ids=segment_ids)
     if _ragged.is_ragged(logits, targets, sides):
         cv = _ragged.convert(logits, targets, layout=layout, lengths=lengths, sides=sides, reduction=reduction,
@@ -84,6 +96,8 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
 
 
 def _loss(logits: Any, targets: Any, kw: dict) -> Any:
+    if kw.get("class_parallel") is not None:
+        return _class_parallel_loss(logits, targets, kw, grad=False)
     call = _prepare(logits, targets, **kw)
     if call.st.native_default and not call.tracing:
         result = _native_default(call)
@@ -135,7 +149,24 @@ def value_and_grad(logits: Any, targets: Any, **options: Any) -> tuple[Any, Any]
     return _value_and_grad(logits, targets, options)
 
 
+def _class_parallel_loss(logits: Any, targets: Any, kw: dict, grad: bool) -> Any:
+    """Classes split across workers (class_parallel.py): the split agreed on, the values checked on
+    every rank together (eager), then the core with its class sums combined over the workers."""
+    from . import class_parallel
+    kw = dict(kw)
+    cp, num_classes = kw.pop("class_parallel"), kw.get("num_classes")
+    kw["num_classes"] = None  # the global C is known only after the split
+    call = class_parallel.prepare(lambda: _prepare(logits, targets, **kw), cp, num_classes,
+                                  class_parallel.backend_name(logits, kw.get("backend")), logits)
+    class_parallel.check(call)
+    if grad:
+        return call.be.value_and_grad(_numeric, call.st, *call.arrays)
+    return call.be.run(_numeric, call.st, *call.arrays)
+
+
 def _value_and_grad(logits: Any, targets: Any, options: dict) -> tuple[Any, Any]:
+    if options.get("class_parallel") is not None:
+        return _class_parallel_loss(logits, targets, options, grad=True)
     call = _prepare(logits, targets, **options)
     be = call.be
     if not call.st.mark_bad:

@@ -59,7 +59,7 @@ class Static:
         """Plain index cross-entropy on logits: the backend's fused native kernel applies."""
         o = self.opts
         return (not self.soft and o.inputs == "logits" and self.eps == 0.0 and not self.has_cw
-                and o.z_loss == 0.0 and o.cap is None)
+                and o.z_loss == 0.0 and o.cap is None and self.class_parallel is None)
 
 
 _STATIC_CACHE: dict[tuple, Static] = {}

@@ -34,13 +34,14 @@ def divide(ops: Any, num: Any, inv: Any, zero: Any, empty: str) -> Any:
     return ops.where(zero, float("nan"), out) if empty == "nan" else out
 
 
-def denominator_weights(ops: Any, st: Static, y: Any, counted: Any, w: Any, cw: Any) -> Any:
-    """W[n, t]: weights * cw[y] at counted tokens (soft targets: weights only); None = all ones."""
+def denominator_weights(ops: Any, st: Static, y: Any, counted: Any, w: Any, cw: Any, cwy: Any = None) -> Any:
+    """W[n, t]: weights * cw[y] at counted tokens (soft targets: weights only); None = all ones.
+    ``cwy``: cw[y] already gathered (classes split across workers: from the worker holding y)."""
     if st.opts.denominator != "weights":
         return None
     W = w
     if cw is not None and not st.soft:
-        cwy = ops.take(cw, y)
+        cwy = ops.take(cw, y) if cwy is None else cwy
         W = cwy if W is None else W * cwy
     if W is not None and counted is not None:
         W = ops.where(counted, W, 0.0)

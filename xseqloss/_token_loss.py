@@ -27,9 +27,19 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
     adds exactly 0 to l and to the gradient, even where its logit is -inf (vocabulary masking).
     Rows where ``keep`` is false give exactly 0 loss and exactly 0 gradient whatever their contents.
     ``k`` overrides the class axis (a backend's chunked kernel passes flattened (rows, C) chunks).
+
+    Classes split across workers (``st.class_parallel``, API.md 9.2): ``z``, ``t`` and ``cw`` are
+    this worker's slice of the class axis and C is the global count. The formula is the same; its
+    class sums (the max m, sum(exp), the target logit x[y] and weight cw[y], the smoothing sum,
+    sum(q) and q . x) are the local partial sums combined over the workers: one all-reduce of the
+    max and one of the stacked token-sized partial sums (``class_parallel.reducer``).
     """
     o, C, eps = st.opts, st.C, st.eps
     k = o.k if k is None else k
+    red = None
+    if st.class_parallel is not None:
+        from .class_parallel import reducer
+        red = reducer(ops, st.class_parallel)
     if st.plain and not want_grad:
         return ops.nll(z, y, keep, k, acc, st), None
     keep_c = None if keep is None else ops.expand(keep, k)
@@ -44,17 +54,20 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
     if o.inputs == "probs":
         probs = x
         x = ops.log(ops.maximum(x, _checks.PROB_EPS))
-    lse_s = lse = e = s = None
+    lse_s = lse = e = s = m = None
     if o.inputs == "logits":
         m = ops.stop_gradient(ops.max(x, k))
+        if red is not None:
+            m = red.max(m)
         m = ops.where(m == -np.inf, 0.0, m)  # a row of -inf: lse = -inf, as _common.logsumexp
         x = x - ops.expand(m, k)  # the max-shifted frame; softmax = e / s, not exp(x - lse)
         e = ops.exp(x)
         s = ops.sum(e, k)
-        lse_s = ops.log(s)
-        lse = lse_s + m
     cw_b = None if cw is None else ops.reshape_class(cw, k, ops.ndim(x))
     w_z = 1.0
+    yk = y
+    if red is not None and not st.soft:
+        yk, own = red.labels(y)  # this worker's column of each target, and whether it holds it
     if st.soft:
         q = ops.cast(t, acc)
         if keep_c is not None:
@@ -64,18 +77,39 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
         if cw_b is not None:
             q = q * cw_b
         sumq = ops.sum(q, k)
-        l = -ops.sum(_times(ops, q, x), k)
+        qx = ops.sum(_times(ops, q, x), k)
+        if red is not None:
+            s, sumq, qx = red.sums([s, sumq, qx]) if s is not None else [None, *red.sums([sumq, qx])]
+        l = -qx
     else:
-        w_y = ops.take(cw, y) if cw is not None else 1.0
+        xy = ops.take_class(x, yk, k)
+        w_y = ops.take(cw, yk) if cw is not None else 1.0
+        smooth = sum_cw = None
+        if eps:
+            smooth = ops.sum(_times(ops, cw_b, x), k) if cw is not None else ops.sum(x, k)
+            sum_cw = ops.sum(cw, 0) if cw is not None else None
+        if red is not None:  # the owner's x[y] and cw[y], 0 elsewhere; then every partial sum combined
+            xy = ops.where(own, xy, 0.0)
+            if cw is not None:
+                w_y = ops.where(own, w_y, 0.0)
+            parts = [p for p in (s, xy, w_y if cw is not None else None, smooth, sum_cw) if p is not None]
+            it = iter(red.sums(parts))
+            s, xy = (next(it) if s is not None else None), next(it)
+            w_y = next(it) if cw is not None else w_y
+            smooth = next(it) if smooth is not None else None
+            sum_cw = next(it) if sum_cw is not None else None
         if cw is not None:
             w_z = w_y
         a = (1.0 - eps) * w_y
-        l = -_times(ops, a, ops.take_class(x, y, k))
+        l = -_times(ops, a, xy)
         sumq = a
         if eps:
             b = eps / C
-            sumq = sumq + b * (ops.sum(cw, 0) if cw is not None else float(C))
-            l = l - b * (ops.sum(_times(ops, cw_b, x), k) if cw is not None else ops.sum(x, k))
+            sumq = sumq + b * (sum_cw if cw is not None else float(C))
+            l = l - b * smooth
+    if s is not None:
+        lse_s = ops.log(s)
+        lse = lse_s + m
     if lse is not None:
         l = l + sumq * lse_s
         if o.z_loss:
@@ -97,7 +131,8 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
     else:
         if eps:
             g = g - (eps / C) * (cw_b if cw_b is not None else 1.0)
-        g = ops.add_class(g, y, -a if not isinstance(a, float) else ops.full_tokens(y, -a, acc), k)
+        va = -a if not isinstance(a, float) else ops.full_tokens(y, -a, acc)
+        g = ops.add_class(g, yk, va if red is None else ops.where(own, va, 0.0), k)
     if tanh is not None:
         g = g * (1.0 - tanh * tanh)
     if probs is not None:

@@ -53,7 +53,7 @@ Workers that disagree on options get a count that means nothing; a count reduced
 group (e.g. the data-parallel group only, when the gradients are also summed over the
 context-parallel ranks) is off by the size of the missing group (verl issue 5983).
 
-``class_parallel`` (classes split across workers, API.md 9.2) is not implemented in this version.
+Classes split across workers (``class_parallel``, API.md 9.2) are xseqloss/class_parallel.py.
 
 >>> import numpy as np, xseqloss as xsl
 >>> y = np.array([[3, 1, -100], [2, -100, -100]])
@@ -236,18 +236,6 @@ def global_sequence_count(targets: Any, *, group: Any = None, axis_name: Any = N
         return n  # TensorFlow: a dynamic batch size, already an int64 tensor
 
     return _reduce_local(name, "global_sequence_count", local, targets, group, axis_name, True)
-
-
-# ------------------------------------------------------------------------- API.md 9.2 (not yet)
-
-
-def global_classes(be: Any, class_parallel: Any, C: Any, like: Any) -> Any:
-    """The global number of classes for ``class_parallel`` (API.md 9.2): not implemented in this
-    version, so every use is an error rather than a silent single-worker result."""
-    raise XSeqLossTypeError(
-        f"class_parallel={class_parallel!r}: classes split across workers (vocabulary / tensor parallel, "
-        f"API.md 9.2) is not implemented in this version of xseqloss; gather the full class axis (C) on "
-        f"each worker and pass class_parallel=None, or use the framework's own vocabulary-parallel loss")
 
 
 # ------------------------------------------------------------------------------------ internals

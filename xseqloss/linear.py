@@ -19,6 +19,7 @@ issue 968 got those wrong).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from . import _checks, _dispatch, _engine
@@ -100,7 +101,10 @@ _OPTIONS = ("bias", "layout", "weight_layout", "chunk_size", "mask", "lengths", 
 
 
 def _checked(call: _Call) -> None:
-    if not call.st.mark_bad:
+    if call.st.class_parallel is not None:
+        from . import class_parallel
+        class_parallel.check(call)
+    elif not call.st.mark_bad:
         _check_values(call)
     elif call.check_sides:
         check_concrete_sides(call)
@@ -108,16 +112,44 @@ def _checked(call: _Call) -> None:
 
 # ----------------------------------------------------------------------------------- preparation
 
-def _prepare_linear(hidden: Any, weight: Any, targets: Any, *, bias: Any = None, layout: Any = "NTH",
+def _prepare_linear(hidden: Any, weight: Any, targets: Any, *, class_parallel: Any = None, **kw: Any
+                    ) -> tuple[_Call, Any, Any, Any]:
+    """(the call's token arrays and plan, prepared as for sequence_cross_entropy of the logits it
+    means, with no logits; hidden; weight; bias), every static check done. With ``class_parallel``
+    the weight (and bias, soft targets, class weights) are this worker's slice of C."""
+    if class_parallel is None:
+        return _prepare_local(hidden, weight, targets, **kw)
+    from . import class_parallel as cpm
+    num_classes, user_chunk = kw.get("num_classes"), kw.get("chunk_size")
+    kw["num_classes"] = None  # the global C is known only after the split
+    out = cpm.prepare(lambda: _prepare_local(hidden, weight, targets, **kw), class_parallel, num_classes,
+                      cpm.backend_name(hidden, kw.get("backend")), hidden)
+    call = out[0]
+    split = call.st.class_parallel
+    hpos, wl, chunk = call.st.linear
+    if user_chunk is None and split.sizes:  # every worker runs the same chunks (their collectives pair up)
+        chunk = max(1, min(getattr(call.be, "linear_chunk_bytes", CHUNK_BYTES) // (16 * max(split.sizes)),
+                           _tokens_of(call)))
+    call.st = replace(call.st, linear=(hpos, wl, chunk))
+    return out
+
+
+def _tokens_of(call: _Call) -> int:
+    n = 1
+    for d in call.tok_shape:
+        n *= int(d)
+    return max(n, 1)
+
+
+def _prepare_local(hidden: Any, weight: Any, targets: Any, *, bias: Any = None, layout: Any = "NTH",
                     weight_layout: Any = "CH", chunk_size: Any = None, mask: Any = None, lengths: Any = None,
                     ignore_index: Any = -100, weights: Any = None, class_weights: Any = None,
                     label_smoothing: Any = 0.0, smoothing: Any = "uniform", z_loss: Any = 0.0,
                     logit_softcap: Any = None, reduction: Any = "mean", denominator: Any = "weights",
                     normalizer: Any = None, empty: Any = "zero", num_classes: Any = None, validate: Any = True,
-                    backend: Any = None, shift: Any = 0, segment_ids: Any = None, class_parallel: Any = None,
+                    backend: Any = None, shift: Any = 0, segment_ids: Any = None,
                     unsupported: dict | None = None) -> tuple[_Call, Any, Any, Any]:
-    """(the call's token arrays and plan, prepared as for sequence_cross_entropy of the logits it
-    means, with no logits; hidden; weight; bias), every static check done."""
+    """_prepare_linear on one worker (the weight's C is the C of the call)."""
     for name in (unsupported or {}):
         if name in ("inputs", "inplace_backward"):
             raise XSeqLossError(f"{name} is not an option of linear_cross_entropy: it computes logits from "
@@ -171,9 +203,6 @@ def _prepare_linear(hidden: Any, weight: Any, targets: Any, *, bias: Any = None,
         if tuple(be.shape(b)) != (C,):
             raise XSeqLossError(f"bias has shape {fmt_shape(be.shape(b))} but must be (C={C},) "
                                 f"(weight {fmt_shape(ws, wl)})")
-    if class_parallel is not None:
-        from . import distributed
-        C = distributed.global_classes(be, class_parallel, C, h)
     shape = tuple(C if a == "H" else d for a, d in zip(hl, hshape))  # the logits it means
     call = _prepare_sides(be, o, None, shape, targets, mask=mask, lengths=lengths, weights=weights,
                           class_weights=class_weights, normalizer=normalizer, like=h, segment_ids=segment_ids)
@@ -191,7 +220,6 @@ def _prepare_linear(hidden: Any, weight: Any, targets: Any, *, bias: Any = None,
                  limits=None if getattr(be, "index_limits", None) is None else be.index_limits(),
                  engine=_engine.DEFAULT if call.tracing and be.name == "torch" else _engine.current(be.name),
                  has_segments=call.st.has_segments, linear=(hl.index("H"), wl, chunk_size),
-                 class_parallel=class_parallel,
                  store=not (call.tracing and be.name == "torch"))
     call.st = st
     # jax.grad without jit: the hidden states are traced, the labels concrete (decisions.md 24)

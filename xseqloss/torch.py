@@ -32,7 +32,8 @@ __all__ = ["SequenceCrossEntropyLoss", "LinearCrossEntropyLoss", "empty_cache"]
 # Options whose value is shown by ``repr`` when it differs from the function's default.
 _DEFAULTS = dict(layout="NTC", ignore_index=-100, inputs="logits", label_smoothing=0.0, smoothing="uniform",
                  z_loss=0.0, logit_softcap=None, reduction="mean", denominator="weights", normalizer=None,
-                 empty="zero", num_classes=None, validate=True, inplace_backward=False, shift=0)
+                 empty="zero", num_classes=None, validate=True, inplace_backward=False, shift=0,
+                 class_parallel=None)
 
 
 class SequenceCrossEntropyLoss(nn.Module):
@@ -68,7 +69,7 @@ class SequenceCrossEntropyLoss(nn.Module):
                  z_loss: float = 0.0, logit_softcap: float | None = None, reduction: str = "mean",
                  denominator: str = "weights", normalizer: float | None = None, empty: str = "zero",
                  num_classes: int | None = None, validate: bool = True, inplace_backward: bool = False,
-                 shift: int = 0) -> None:
+                 shift: int = 0, class_parallel: Any = None) -> None:
         super().__init__()
         # the same checks (and messages) as the function's, once, at construction
         opts = _checks.parse_options(layout=layout, ignore_index=ignore_index, inputs=inputs,
@@ -95,7 +96,9 @@ class SequenceCrossEntropyLoss(nn.Module):
         self.validate = validate
         self.inplace_backward = inplace_backward
         self.shift = opts.shift
-        self.register_buffer("class_weights", _class_weights(class_weights, opts.num_classes))
+        self.class_parallel = class_parallel  # class_weights are then this worker's slice (API.md 9.2)
+        self.register_buffer("class_weights", _class_weights(class_weights,
+                                                             opts.num_classes if class_parallel is None else None))
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: Any = None, lengths: Any = None,
                 weights: Any = None, segment_ids: Any = None, *, normalizer: Any = None) -> torch.Tensor:
@@ -107,7 +110,8 @@ class SequenceCrossEntropyLoss(nn.Module):
             logit_softcap=self.logit_softcap, reduction=self.reduction, denominator=self.denominator,
             normalizer=self.normalizer if normalizer is None else normalizer, empty=self.empty,
             num_classes=self.num_classes, validate=self.validate, backend="torch",
-            inplace_backward=self.inplace_backward, shift=self.shift, segment_ids=segment_ids)
+            inplace_backward=self.inplace_backward, shift=self.shift, segment_ids=segment_ids,
+            class_parallel=self.class_parallel)
 
     def extra_repr(self) -> str:
         parts = [f"{k}={getattr(self, k)!r}" for k, d in _DEFAULTS.items() if getattr(self, k) != d]
@@ -192,7 +196,8 @@ class LinearCrossEntropyLoss(nn.Module):
                             reduction=reduction, denominator=denominator, empty=empty, num_classes=opts.num_classes,
                             validate=validate, shift=opts.shift, class_parallel=class_parallel)
         self.normalizer = normalizer
-        self.register_buffer("class_weights", _class_weights(class_weights, opts.num_classes))
+        self.register_buffer("class_weights", _class_weights(class_weights,
+                                                             opts.num_classes if class_parallel is None else None))
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: Any, bias: Any = None, mask: Any = None,
                 lengths: Any = None, weights: Any = None, segment_ids: Any = None, *,
