@@ -12,7 +12,8 @@ the test instead of hanging it:
   disagree, a bad value in one rank's slice): an error on every rank, never a hang;
 * JAX: one process with 4 host devices: ``shard_map`` with ``class_parallel=<axis>`` (loss and
   fused layer), plain ``jax.jit`` over a class-sharded NamedSharding whose compiled program never
-  gathers the logits (JAX's sharded arrays need C divisible by the devices: no uneven slices).
+  gathers the logits; uneven vocabularies (C = 50,257 over 2 and 3 devices) padded to divide
+  evenly, ``num_classes`` marking the padding.
 """
 
 import json
@@ -384,6 +385,12 @@ def test_jax_shard_map_every_option(jax_run):
     assert _pairs([jax_run], "shard_map/", (0,)) >= 2 * 16
 
 
+def test_jax_uneven_vocabulary_padded_over_2_3_and_4_devices(jax_run):
+    # C = 50,257 over 2 and 3 devices, C = 10 over 4 (one device holding a single real class)
+    assert _pairs([jax_run], "shard_map_padded/", (0,)) == 3 * 2 * 2
+    assert jax_run["facts"]["padding_gradient_is_zero"] == [True] * 6
+
+
 def test_jax_shard_map_fused_output_layer(jax_run):
     assert _pairs([jax_run], "shard_map_linear/", (0,)) == 3 * 4
 
@@ -403,7 +410,7 @@ def test_jax_jit_named_sharding_never_gathers_the_logits(jax_run):
 def test_jax_errors(jax_run):
     e = jax_run["errors"]
     assert e["outside_shard_map"][0] == "XSeqLossError" and "inside shard_map" in e["outside_shard_map"][1]
-    assert e["num_classes_wrong"][0] == "XSeqLossError" and "C = 16" in e["num_classes_wrong"][1]
+    assert e["num_classes_wrong"][0] == "XSeqLossError" and "valid range [1, 16]" in e["num_classes_wrong"][1]
     assert e["torch_group_on_jax"][0] == "XSeqLossTypeError"
     assert e["concrete_bad_label"][0] == "XSeqLossError" and "[0, 16)" in e["concrete_bad_label"][1]
     assert jax_run["facts"]["traced_bad_label_is_nan"]
@@ -485,6 +492,37 @@ def _jax_worker(out):
         for part, a, r in zip(("dh", "dw", "db"), g, gref):
             record(f"shard_map_linear/{i}/{part}", a, r)
 
+    # uneven vocabularies, padded to divide evenly: num_classes = the real C marks the padding
+    # (junk logits and class weights there); C = 10 over 4 devices holds 3, 3, 3 and 1 real classes
+    pad_zero = []
+    for Cr, nd in ((10, 4), (50257, 2), (50257, 3)):
+        pmesh = Mesh(np.array(jax.devices()[:nd]), ("tp",))
+        width = -(-Cr // nd) * nd
+        zr = rng.normal(size=(N, T, Cr)) * 2
+        yr = rng.integers(0, Cr, (N, T))
+        yr[0, 1] = Cr - 1
+        cwr = rng.random(Cr) + 0.2
+        sr = rng.random((N, T, Cr)) ** 3
+        sr /= sr.sum(-1, keepdims=True)
+
+        def padded(a, v, width=width, Cr=Cr):
+            return jnp.asarray(np.concatenate([a, np.full(a.shape[:-1] + (width - Cr,), v)], -1))
+        for tag, o, kind in (("smooth_cw_zloss_cap", dict(label_smoothing=0.1, z_loss=0.01, logit_softcap=3.0), "index"),
+                             ("soft_smooth_cw", dict(label_smoothing=0.1), "soft")):
+            tgt = sr if kind == "soft" else yr
+            ref, gref = jax.value_and_grad(lambda v, o=o, tgt=tgt, cwr=cwr: xsl.sequence_cross_entropy(
+                v, jnp.asarray(tgt), class_weights=jnp.asarray(cwr), **o))(jnp.asarray(zr))
+            tspec = zspec if kind == "soft" else P()
+            sm = jax.shard_map(lambda v, tv, c, o=o, Cr=Cr: xsl.sequence_cross_entropy(
+                v, tv, class_parallel="tp", num_classes=Cr, class_weights=c, **o), mesh=pmesh,
+                in_specs=(zspec, tspec, P("tp")), out_specs=P())
+            tv = padded(sr, 0.0) if kind == "soft" else jnp.asarray(yr)
+            got, g = jax.jit(jax.value_and_grad(sm))(padded(zr, 7.0), tv, padded(cwr, 5.0))
+            record(f"shard_map_padded/{Cr}x{nd}/{tag}/loss", got, ref)
+            record(f"shard_map_padded/{Cr}x{nd}/{tag}/grad", g[..., :Cr], gref)
+            pad_zero.append(bool((g[..., Cr:] == 0).all()))
+    facts["padding_gradient_is_zero"] = pad_zero
+
     # plain jax.jit over logits sharded along C by a NamedSharding: no option (JAX arrays and
     # shard_map need C divisible by the devices: jax.device_put refuses 13 over 4, IndivisibleError)
     zs = jax.device_put(z, NamedSharding(mesh, zspec))
@@ -519,7 +557,7 @@ def _jax_worker(out):
         return ["no error", ""]
     errors["outside_shard_map"] = error_of(lambda: xsl.sequence_cross_entropy(z, y, class_parallel="tp"))
     errors["num_classes_wrong"] = error_of(lambda: jax.shard_map(
-        lambda v: xsl.sequence_cross_entropy(v, y, class_parallel="tp", num_classes=12), mesh=mesh,
+        lambda v: xsl.sequence_cross_entropy(v, y, class_parallel="tp", num_classes=17), mesh=mesh,
         in_specs=(zspec,), out_specs=P())(z))
     errors["torch_group_on_jax"] = error_of(lambda: xsl.sequence_cross_entropy(z, y, class_parallel=object()))
     bad = y.at[1, 4].set(C)
@@ -533,6 +571,52 @@ def _jax_worker(out):
 
     with open(os.path.join(out, "0.json"), "w") as f:
         json.dump(dict(rank=0, pairs=pairs, facts=facts, errors=errors), f)
+
+
+# =========================================================================== the docs' examples
+
+
+def _doc_block(marker):
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                             "distributed.md")).read()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    found = [b for b in blocks if marker in b]
+    assert len(found) == 1, marker
+    return found[0]
+
+
+def test_docs_torchrun_example_runs_on_two_ranks(tmp_path):
+    """docs/distributed.md's tp.py, as torchrun would start it (env:// rendezvous, 2 processes)."""
+    require_or_skip("torch")
+    import socket
+    import subprocess
+    import sys
+    from _spawn import env
+    script = tmp_path / "tp.py"
+    script.write_text(_doc_block("# tp.py"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script)], env=dict(
+        env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
+
+
+def test_docs_jax_example_runs(tmp_path):
+    require_or_skip("jax")
+    import subprocess
+    import sys
+    from _spawn import env
+    script = tmp_path / "tp_jax.py"
+    script.write_text(_doc_block('class_parallel="tp"),'))
+    out = subprocess.run([sys.executable, str(script)], env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr[-4000:]
 
 
 # ============================================================================ one process

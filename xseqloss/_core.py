@@ -27,6 +27,9 @@ def probs_rows(ops: Any, st: Static, z: Any) -> tuple[Any, Any]:
     (issue 17); in float64 the order changes the sum by ~1e-16."""
     p = ops.cast(z, ops.wide_dtype())
     k = st.opts.k
+    if st.class_parallel is not None and st.class_parallel.padded:
+        from .class_parallel import reducer
+        p = ops.where(reducer(ops, st.class_parallel).valid(p, k), p, 0.0)
     outside, sums = ops.any((p < 0) | (p > 1) | ~ops.isfinite(p), k), ops.sum(p, k)
     if st.class_parallel is not None:  # the row is spread over the workers: its sum is theirs together
         outside, sums = _cp_any(ops, st, outside, sums)

@@ -54,6 +54,12 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
     if o.inputs == "probs":
         probs = x
         x = ops.log(ops.maximum(x, _checks.PROB_EPS))
+    valid = None
+    if red is not None and red.split.padded:  # JAX: padding columns past the global C take no part
+        valid = red.valid(x, k)
+        x = ops.where(valid, x, -np.inf)
+        if cw is not None:
+            cw = ops.where(red.valid(cw, 0), cw, 0.0)
     lse_s = lse = e = s = m = None
     if o.inputs == "logits":
         m = ops.stop_gradient(ops.max(x, k))
@@ -76,6 +82,8 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
             q = q * (1.0 - eps) + eps / C
         if cw_b is not None:
             q = q * cw_b
+        if valid is not None:
+            q = ops.where(valid, q, 0.0)
         sumq = ops.sum(q, k)
         qx = ops.sum(_times(ops, q, x), k)
         if red is not None:
@@ -86,7 +94,8 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
         w_y = ops.take(cw, yk) if cw is not None else 1.0
         smooth = sum_cw = None
         if eps:
-            smooth = ops.sum(_times(ops, cw_b, x), k) if cw is not None else ops.sum(x, k)
+            smooth = ops.sum(_times(ops, cw_b, x), k) if cw is not None else \
+                ops.sum(x if valid is None else ops.where(valid, x, 0.0), k)
             sum_cw = ops.sum(cw, 0) if cw is not None else None
         if red is not None:  # the owner's x[y] and cw[y], 0 elsewhere; then every partial sum combined
             xy = ops.where(own, xy, 0.0)
@@ -139,6 +148,8 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
         g = ops.where(probs > _checks.PROB_EPS, g / ops.where(probs > _checks.PROB_EPS, probs, 1.0), 0.0)
     if keep_c is not None:
         g = ops.where(keep_c, g, 0.0)
+    if valid is not None:
+        g = ops.where(valid, g, 0.0)
     return l, g
 
 

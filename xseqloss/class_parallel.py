@@ -43,6 +43,7 @@ class Split:
     lo: int | None = None       # torch: this worker's first class (JAX: axis_index * local, traced)
     sizes: tuple = ()           # torch: every worker's slice size, in rank order
     rank: int = 0
+    padded: bool = False        # JAX: the slices hold more columns than C; those past C are padding
 
     def describe(self) -> str:
         if self.engine == "torch":
@@ -151,6 +152,13 @@ class _JaxReducer(_Reducer):
         pieces = jnp.split(out, ends[:-1])
         return [p.reshape(jnp.shape(v)).astype(jnp.result_type(v)) for p, v in zip(pieces, vs)]
 
+    def valid(self, x: Any, k: int) -> Any:
+        """Columns of the local slice (along axis k of x's shape) that are real classes (< C)."""
+        import jax
+        import jax.numpy as jnp
+        cols = jax.lax.broadcasted_iota(jnp.int32, jnp.shape(x), k)
+        return cols + (jax.lax.axis_index(self.split.handle) * self.split.local).astype(jnp.int32) < self.split.C
+
     def labels(self, y: Any) -> tuple[Any, Any]:
         import jax
         import jax.numpy as jnp
@@ -251,11 +259,14 @@ def jax_split(axis: Any, call: Any, num_classes: Any) -> Split:
                             f"or pmap over that axis ({exc}); under plain jax.jit with a class-sharded "
                             f"NamedSharding pass no class_parallel") from None
     local = int(call.shape[call.st.opts.k])
-    C = int(n) * local
-    if num_classes is not None and num_classes != C:
+    width = int(n) * local
+    if num_classes is not None and not 1 <= num_classes <= width:
         raise XSeqLossError(f"class_parallel: {int(n)} devices along {axis!r} with {local} classes each hold "
-                            f"C = {C} classes but num_classes={num_classes}")
-    return Split("jax", axis, local, C)
+                            f"C = {width} classes but num_classes={num_classes}; valid range [1, {width}] "
+                            f"(a smaller num_classes marks the last columns as vocabulary padding)")
+    if num_classes is not None and num_classes < width:  # a vocabulary padded to divide evenly
+        return Split("jax", axis, local, int(num_classes), padded=True)
+    return Split("jax", axis, local, width)
 
 
 def with_split(st: Any, split: Split) -> Any:
