@@ -548,6 +548,8 @@ def test_keras_fit_under_mirrored_strategy(tf_run):
     # reduction="sum" with sample_weight = 1 / (the global batch's token count): exact, however the
     # tokens fall on the replicas; the weights after two SGD steps equal the single-device ones
     assert _check_pairs([tf_run], "keras_fit_") == 2
+    # normalizer="global": the same, with no input-pipeline weights
+    assert _check_pairs([tf_run], "keras_global_fit_") == 2
     # the default (a local mean scaled by 1 / replicas) is not, with uneven counts
     assert tf_run["facts"]["keras_default_mean_error"] > 1e-3
 
@@ -645,6 +647,11 @@ def _tf_worker(out):
         (kW, kb), reported = fit(xk.SequenceCrossEntropy(reduction="sum"), ds.map(with_weights))
         record("keras_fit_weights", np.concatenate([kW.ravel(), kb.ravel()]), np.concatenate([Wn.ravel(), bn.ravel()]))
         record("keras_fit_reported_loss", reported, np.mean(step_losses))
+        # normalizer="global": the default call made exact (the global batch's count, all-reduced)
+        (kW, kb), reported = fit(xk.SequenceCrossEntropy(normalizer="global"), ds)
+        record("keras_global_fit_weights", np.concatenate([kW.ravel(), kb.ravel()]),
+               np.concatenate([Wn.ravel(), bn.ravel()]))
+        record("keras_global_fit_reported_loss", reported, np.mean(step_losses))
         (kW, _), _ = fit(xk.SequenceCrossEntropy(), ds)
         facts["keras_default_mean_error"] = float(np.abs(kW - Wn).max())
     with open(os.path.join(out, "0.json"), "w") as f:

@@ -79,7 +79,10 @@ class SequenceCrossEntropy(keras.losses.Loss):
     over the tokens that count (sum of w * l / sum of w). Keras's own ``reduction`` argument does not
     exist here; to reproduce ``SparseCategoricalCrossentropy`` exactly use ``**xseqloss.presets.KERAS``.
     Under ``tf.distribute`` a local mean is scaled by 1 / replicas like Keras's losses (not when a
-    global ``normalizer`` is given, which already makes the sum over replicas exact).
+    global ``normalizer`` is given, which already makes the sum over replicas exact): exact only when
+    every replica holds the same number of tokens. ``normalizer="global"`` divides each replica's
+    sum by the count of the **global** batch (``xsl.global_token_count``, one all-reduce in the
+    replica context), which is exact however the tokens fall (API.md 9.1; docs/distributed.md).
 
     Value checks (out-of-range labels) raise in eager mode; inside ``fit`` (traced on TF and JAX) a bad
     label gives a NaN loss instead, as everywhere in xseqloss.
@@ -95,7 +98,7 @@ class SequenceCrossEntropy(keras.losses.Loss):
     def __init__(self, *, layout: str = "NTC", ignore_index: Any = -100, class_weights: Any = None,
                  inputs: str = "logits", label_smoothing: float = 0.0, smoothing: str = "uniform",
                  z_loss: float = 0.0, logit_softcap: float | None = None, reduction: str = "mean",
-                 denominator: str = "weights", normalizer: float | None = None, empty: str = "zero",
+                 denominator: str = "weights", normalizer: float | str | None = None, empty: str = "zero",
                  num_classes: int | None = None, validate: bool = True, name: str = "sequence_cross_entropy",
                  dtype: Any = None, shift: int = 0, segments_in_targets: bool = False) -> None:
         opts = _checks.parse_options(layout=layout, ignore_index=ignore_index, inputs=inputs,
@@ -105,7 +108,15 @@ class SequenceCrossEntropy(keras.losses.Loss):
                                      inplace_backward=False, shift=shift)
         if not isinstance(segments_in_targets, bool):
             raise XSeqLossTypeError(f"segments_in_targets must be True or False, got {segments_in_targets!r}")
-        if normalizer is not None:
+        if isinstance(normalizer, str):
+            if normalizer != "global":
+                raise XSeqLossError(f"normalizer={normalizer!r} is not valid: a number (a fixed denominator), "
+                                    f"'global' (each batch's count over all replicas) or None")
+            if opts.reduction not in ("mean", "sequence_mean", "segment_mean"):
+                raise XSeqLossError(f"normalizer='global' divides by the count of the global batch, which only "
+                                    f"reduction='mean', 'sequence_mean' or 'segment_mean' uses; got "
+                                    f"reduction={opts.reduction!r}")
+        elif normalizer is not None:
             _checks.normalizer_reduction(opts.reduction)
             normalizer = _checks.number(normalizer, "normalizer", 0.0)
         # Keras's base class only knows its own reductions; ours is kept in self.reduction after it.
@@ -148,11 +159,28 @@ class SequenceCrossEntropy(keras.losses.Loss):
                 mask = ops.convert_to_tensor(mask)
             opts = self._options()
             opts["validate"] = self.validate and not _is_symbolic_placeholder(y_pred)
+            if self.normalizer == "global":
+                opts["normalizer"] = self._global_count(y_true, mask, weights, segment_ids, opts)
             loss = sequence_cross_entropy(y_pred, y_true, mask=mask, weights=weights, shift=self.shift,
                                           segment_ids=segment_ids, **opts)
             if self.reduction in ("mean", "sequence_mean") and self.normalizer is None:
                 loss = _scale_for_distribution(loss)
             return ops.cast(loss, self.dtype)
+
+    def _global_count(self, y_true: Any, mask: Any, weights: Any, segment_ids: Any, opts: dict) -> Any:
+        """normalizer="global": the denominator of this batch summed over the replicas (inside a
+        ``tf.distribute`` replica context one all-reduce; elsewhere the batch is the global one), so
+        the replicas' losses sum to the global mean and Keras's summed gradients are exact."""
+        from . import distributed
+        common = dict(layout=self.layout, backend=opts["backend"])
+        if self.reduction == "segment_mean":
+            return distributed.global_segment_count(segment_ids, **common)
+        if self.reduction == "sequence_mean":
+            return distributed.global_sequence_count(y_true, **common)
+        return distributed.global_token_count(
+            y_true, mask=mask, weights=weights, ignore_index=self.ignore_index, class_weights=opts["class_weights"],
+            denominator=self.denominator, shift=self.shift, segment_ids=segment_ids, num_classes=self.num_classes,
+            validate=opts["validate"], **common)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """Per-token losses (reduction "none"), for code that calls ``Loss.call`` directly."""
