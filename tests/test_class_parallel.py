@@ -614,7 +614,7 @@ def test_docs_jax_example_runs(tmp_path):
     import sys
     from _spawn import env
     script = tmp_path / "tp_jax.py"
-    script.write_text(_doc_block('class_parallel="tp"),'))
+    script.write_text(_doc_block("loss2 = jax.jit(lambda z: xsl.sequence_cross_entropy(z, y, label_smoothing=0.1))(zs)"))
     out = subprocess.run([sys.executable, str(script)], env=env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stderr[-4000:]
 

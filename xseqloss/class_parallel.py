@@ -30,7 +30,7 @@ from typing import Any
 
 from ._errors import XSeqLossError, XSeqLossTypeError
 
-__all__ = ["Split", "reducer"]
+__all__ = ["Split", "Reducer", "reducer", "prepare", "check"]
 
 
 @dataclass(frozen=True)
@@ -57,120 +57,23 @@ class Split:
 def reducer(ops: Any, split: Split) -> Any:
     """The collectives of the core for one engine: ``max`` (no gradient), ``sums`` (a list of
     arrays summed over the workers in one all-reduce; backward: the identity), ``labels`` (the
-    local column of each global label and whether this worker holds it) and ``take`` (v[y] of a
-    class-sharded vector, from the worker that holds y)."""
-    return _TorchReducer(split) if split.engine == "torch" else _JaxReducer(split)
+    local column of each global label and whether this worker holds it), ``take`` (v[y] of a
+    class-sharded vector, from the worker that holds y) and, JAX only, ``valid`` (the columns that
+    are real classes, not padding). The engines' own code is beside their backends."""
+    if split.engine == "torch":
+        from .backends.class_parallel_torch import TorchReducer
+        return TorchReducer(split)
+    from .backends.class_parallel_jax import JaxReducer
+    return JaxReducer(split)
 
 
-class _Reducer:
+class Reducer:
     def __init__(self, split: Split) -> None:
         self.split = split
 
     def take(self, vec: Any, y: Any) -> Any:
         yl, own = self.labels(y)
         return self.sums([self._where(own, vec[yl], 0.0)])[0]
-
-
-class _TorchReducer(_Reducer):
-    def max(self, v: Any) -> Any:
-        import torch.distributed as dist
-        v = v.detach().clone()
-        dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.split.handle)
-        return v
-
-    def sums(self, vs: list) -> list:
-        import torch
-        dt = vs[0].dtype
-        for v in vs[1:]:
-            dt = torch.promote_types(dt, v.dtype)
-        flat = torch.cat([v.reshape(-1).to(dt) for v in vs])
-        out = _SumOverGroup.apply(flat, self.split.handle)
-        pieces = torch.split(out, [v.numel() for v in vs])
-        return [p.reshape(v.shape).to(v.dtype) for p, v in zip(pieces, vs)]
-
-    def labels(self, y: Any) -> tuple[Any, Any]:
-        import torch
-        yl = y - self.split.lo
-        own = (yl >= 0) & (yl < self.split.local)
-        return torch.where(own, yl, 0), own
-
-    @staticmethod
-    def _where(c: Any, a: Any, b: Any) -> Any:
-        import torch
-        return torch.where(c, a, b)
-
-
-def _sum_over_group() -> Any:
-    import torch
-
-    class SumOverGroup(torch.autograd.Function):
-        """all_reduce(SUM) whose backward is the identity: the sum is replicated, so every worker's
-        upstream gradient of it is already the whole one (Megatron's reduce-from-model-parallel)."""
-
-        @staticmethod
-        def forward(ctx: Any, x: Any, group: Any) -> Any:
-            import torch.distributed as dist
-            out = x.clone()
-            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-            return out
-
-        @staticmethod
-        def backward(ctx: Any, g: Any) -> Any:
-            return g, None
-    return SumOverGroup
-
-
-class _Lazy:
-    def __init__(self, make: Any) -> None:
-        self.make, self.fn = make, None
-
-    def apply(self, *a: Any) -> Any:
-        if self.fn is None:
-            self.fn = self.make()
-        return self.fn.apply(*a)
-
-
-_SumOverGroup = _Lazy(_sum_over_group)
-
-
-class _JaxReducer(_Reducer):
-    def max(self, v: Any) -> Any:
-        import jax
-        return jax.lax.pmax(jax.lax.stop_gradient(v), self.split.handle)
-
-    def sums(self, vs: list) -> list:
-        import jax
-        import jax.numpy as jnp
-        dt = jnp.result_type(*vs)
-        flat = jnp.concatenate([jnp.ravel(v).astype(dt) for v in vs])
-        out = jax.lax.psum(flat, self.split.handle)
-        ends = []
-        n = 0
-        for v in vs:
-            n += int(jnp.size(v))
-            ends.append(n)
-        pieces = jnp.split(out, ends[:-1])
-        return [p.reshape(jnp.shape(v)).astype(jnp.result_type(v)) for p, v in zip(pieces, vs)]
-
-    def valid(self, x: Any, k: int) -> Any:
-        """Columns of the local slice (along axis k of x's shape) that are real classes (< C)."""
-        import jax
-        import jax.numpy as jnp
-        cols = jax.lax.broadcasted_iota(jnp.int32, jnp.shape(x), k)
-        return cols + (jax.lax.axis_index(self.split.handle) * self.split.local).astype(jnp.int32) < self.split.C
-
-    def labels(self, y: Any) -> tuple[Any, Any]:
-        import jax
-        import jax.numpy as jnp
-        lo = jax.lax.axis_index(self.split.handle) * self.split.local
-        yl = y - lo.astype(y.dtype)
-        own = (yl >= 0) & (yl < self.split.local)
-        return jnp.where(own, yl, 0), own
-
-    @staticmethod
-    def _where(c: Any, a: Any, b: Any) -> Any:
-        import jax.numpy as jnp
-        return jnp.where(c, a, b)
 
 
 # ------------------------------------------------------------------------------ the split
@@ -340,122 +243,6 @@ def agree_on_values(call: Any, flags: Any) -> None:
         raise XSeqLossError(f"{exc} [{split.describe()}]") from None
     raise XSeqLossError(f"class_parallel: the value checks failed on rank(s) {bad} (each raises the error with its "
                         f"argument, position and value); nothing was computed on rank {split.rank}")
-
-
-# ------------------------------------------------------------------------------ the fused layer
-
-
-def torch_linear(be: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
-                 chunk: int, wl: str) -> Any:
-    """The fused layer with the weight sharded along C (a column-parallel output layer): per chunk
-    of tokens the local logits, the per-token loss with its class sums combined over the group
-    (``token_loss``); the backward runs the chunks again and forms d hidden (summed over the group
-    in one all-reduce), d weight and d bias (local). Each chunk's collectives pair up across the
-    ranks because every rank runs the same chunks (``linear._prepare_linear``)."""
-    return _torch_linear_fn().apply(h2, w, b, y, t, keep, cw, (be, kst, acc, chunk, wl))
-
-
-def _torch_mm(hc: Any, w: Any, wl: str, acc: Any) -> Any:
-    wa = w.to(acc)
-    return hc.to(acc) @ (wa.t() if wl == "CH" else wa)
-
-
-def _torch_chunks(R: int, chunk: int) -> list[tuple[int, int]]:
-    return [(i, min(i + chunk, R)) for i in range(0, R, chunk)] or [(0, 0)]
-
-
-_TORCH_LINEAR: list = []
-
-
-def _torch_linear_fn() -> Any:
-    if _TORCH_LINEAR:
-        return _TORCH_LINEAR[0]
-    import torch
-    from ._token_loss import token_loss
-
-    def sl(x: Any, i: int, j: int) -> Any:
-        return None if x is None else x[i:j]
-
-    class ClassParallelLinear(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, plan: Any) -> Any:
-            be, kst, acc, chunk, wl = plan
-            out = h2.new_zeros(h2.shape[0], dtype=acc)
-            for i, j in _torch_chunks(h2.shape[0], chunk):
-                z = _torch_mm(h2[i:j], w, wl, acc)
-                if b is not None:
-                    z = z + b.to(acc)
-                out[i:j] = token_loss(be, kst, z, sl(y, i, j), sl(t, i, j), sl(keep, i, j), cw, acc, k=1)[0]
-            ctx.save_for_backward(h2, w, b, y, t, keep, cw)
-            ctx.plan = plan
-            return out
-
-        @staticmethod
-        def backward(ctx: Any, dl: Any) -> Any:
-            import torch.distributed as dist
-            h2, w, b, y, t, keep, cw = ctx.saved_tensors
-            be, kst, acc, chunk, wl = ctx.plan
-            wa = w.to(acc)
-            dh = torch.zeros(h2.shape, dtype=acc, device=h2.device)
-            dw = torch.zeros(wa.shape, dtype=acc, device=w.device)
-            db = None if b is None else torch.zeros(b.shape, dtype=acc, device=b.device)
-            for i, j in _torch_chunks(h2.shape[0], chunk):
-                hc = h2[i:j].to(acc)
-                z = hc @ (wa.t() if wl == "CH" else wa)
-                if b is not None:
-                    z = z + b.to(acc)
-                _, g = token_loss(be, kst, z, sl(y, i, j), sl(t, i, j), sl(keep, i, j), cw, acc, want_grad=True,
-                                  k=1)
-                g = g * dl[i:j].to(acc).unsqueeze(1)
-                dh[i:j] = g @ (wa if wl == "CH" else wa.t())
-                dw += (g.t() @ hc) if wl == "CH" else (hc.t() @ g)
-                if db is not None:
-                    db += g.sum(0)
-            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=kst.class_parallel.handle)  # every slice's share
-            return (dh.to(h2.dtype), dw.to(w.dtype), None if db is None else db.to(b.dtype),
-                    None, None, None, None, None)
-
-    _TORCH_LINEAR.append(ClassParallelLinear)
-    return ClassParallelLinear
-
-
-def jax_linear(be: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
-               chunk: int, wl: str) -> Any:
-    """The fused layer inside shard_map with the weight sharded along C: the chunks through
-    ``jax.lax.map`` of a rematerialised body (the backward recomputes each chunk's logits instead
-    of keeping them), its class sums through psum; d hidden is summed over the axis by JAX's
-    own transpose of the hidden states' broadcast to the sharded weight."""
-    import jax
-    import jax.numpy as jnp
-    from ._token_loss import token_loss
-    R, H = h2.shape
-    chunk = max(1, min(chunk, R))
-    n = -(-R // chunk)
-    pad = n * chunk - R
-
-    def split(x: Any) -> Any:
-        if x is None:
-            return None
-        if pad:
-            x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
-        return x.reshape(n, chunk, *x.shape[1:])
-
-    valid = None if not pad else split(jnp.ones((R,), bool))
-    kp = split(keep) if keep is not None else valid
-    if keep is not None and valid is not None:
-        kp = kp & valid
-    dims = (((1,), (1,)), ((), ())) if wl == "CH" else (((1,), (0,)), ((), ()))
-
-    @jax.checkpoint
-    def body(args: Any) -> Any:
-        hc, yc, tc, kc = args
-        z = jax.lax.dot_general(hc, w, dims, preferred_element_type=acc)
-        if b is not None:
-            z = z + b.astype(acc)
-        return token_loss(be, kst, z, yc, tc, kc, cw, acc, k=1)[0]
-
-    l = jax.lax.map(body, (split(h2), split(y), split(t), kp))
-    return l.reshape(n * chunk)[:R]
 
 
 # ------------------------------------------------------------------------------ DTensor

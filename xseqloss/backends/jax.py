@@ -489,8 +489,8 @@ def _jax_linear(kst: Any, acc: str, chunk: int, wl: str) -> Any:
 def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
                        scale_fn: Any, chunk: int, wl: str, want_grad: bool, cp: Any) -> Any:
     if cp is not None:
-        from .. import class_parallel
-        return class_parallel.jax_linear(self, kst, h2, w, b, y, t, keep, cw, acc, _even_chunk(h2.shape[0], chunk), wl)
+        from .class_parallel_jax import jax_linear
+        return jax_linear(self, kst, h2, w, b, y, t, keep, cw, acc, _even_chunk(h2.shape[0], chunk), wl)
     hint = jax.lax.stop_gradient(scale_fn())
     return _jax_linear(kst, jnp.dtype(acc).name, _even_chunk(h2.shape[0], chunk), wl)(h2, w, b, y, t, keep, cw, hint)
 

@@ -825,8 +825,8 @@ torch.library.register_autograd("xseqloss::linear_ce", _linear_backward, setup_c
 def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
                        scale_fn: Any, chunk: int, wl: str, want_grad: bool, cp: Any) -> Any:
     if cp is not None:
-        from .. import class_parallel
-        return class_parallel.torch_linear(self, kst, h2, w, b, y, t, keep, cw, acc, chunk, wl)
+        from .class_parallel_torch import torch_linear
+        return torch_linear(self, kst, h2, w, b, y, t, keep, cw, acc, chunk, wl)
     needs = torch.is_grad_enabled() and (h2.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
     with torch.no_grad():
         scale = scale_fn() if needs else h2.new_empty(0, dtype=acc)
