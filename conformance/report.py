@@ -84,7 +84,10 @@ def markdown(report: dict, title: str = "xseqloss conformance report", note: str
     L = [f"# {title}", ""]
     if note:
         L += [note, ""]
-    if not env.get("gpu_found"):
+    if env.get("distributed_only"):
+        L += ["**Classes split across workers only** (`xseqloss conformance --distributed`): every result "
+              "below is on CPU workers; the full report also has the single-device suite.", ""]
+    elif not env.get("gpu_found"):
         L += ["**No GPU was found in this run**: every result below is on CPU. The suite runs on CUDA "
               "(PyTorch) and GPU (JAX, TensorFlow) by itself wherever one is present.", ""]
     L += [f"Generated {env['date']} on {env['platform']} ({env.get('cpu_count')} CPUs), Python {env['python']}, "
@@ -96,6 +99,14 @@ def markdown(report: dict, title: str = "xseqloss conformance report", note: str
     L += [f"Versions: {vers}" + (f"; Keras backend {env['keras_backend']}" if env.get("keras_backend") else "")
           + ".", ""]
     L += ["Devices: " + "; ".join(f"{b}: {', '.join(d)}" for b, d in env["devices"].items()) + ".", ""]
+    if env.get("distributed"):
+        d = env["distributed"]
+        L += [f"Classes split across workers (API.md 9.2, conformance/distributed.py): "
+              f"{', '.join(d['engines']) or 'no engine ran'}; {d['cases']['base']} base cases "
+              f"({d['cases']['with_dtypes']} with dtypes), {d['seconds']} s. Their rows have the device "
+              "`cpu xN` (N workers) and the engine that split the classes; `grad` compares each worker's "
+              "gradient with its slice of the reference gradient, `replicated` that every worker holds "
+              "bitwise the same loss.", ""]
     L += [f"**{len(res)} checks, {len(fails)} failed.** Tolerances on max |x - ref| / (1 + |ref|): "
           + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items())
           + "; the reference is float64 on the already-rounded inputs. Exact checks (errors raised, "

@@ -2,6 +2,7 @@
 
     xseqloss info
     xseqloss conformance [--backends numpy torch ...] [--devices cpu gpu] [--json PATH] [--markdown PATH]
+    xseqloss conformance --distributed [--backends torch jax] [--cases PATTERN ...]
     xseqloss crosscheck FILE.npz [--layout NCT --reduction sum ...]
     xseqloss crosscheck LOGITS.npy --targets TARGETS.npy [...]
 
@@ -90,9 +91,19 @@ def _conformance(args: argparse.Namespace) -> int:
     _quiet()
     suite = _suite()
     progress = (lambda msg: print(f"[conformance] {msg}", file=sys.stderr, flush=True))
+    backends, devices = _split(args.backends), _split(args.devices)
     try:
-        report = suite.run(backends=_split(args.backends), devices=_split(args.devices), progress=progress,
-                           cases=args.cases, quick=args.quick, jobs=args.jobs)
+        if args.distributed:  # only the classes-split-across-workers subset (API.md 9.2)
+            report = suite.distributed_report(backends=backends, cases=args.cases, progress=progress,
+                                              jobs=args.jobs)
+        else:
+            report = suite.run(backends=backends, devices=devices, progress=progress, cases=args.cases,
+                               quick=args.quick, jobs=args.jobs)
+            # the full report also runs the distributed subset on CPU workers (docs/conformance.md)
+            if not (args.quick or args.cases or args.no_distributed) and \
+                    (not devices or any(d.lower() == "cpu" for d in devices)):
+                report = suite.merge(report, suite.run_distributed(backends=backends, progress=progress,
+                                                                   jobs=args.jobs))
     except (ValueError, RuntimeError) as exc:
         print(f"xseqloss conformance: {exc}", file=sys.stderr)
         return 2
@@ -256,6 +267,13 @@ def _parser() -> argparse.ArgumentParser:
                         "catalogue)")
     c.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
                    help="backends run at once, each in its own process (default: 2, or 1 on one CPU)")
+    split = c.add_mutually_exclusive_group()
+    split.add_argument("--distributed", action="store_true",
+                       help="only the subset with the class axis split across workers (class_parallel: 2 and 3 "
+                            "torch gloo processes, 4 JAX host devices under shard_map and jit); the full report "
+                            "(no --cases or --quick) runs it too")
+    split.add_argument("--no-distributed", action="store_true",
+                       help="leave the class-split subset out of the full report")
     c.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # a small subset, for tests
 
     x = sub.add_parser("crosscheck", help="run saved arrays through every backend against the float64 reference",

@@ -1,0 +1,735 @@
+"""Conformance across devices (API.md 9.2): classes split across workers, ``class_parallel``.
+
+``xseqloss conformance --distributed`` runs a declarative subset of the case matrix
+(``SHARDED_CASES`` of ``cases.BASE_CASES`` and the extra cases ``TP_CASES``, whose C divides by 4)
+with the class axis split over workers, against the same float64 reference and tolerances as the
+single-device suite:
+
+* ``torch`` / ``cpu x2`` and ``cpu x3`` / ``gloo class_parallel``: one launcher process imports
+  torch once and forks the ranks of one gloo group per world size (file:// rendezvous in a fresh
+  temporary folder, so no port is shared); every case runs in that one group. Slices are uneven
+  (``torch_slices``): over 2 ranks 2/3 and 1/3 of C, over 3 ranks one rank holds a single class.
+  Each rank calls ``sequence_cross_entropy(local_logits, targets, class_parallel=group.WORLD)``.
+* ``jax`` / ``cpu x4`` / ``shard_map class_parallel``: a process with
+  ``--xla_force_host_platform_device_count=4``; ``jax.shard_map`` over a ("tp",) mesh with the
+  class axis of the logits (and of soft targets and class weights) split, ``class_parallel="tp"``,
+  ``out_specs=P()``; cases whose C divides by 4.
+* ``jax`` / ``cpu x4`` / ``jit NamedSharding``: plain ``jax.jit`` with no option, the logits
+  ``device_put`` with a class-sharded ``NamedSharding``; where C does not divide by 4 (JAX refuses
+  an indivisible sharding for ``device_put``) the logits are constrained to that sharding inside the
+  program (``with_sharding_constraint``), which XLA pads.
+
+The JAX engines run in processes of their own (the jit one in two, a dtype each) and the torch
+launcher in another, ``jobs`` of them at a time (``UNITS``); each has a timeout, so a hung
+collective gives failing rows instead of a hung run.
+
+Checks (one row per engine, case, dtype and check, in the single-device record format; the worst
+worker is named in the detail): ``value`` (every worker's loss against the reference, its shape and
+dtype), ``grad`` (every worker's gradient against its slice of the reference gradient, and its
+dtype), ``upstream`` (the same with the suite's upstream gradients other than 1) and ``replicated``
+(every worker holds bitwise the same loss; exact). The comparison lives in ``check_sharded``, in
+this process; the workers only compute.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import zlib
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from .cases import BASE_CASES, MIX, Case, _c, make_case
+from .checks import _short, cotangents, expected_dtype, metric, record, reference_of
+
+DTYPES = ("float64", "float32")
+TORCH_WORLDS = (2, 3)
+JAX_DEVICES = 4
+TIMEOUT = 600  # seconds for one child process (the torch launcher, or the JAX process)
+
+# The base cases of the single-device matrix that run sharded: every option of API.md 9.2. Each has
+# C >= 3 (every rank of 3 holds a class). Their own dtypes are narrowed to ``DTYPES``.
+SHARDED_CASES = (
+    # layouts: the class axis last, in the middle, first
+    "ntc", "nct", "tnc", "nc", "cnt", "t_eq_c_nct",
+    # which tokens count
+    "mask", "lengths", "lengths_zero_per_sequence", "ignore_default", "ignore_in_range", "ignore_collection",
+    "ignore_none", "mask_lengths_ignore",
+    # weights
+    "weights", "weights_tokens", "weights_negative_tokens", "class_weights", "class_weights_zero_ignore",
+    "weights_class_weights_none",
+    # label smoothing, both conventions (Megatron-LM issue 737 is the counter-example)
+    "smooth_uniform", "smooth_others", "smooth_one", "smooth_others_one", "mix_uniform", "mix_others",
+    "mix_others_tnc",
+    # z-loss and softcap
+    "zloss", "zloss_mix", "zloss_class_weights", "zloss_class_weights_soft", "softcap", "softcap_zloss_mix",
+    # soft targets (sharded like the logits)
+    "soft", "soft_smooth_cw", "soft_others_mix", "soft_nct_none", "soft_garbage",
+    # log_probs and probs inputs
+    "log_probs", "log_probs_mix", "probs", "probs_mix", "probs_soft",
+    # every reduction with every denominator
+    "red_none", "red_sum",
+    *[f"red_{r}_{d}" for r in ("mean", "per_sequence", "per_position", "sequence_mean")
+      for d in ("weights", "tokens", "positions")],
+    "red_per_position_nct", "normalizer_mean", "normalizer_sequence_mean", "all_masked_mean_nan",
+    "empty_sequence_nan",
+    # edge values: rows whose maximum is on one worker, -inf and NaN at classes of other workers
+    "big_near_max", "neginf_nontarget", "masked_vocab_soft", "masked_vocab_cw", "garbage_masked", "garbage_mix",
+    # a 32,000-class vocabulary
+    "vocab32k_nct_mix",
+)
+
+# Cases whose C divides by the 4 JAX devices (shard_map needs equal slices), declared like the base
+# cases (cases.py keys); they run on every engine.
+_S8 = dict(N=2, T=4, C=8)
+_S12 = dict(N=2, T=3, C=12)
+TP_CASES: list[dict[str, Any]] = [
+    _c("tp_c8", "NTC", _S8),
+    _c("tp_c8_nct_mask", "NCT", _S8, mask=0.3),
+    _c("tp_c12_tnc_lengths_ignore", "TNC", _S12, lengths="random", ignore=0.25),
+    _c("tp_c8_class_weights_zero", "NTC", _S8, class_weights="with_zero", ignore=0.2),
+    _c("tp_c8_mix_uniform", "NTC", _S8, **MIX, options=dict(label_smoothing=0.15)),
+    _c("tp_c12_mix_others", "NTC", _S12, **MIX, options=dict(label_smoothing=0.15, smoothing="others")),
+    _c("tp_c8_zloss_softcap_mix", "NCT", _S8, **MIX, options=dict(z_loss=1e-2, logit_softcap=3.0,
+                                                                  label_smoothing=0.1)),
+    _c("tp_c12_soft_cw_zloss", "NTC", _S12, targets="soft", class_weights="random", mask=0.25,
+       options=dict(z_loss=5e-2, label_smoothing=0.1)),
+    _c("tp_c8_soft_others_nct", "NCT", _S8, targets="soft", weights="random",
+       options=dict(label_smoothing=0.2, smoothing="others", reduction="none")),
+    _c("tp_c8_log_probs_mix", "NTC", _S8, inputs="log_probs", **MIX, options=dict(label_smoothing=0.1)),
+    _c("tp_c12_probs_soft", "NTC", _S12, inputs="probs", targets="soft", mask=0.25),
+    _c("tp_c8_probs_mix", "NTC", _S8, inputs="probs", **MIX, options=dict(label_smoothing=0.1, smoothing="others")),
+    _c("tp_c8_red_per_sequence_tokens", "NTC", _S8, **MIX, options=dict(reduction="per_sequence",
+                                                                        denominator="tokens")),
+    _c("tp_c12_red_per_position_positions", "TNC", _S12, **MIX, options=dict(reduction="per_position",
+                                                                             denominator="positions")),
+    _c("tp_c8_red_sequence_mean_weights", "NTC", _S8, **MIX, options=dict(reduction="sequence_mean")),
+    _c("tp_c8_red_none_sum", "NTC", _S8, **MIX, options=dict(reduction="none", z_loss=1e-3)),
+    _c("tp_c8_normalizer_empty_nan", "NTC", _S8, mask="all", options=dict(empty="nan")),
+    _c("tp_c12_big_near_max", "NTC", _S12, logits="big_near_max", ignore=0.2),
+    _c("tp_c12_masked_vocab_cw", "NTC", _S12, logits="masked_vocab", class_weights="masked_vocab", ignore=0.2,
+       options=dict(reduction="sum", z_loss=1e-3)),
+    _c("tp_c8_garbage_mix", "NTC", _S8, **MIX, garbage=True, options=dict(label_smoothing=0.1, z_loss=1e-3)),
+]
+
+# engine key -> (backend, device label, engine label)
+ENGINES = {
+    "torch-2": ("torch", "cpu x2", "gloo class_parallel"),
+    "torch-3": ("torch", "cpu x3", "gloo class_parallel"),
+    "jax-shard_map": ("jax", f"cpu x{JAX_DEVICES}", "shard_map class_parallel"),
+    "jax-jit": ("jax", f"cpu x{JAX_DEVICES}", "jit NamedSharding"),
+}
+
+
+# ---------------------------------------------------------------------------------- the matrix
+
+def specs(patterns: Iterable[str] | None = None) -> list[dict]:
+    """The distributed base cases (``SHARDED_CASES`` then ``TP_CASES``), dtypes narrowed to DTYPES;
+    ``patterns``: fnmatch patterns or substrings of their names, as ``--cases``."""
+    import fnmatch
+    by_name = {s["name"]: s for s in BASE_CASES}
+    out = []
+    for s in [by_name[n] for n in SHARDED_CASES] + TP_CASES:
+        dts = tuple(d for d in s.get("dtypes", DTYPES) if d in DTYPES)
+        out.append(dict(s, dtypes=dts or DTYPES))
+    if patterns:
+        pats = list(patterns)
+        out = [s for s in out if any(fnmatch.fnmatchcase(s["name"], p) or p in s["name"] for p in pats)]
+    return out
+
+
+def runs_on(engine: str, spec: dict) -> bool:
+    """Whether ``engine`` runs the case: every rank holds at least one class, and under shard_map
+    every device the same number."""
+    C = spec["shape"]["C"]
+    if engine.startswith("torch-"):
+        return C >= int(engine.split("-")[1])
+    if engine == "jax-shard_map":
+        return C % JAX_DEVICES == 0
+    return C >= 2
+
+
+def plan(engine: str, specs_: list[dict], dtypes: Iterable[str] = DTYPES) -> list[tuple[dict, str]]:
+    """(spec, dtype) pairs ``engine`` runs, in order (the worker and the checker agree on it)."""
+    return [(s, dt) for s in specs_ if runs_on(engine, s) for dt in s["dtypes"] if dt in dtypes]
+
+
+def torch_slices(C: int, world: int, name: str) -> list[int]:
+    """Uneven slice sizes in rank order: over 2 ranks C - C // 3 and C // 3; over 3 ranks one rank
+    (which one depends on the case) holds a single class and the others split the rest unevenly."""
+    if world == 2:
+        sizes = [C - C // 3, C // 3]
+    elif world == 3:
+        sizes = [1, (C - 1) - (C - 1) // 2, (C - 1) // 2]
+        r = zlib.crc32(name.encode()) % 3
+        sizes = sizes[-r:] + sizes[:-r] if r else sizes
+    else:
+        q, m = divmod(C, world)
+        sizes = [q + (i < m) for i in range(world)]
+    assert sum(sizes) == C and min(sizes) >= 1, (C, world, sizes)
+    return sizes
+
+
+def local_arrays(case: Case, lo: int, hi: int) -> dict:
+    """One worker's inputs: the logits, soft targets and class weights cut to classes [lo, hi);
+    index targets and the token arrays stay global."""
+    k = case.layout.index("C")
+    cut = tuple(slice(lo, hi) if i == k else slice(None) for i in range(len(case.layout)))
+    out = dict(case.arrays)
+    out["logits"] = case.arrays["logits"][cut]
+    if case.soft:
+        out["targets"] = case.arrays["targets"][cut]
+    if "class_weights" in out:
+        out["class_weights"] = case.arrays["class_weights"][lo:hi]
+    return out
+
+
+def class_index(case: Case, lo: int, hi: int) -> list[tuple[int, int]]:
+    """The index (a (start, stop) per logits axis) of classes [lo, hi) of the gradient."""
+    shape = case.arrays["logits"].shape
+    k = case.layout.index("C")
+    return [(lo, hi) if i == k else (0, n) for i, n in enumerate(shape)]
+
+
+# -------------------------------------------------------------------------------- the comparison
+
+def _at(a: np.ndarray, index: list[tuple[int, int]]) -> np.ndarray:
+    return a[tuple(slice(s, e) for s, e in index)]
+
+
+def _pieces_error(pieces: list, ref_grad: np.ndarray) -> tuple[float, str]:
+    """Worst error over the workers' gradient pieces, each against the reference at its index; inf
+    when together they leave part of the gradient out (a worker missing)."""
+    worst, who = 0.0, ""
+    covered = np.zeros(ref_grad.shape, dtype=bool)
+    for p in pieces:
+        want = _at(ref_grad, p["index"])
+        covered[tuple(slice(s, e) for s, e in p["index"])] = True
+        err = metric(p["grad"], want)
+        if err > worst or not who:
+            worst, who = err, f"{p['worker']}, index {_classes(p['index'], ref_grad.ndim)}"
+    if not covered.all():
+        return math.inf, f"the workers' gradients cover {covered.mean():.0%} of the gradient"
+    return worst, who
+
+
+def _classes(index: list, ndim: int) -> str:
+    return " ".join(f"[{s}, {e})" for s, e in index) if ndim else "[]"
+
+
+def check_sharded(backend: str, device: str, engine: str, case: Case, ref: tuple, out: dict,
+                  workers: int | None = None) -> list[dict]:
+    """The rows of one case on one multi-worker engine. ``out`` is what the workers gave:
+
+    ``values``: [(worker, loss)], every worker's copy of the (replicated) loss;
+    ``pieces``: [{"worker", "index", "grad"}], each worker's gradient with the index of the
+    reference gradient it must equal (its slice of the class axis, as (start, stop) per axis);
+    ``upstream``: [(cotangent, pieces)]; ``value_dtype``, ``grad_dtype``, ``type_ok``, and
+    ``error`` (the call raised) / ``grad_error`` (the gradient did not come). ``workers``: how
+    many copies of the loss there must be (None: any).
+    """
+    dt, tol, name = case.dtype, case.tolerance, case.name
+    rows: list[dict] = []
+    rec = (lambda check, err, detail="", t=tol:
+           rows.append(record(backend, device, dt, name, check, err, t, detail, engine)))
+    ref_value, ref_grad = ref
+    if out.get("error") or not out.get("values"):
+        why = out.get("error") or "no worker returned a result"
+        for check in ("value", "grad"):
+            rec(check, math.inf, why)
+        return rows
+
+    problems, worst, who = [], 0.0, ""
+    if workers is not None and len(out["values"]) != workers:
+        problems.append(f"{len(out['values'])} of {workers} workers returned a loss")
+    for worker, v in out["values"]:
+        v = np.asarray(v)
+        if v.shape != ref_value.shape:
+            problems.append(f"{worker}: shape {v.shape} != {ref_value.shape}")
+        err = metric(v, ref_value)
+        if err > worst or not who:
+            worst, who = err, worker
+    if out.get("value_dtype") != expected_dtype(dt):
+        problems.append(f"result dtype {out.get('value_dtype')}, expected {expected_dtype(dt)}")
+    if not out.get("type_ok", False):
+        problems.append("result is not the framework's own array type")
+    rec("value", math.inf if problems else worst,
+        "; ".join(problems) + (f" (error {worst:.3g})" if problems else f"worst: {who}"))
+
+    first = np.asarray(out["values"][0][1])
+    same = all(np.array_equal(np.asarray(v), first, equal_nan=True)
+               and np.array_equal(np.signbit(np.asarray(v)), np.signbit(first)) for _, v in out["values"])
+    rec("replicated", 0.0 if same else 1.0,
+        f"{len(out['values'])} copies bitwise equal" if same else "the workers' losses differ", t=0.0)
+
+    gproblems = [out["grad_error"]] if out.get("grad_error") else []
+    pieces = out.get("pieces") or []
+    if pieces and out.get("grad_dtype") != dt:
+        gproblems.append(f"gradient dtype {out.get('grad_dtype')}, expected {dt}")
+    gerr, gwho = _pieces_error(pieces, ref_grad) if pieces else (math.inf, "no gradient")
+    rec("grad", math.inf if gproblems else gerr, "; ".join(gproblems) or f"worst: {gwho}")
+
+    ups = out.get("upstream") or []
+    if ups:
+        worst, why = 0.0, ""
+        for ct, upieces in ups:
+            if isinstance(upieces, str):  # the call raised
+                worst, why = math.inf, upieces
+                break
+            _, want = reference(case, ct)
+            err, uwho = _pieces_error(upieces, want)
+            if err > worst or not why:
+                worst, why = err, f"upstream {ct if np.ndim(ct) == 0 else 'cotangent'}; worst: {uwho}"
+        rec("upstream", worst, why)
+    return rows
+
+
+def reference(case: Case, cotangent: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    from .reference import reference as ref
+    return ref(case.arrays["logits"], case.arrays["targets"], layout=case.layout, cotangent=cotangent,
+               **case.kwargs())
+
+
+# ------------------------------------------------------------------------------------ the runner
+
+def workers_of(engine: str) -> int:
+    return int(engine.split("-")[1]) if engine.startswith("torch-") else JAX_DEVICES
+
+
+def engines_for(backends: Iterable[str] | None) -> list[str]:
+    names = None if backends is None else set(backends)
+    return [e for e, (b, _, _) in ENGINES.items() if names is None or b in names]
+
+
+def _available(backend: str) -> str | None:
+    """Why an engine's framework cannot run here (None: it can)."""
+    import importlib.util
+    if importlib.util.find_spec(backend) is None:
+        return f"{backend} is not installed (pip install 'xseqloss[{backend}]')"
+    if backend == "torch":
+        try:
+            import torch.distributed as dist
+        except Exception as exc:  # pragma: no cover - a broken install
+            return f"torch.distributed does not import: {_short(exc)}"
+        if not dist.is_available() or not dist.is_gloo_available():
+            return "torch.distributed has no gloo backend in this build"
+        if not hasattr(os, "fork"):  # pragma: no cover - not POSIX
+            return "the torch launcher forks its ranks (POSIX only)"
+    return None
+
+
+# A child process: load this very suite (under its own module name, from its folder, as runner.py's
+# children do), then run one framework's engines and write what the workers gave.
+_CHILD = """
+import importlib, importlib.util, json, sys
+name, folder, mode, out, kw = sys.argv[1:6]
+try:
+    mod = importlib.import_module(name)
+except ImportError:
+    spec = importlib.util.spec_from_file_location(name, folder + "/__init__.py",
+                                                  submodule_search_locations=[folder])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+importlib.import_module(name + ".distributed").child(mode, out, json.loads(kw))
+"""
+
+
+def _child_env(mode: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XSEQLOSS_BACKEND", None)
+    if mode == "jax":  # before jax is imported there: the host platform as 4 devices
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={JAX_DEVICES}"])
+        env["JAX_PLATFORMS"] = "cpu"
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    return env
+
+
+# The child processes, longest first: the JAX engines in processes of their own (JAX spends its
+# time compiling, on one core), the torch launcher for both world sizes (one import of torch).
+# The plain-jit engine runs every case: its two dtypes go to two processes.
+UNITS = (("jax-jit-float64", "jax", ("jax-jit",), ("float64",)),
+         ("jax-jit-float32", "jax", ("jax-jit",), ("float32",)),
+         ("jax-shard_map", "jax", ("jax-shard_map",), DTYPES),
+         ("torch", "torch", ("torch-2", "torch-3"), DTYPES))
+
+
+def run_distributed(backends: Iterable[str] | None = None, cases: Iterable[str] | None = None,
+                    progress: Callable[[str], None] | None = None, jobs: int = 2,
+                    outcomes: dict | None = None, timeout: float = TIMEOUT) -> dict:
+    """Run the distributed subset; returns ``{"environment", "results", "not_applicable"}`` like
+    ``runner.run`` (the environment holds what this mode adds, under "distributed"). ``backends``:
+    the frameworks to run (None: torch and jax, a missing one listed as not applicable; named and
+    missing: an error). ``cases``: patterns selecting the distributed cases. ``jobs``: child
+    processes at once. ``outcomes``: a dict that receives the workers' raw results per engine and
+    case name (for tests of the comparison)."""
+    say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    wanted = engines_for(backends)
+    chosen = specs(cases)
+    not_applicable: list[dict] = []
+    ready: list[str] = []
+    for e in wanted:
+        b, dev, eng = ENGINES[e]
+        why = _available(b)
+        n = len(plan(e, chosen))
+        if why:
+            if backends is not None and b in set(backends):
+                raise RuntimeError(f"backend {b!r} was requested for --distributed but cannot run: {why}")
+            not_applicable.append({"backend": b, "dtype": "all", "cases": n, "reason": f"{dev} {eng}: {why}"})
+            say(f"[distributed] {b} {dev} {eng}: not run ({why})")
+        elif n:
+            ready.append(e)
+    units = [(u, mode, [e for e in es if e in ready], dts) for u, mode, es, dts in UNITS]
+    units = [u for u in units if u[2]]
+    names = [s["name"] for s in chosen]
+    all_cases = {(s["name"], dt): make_case(s, dt) for s in chosen for dt in s["dtypes"]}
+    results: list[dict] = []
+    raw: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    package = __name__.rsplit(".", 1)[0]
+    folder = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory(prefix="xseqloss-distributed-") as tmp:
+        running: dict[str, tuple] = {}
+        queue = list(units)
+
+        def start():
+            unit, mode, es, dts = queue.pop(0)
+            out = os.path.join(tmp, unit)
+            os.makedirs(out)
+            log = open(os.path.join(tmp, unit + ".log"), "w+")
+            proc = subprocess.Popen([sys.executable, "-c", _CHILD, package, folder, mode, out,
+                                     json.dumps({"engines": es, "cases": names, "dtypes": list(dts)})],
+                                    env=_child_env(mode), stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            running[unit] = (proc, out, log, time.perf_counter(), es, dts)
+            say(f"[distributed] {', '.join(' '.join(ENGINES[e]) for e in es)} ({', '.join(dts)}): started in a "
+                "process of its own")
+
+        while queue and len(running) < max(1, jobs):
+            start()
+        # the reference, while the workers run
+        needed = sorted({(s["name"], dt) for e in ready for s, dt in plan(e, chosen)})
+        refs = {key: reference_of(all_cases[key]) for key in needed}
+        say(f"[distributed] {len(chosen)} base cases, {len(all_cases)} with dtypes; reference done in "
+            f"{time.perf_counter() - t0:.1f}s")
+        while running:
+            time.sleep(0.1)
+            for unit, (proc, out, log, tb, es, dts) in list(running.items()):
+                late = time.perf_counter() - tb > timeout
+                if proc.poll() is None and not late:
+                    continue
+                del running[unit]
+                if late and proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    failed = f"the {unit} process did not finish in {timeout:.0f} s (a hung collective?)"
+                else:
+                    failed = "" if proc.returncode == 0 else f"the {unit} process exited with status {proc.returncode}"
+                log.seek(0)
+                tail = log.read()[-3000:]
+                log.close()
+                timings[unit] = round(time.perf_counter() - tb, 1)
+                if failed:
+                    say(f"[distributed] {failed}:\n{tail}")
+                if queue:
+                    start()
+                for e in es:
+                    got = _read(out, e)
+                    raw.setdefault(e, {}).update(got)
+                    backend, dev, eng = ENGINES[e]
+                    mine = plan(e, chosen, dts)
+                    before = len(results)
+                    for s, dt in mine:
+                        o = got.get(f"{s['name']}/{dt}") or {
+                            "error": (failed or "the worker wrote no result")
+                            + (f"; log: {' '.join(tail.split()[-40:])}" if failed else "")}
+                        results += check_sharded(backend, dev, eng, all_cases[(s["name"], dt)],
+                                                 refs[(s["name"], dt)], o, workers=workers_of(e))
+                    fails = sum(1 for r in results[before:] if not r["passed"])
+                    say(f"[distributed] {backend} {dev} {eng} ({', '.join(dts)}): {len(mine)} cases, {fails} "
+                        f"failing ({timings[unit]}s)")
+    if outcomes is not None:
+        outcomes.update(raw)
+    env = {"distributed": {
+        "seconds": round(time.perf_counter() - t0, 1), "seconds_per_process": timings,
+        "engines": [" ".join(ENGINES[e]) for e in ready],
+        "cases": {"base": len(chosen), "with_dtypes": len(all_cases)},
+    }}
+    return {"environment": env, "results": results, "not_applicable": not_applicable}
+
+
+def _read(out: str, engine: str) -> dict:
+    """What the workers of one engine wrote, merged per case: {case name: outcome}."""
+    found = os.listdir(out) if os.path.isdir(out) else []
+    parts = sorted(f for f in found if f.startswith(engine + ".") and f.endswith(".pkl"))
+    merged: dict[str, dict] = {}
+    for f in parts:
+        with open(os.path.join(out, f), "rb") as fh:
+            per_case = pickle.load(fh)
+        for key, o in per_case.items():
+            m = merged.setdefault(key, {"values": [], "pieces": [], "upstream": []})
+            if o.get("error") and not m.get("error"):
+                m["error"] = o["error"]
+            for k in ("value_dtype", "grad_dtype", "type_ok", "grad_error"):
+                if k in o and (k not in m or (k == "type_ok" and not o[k]) or (k == "grad_error" and o[k])):
+                    m[k] = o[k]
+            m["values"] += o.get("values", [])
+            m["pieces"] += o.get("pieces", [])
+            for i, (ct, pcs) in enumerate(o.get("upstream", [])):
+                if i == len(m["upstream"]):
+                    m["upstream"].append((ct, pcs if isinstance(pcs, str) else list(pcs)))
+                elif isinstance(pcs, str) or isinstance(m["upstream"][i][1], str):
+                    m["upstream"][i] = (ct, pcs if isinstance(pcs, str) else m["upstream"][i][1])
+                else:
+                    m["upstream"][i][1].extend(pcs)
+    return merged
+
+
+def distributed_report(backends: Iterable[str] | None = None, cases: Iterable[str] | None = None,
+                       progress: Callable[[str], None] | None = None, jobs: int = 2) -> dict:
+    """``xseqloss conformance --distributed``: only this mode, as a full report (the environment
+    of runner.run, with the multi-worker devices)."""
+    from .runner import environment
+    rep = run_distributed(backends=backends, cases=cases, progress=progress, jobs=jobs)
+    ran = sorted({r["backend"] for r in rep["results"]})
+    devices = {b: sorted({f"{r['device']} {r['engine']}" for r in rep["results"] if r["backend"] == b})
+               for b in ran}
+    env = environment(ran, devices)
+    env.update(rep["environment"], seconds=rep["environment"]["distributed"]["seconds"], gpu_found=False,
+               distributed_only=True, cases=rep["environment"]["distributed"]["cases"])
+    return {**rep, "environment": env}
+
+
+def merge(report: dict, extra: dict) -> dict:
+    """The single-device report with the distributed one added (results, not applicable, timing)."""
+    out = dict(report)
+    out["results"] = report["results"] + extra["results"]
+    out["not_applicable"] = report.get("not_applicable", []) + extra["not_applicable"]
+    env = {**report["environment"], **extra["environment"]}
+    seconds = extra["environment"]["distributed"]["seconds"]
+    env["seconds"] = round(report["environment"].get("seconds", 0.0) + seconds, 1)
+    env["seconds_per_backend"] = {**report["environment"].get("seconds_per_backend", {}), "distributed": seconds}
+    out["environment"] = env
+    return out
+
+
+# ------------------------------------------------------------------------------------ the workers
+
+def child(mode: str, out: str, kw: dict) -> None:
+    """Entry point of a child process: ``mode`` "torch" (forks the ranks) or "jax"."""
+    warnings.filterwarnings("ignore", message=".*did you pass softmax outputs.*")
+    chosen = [s for s in specs() if s["name"] in set(kw["cases"])]
+    dtypes = tuple(kw.get("dtypes", DTYPES))
+    if mode == "torch":
+        _torch_launch(out, kw["engines"], chosen, dtypes)
+    else:
+        _jax_run(out, kw["engines"], chosen, dtypes)
+
+
+def _torch_launch(out: str, engines: list[str], chosen: list[dict], dtypes: tuple = DTYPES) -> None:
+    """Import torch and xseqloss once, then fork each world's ranks (one group per world size)."""
+    import torch  # noqa: F401
+
+    import xseqloss.torch  # noqa: F401  (imports the torch backend before the fork)
+    status = 0
+    for e in engines:
+        world = int(e.split("-")[1])
+        init = os.path.join(out, f"{e}.init")
+        pids = []
+        for rank in range(world):
+            pid = os.fork()
+            if pid == 0:  # the rank
+                code = 1
+                try:
+                    _torch_rank(rank, world, init, out, e, chosen, dtypes)
+                    code = 0
+                except BaseException:  # noqa: BLE001 - a child must never return into the launcher
+                    import traceback
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            pids.append(pid)
+        for pid in pids:
+            _, st = os.waitpid(pid, 0)
+            if os.waitstatus_to_exitcode(st) != 0:
+                status = 1
+                print(f"{e}: rank {pids.index(pid)} exited with {os.waitstatus_to_exitcode(st)}", flush=True)
+    sys.exit(status)
+
+
+def _torch_rank(rank: int, world: int, init: str, out: str, engine: str, chosen: list[dict],
+                dtypes: tuple = DTYPES) -> None:
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from .adapters import ADAPTERS, call
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    adapter = ADAPTERS["torch"]
+    got: dict[str, dict] = {}
+    for spec, dt in plan(engine, chosen, dtypes):
+        case = make_case(spec, dt)
+        sizes = torch_slices(spec["shape"]["C"], world, spec["name"])
+        lo = sum(sizes[:rank])
+        hi = lo + sizes[rank]
+        index = class_index(case, lo, hi)
+        worker = f"rank {rank} of {world}"
+        arrays = local_arrays(case, lo, hi)
+        options = dict(case.options, class_parallel=dist.group.WORLD)
+        o: dict[str, Any] = {}
+        try:
+            eager = call(adapter, arrays, options, dt, "cpu")
+            o.update(values=[(worker, eager.value)], value_dtype=eager.value_dtype, grad_dtype=eager.grad_dtype,
+                     type_ok=eager.type_ok, grad_error=eager.grad_error,
+                     pieces=[] if eager.grad is None else [dict(worker=worker, index=index, grad=eager.grad)])
+            ups = []
+            for ct in cotangents(case, eager.value.shape):
+                try:
+                    g = call(adapter, arrays, options, dt, "cpu", cotangent=ct).grad
+                    ups.append((ct, [dict(worker=worker, index=index, grad=g)]))
+                except Exception as exc:  # noqa: BLE001
+                    ups.append((ct, f"{worker}: " + _short(exc)))
+            o["upstream"] = ups
+        except Exception as exc:  # noqa: BLE001 - recorded as a failing row
+            o = {"error": f"{worker}: " + _short(exc)}
+        got[case.name] = o
+    dist.barrier()
+    dist.destroy_process_group()
+    with open(os.path.join(out, f"{engine}.{rank}.pkl"), "wb") as f:
+        pickle.dump(got, f)
+
+
+def _jax_run(out: str, engines: list[str], chosen: list[dict], dtypes: tuple = DTYPES) -> None:
+    import jax
+    import ml_dtypes
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import xseqloss as xsl
+
+    from .adapters import ADAPTERS, side_dtype
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:  # older JAX
+        from jax.experimental.shard_map import shard_map
+    devices = jax.devices("cpu")
+    if len(devices) < JAX_DEVICES:
+        raise SystemExit(f"expected {JAX_DEVICES} host devices, found {len(devices)} (XLA_FLAGS not honoured)")
+    mesh = Mesh(np.array(devices[:JAX_DEVICES]), ("tp",))
+    adapter = ADAPTERS["jax"]
+
+    def put(a, dtype, spec):
+        a = np.asarray(a)
+        if dtype == "bfloat16":
+            a = a.astype(np.float32).astype(ml_dtypes.bfloat16)
+        elif dtype is not None:
+            a = a.astype(dtype)
+        return jax.device_put(a, NamedSharding(mesh, spec))
+
+    for e in engines:
+        got: dict[str, dict] = {}
+        for spec, dt in plan(e, chosen, dtypes):
+            case = make_case(spec, dt)
+            layout, C = case.layout, spec["shape"]["C"]
+            zspec = P(*[("tp" if a == "C" else None) for a in layout])
+            even = C % JAX_DEVICES == 0
+            split = e == "jax-shard_map" or even  # inputs placed class-sharded
+            options = {k: v for k, v in case.options.items()}
+            o: dict[str, Any] = {}
+            try:
+                with adapter.context(dt, "cpu"):
+                    t_arr = case.arrays["targets"]
+                    specs_in = {"logits": zspec if split else P(),
+                                "targets": zspec if (case.soft and split) else P()}
+                    side = {k: v for k, v in case.arrays.items() if k not in ("logits", "targets")}
+                    side_specs = {k: (P("tp") if (k == "class_weights" and split) else P()) for k in side}
+                    z = put(case.arrays["logits"], dt, specs_in["logits"])
+                    t = put(t_arr, dt if t_arr.dtype.kind == "f" else None, specs_in["targets"])
+                    s = {k: put(v, side_dtype(k, dt), side_specs[k]) for k, v in side.items()}
+                    if e == "jax-shard_map":
+                        def local(z, t, s):
+                            return xsl.sequence_cross_entropy(z, t, class_parallel="tp", **s, **options)
+                        loss = shard_map(local, mesh=mesh, in_specs=(zspec, specs_in["targets"], side_specs),
+                                         out_specs=P())
+                    else:
+                        constrain = NamedSharding(mesh, zspec)
+
+                        def loss(z, t, s):
+                            if not even:  # device_put refuses an indivisible sharding; XLA pads this one
+                                z = jax.lax.with_sharding_constraint(z, constrain)
+                            return xsl.sequence_cross_entropy(z, t, **s, **options)
+
+                    def vg(z, t, s, ct):
+                        v, pull = jax.vjp(lambda z: loss(z, t, s), z)
+                        return v, pull(ct)[0]
+
+                    f = jax.jit(vg)
+                    shape = value_shape(case)  # known without a second trace of the loss
+                    out_dtype = np.float64 if dt == "float64" else np.float32
+
+                    def ct_of(c):
+                        return jax.device_put(np.broadcast_to(np.asarray(c, np.float64), shape).astype(out_dtype),
+                                              NamedSharding(mesh, P()))
+
+                    v, g = f(z, t, s, ct_of(1.0))
+                    o.update(values=_jax_copies(v, adapter), value_dtype=str(v.dtype), grad_dtype=str(g.dtype),
+                             type_ok=isinstance(v, jax.Array) and isinstance(g, jax.Array),
+                             pieces=_jax_pieces(g, adapter))
+                    ups = []
+                    for ct in cotangents(case, shape):
+                        try:
+                            ups.append((ct, _jax_pieces(f(z, t, s, ct_of(ct))[1], adapter)))
+                        except Exception as exc:  # noqa: BLE001
+                            ups.append((ct, _short(exc)))
+                    o["upstream"] = ups
+            except Exception as exc:  # noqa: BLE001 - recorded as a failing row
+                o = {"error": _short(exc)}
+            got[case.name] = o
+        with open(os.path.join(out, f"{e}.0.pkl"), "wb") as fh:
+            pickle.dump(got, fh)
+
+
+def value_shape(case: Case) -> tuple:
+    """The shape of the loss (API.md 1, Reductions) for the reductions of the distributed cases."""
+    red = case.options.get("reduction", "mean")
+    sizes = dict(zip(case.layout, case.arrays["logits"].shape))
+    if red == "none":
+        return tuple(sizes[a] for a in case.layout if a != "C")
+    if red == "per_sequence":
+        return (sizes["N"],)
+    if red == "per_position":
+        return (sizes["T"],)
+    assert red in ("mean", "sum", "sequence_mean"), red
+    return ()
+
+
+def _jax_index(index: tuple, shape: tuple) -> list[tuple[int, int]]:
+    return [(s.start or 0, n if s.stop is None else s.stop) for s, n in zip(index, shape)]
+
+
+def _jax_copies(v: Any, adapter: Any) -> list:
+    """Every device's copy of the replicated loss."""
+    return [(f"device {sh.device.id}", adapter.host(sh.data)) for sh in v.addressable_shards]
+
+
+def _jax_pieces(g: Any, adapter: Any) -> list:
+    """Every device's shard of the gradient with the index it covers."""
+    return [dict(worker=f"device {sh.device.id}", index=_jax_index(sh.index, g.shape), grad=adapter.host(sh.data))
+            for sh in g.addressable_shards]
