@@ -402,13 +402,13 @@ def test_keras_dense_kernel_feeds_the_fused_loss(backend, framework):
 def test_jax_d_weight_in_class_blocks(monkeypatch, weight_layout):
     """JAX accumulates d weight a block of classes at a time (backends/jax.py CLASS_BLOCK, a
     memory fix); blocks of 3 over 7 classes: the last block overlaps the one before it and masks
-    the overlap. Chunks of at most 4 over 10 tokens: _even_chunk picks 5 chunks of 2."""
+    the overlap. Chunks of at most 4 over 10 tokens: linear.even_chunk picks 5 chunks of 2."""
     require_or_skip("jax")
     import jax
     import jax.numpy as jnp
     from xseqloss.backends import jax as bj
     monkeypatch.setattr(bj, "CLASS_BLOCK", 3)
-    assert bj._even_chunk(10, 4) == 2 and bj._even_chunk(7, 3) == 3  # 7 is prime: padded chunks
+    assert xsl.linear.even_chunk(10, 4) == 2 and xsl.linear.even_chunk(7, 3) == 3  # 7 is prime: padded chunks
     r = np.random.default_rng(7)
     h = jnp.asarray(r.normal(size=(2, 5, 4)))
     w = jnp.asarray(r.normal(size=(7, 4) if weight_layout == "CH" else (4, 7)))

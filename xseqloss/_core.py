@@ -179,7 +179,7 @@ def _numeric(ops: Any, st: Static, z: Any, y: Any, t: Any, mask: Any, lengths: A
     expected_dl = lambda: to_kernel(p.expected_dl())  # noqa: E731
     cotangent = lambda: to_kernel(p.cotangent())  # noqa: E731
     l = g = grad = None
-    if st.class_parallel is not None:
+    if st.class_parallel is not None and not (getattr(ops, "fused_class_parallel", False) and not want_grad):
         pass  # classes split across workers: the generic formula with its sums combined (token_loss)
     elif want_grad:  # without autodiff (NumPy): a backend's kernel forms the scaled gradient itself
         fused_vg = getattr(ops, "fused_value_and_grad", None)

@@ -258,6 +258,17 @@ def linear_core(ops: Any, st: Static, h: Any, w: Any, b: Any, y: Any, t: Any, ma
     return result, (dh, dw, db)
 
 
+def even_chunk(R: int, chunk: int) -> int:
+    """A chunk size <= ``chunk`` that divides R when one is near (at most twice as many chunks):
+    whole chunks need no padded copy of the hidden states and no sliced copy of d hidden, each
+    a d-hidden-sized temporary that grows with the tokens."""
+    n0 = max(1, -(-R // max(chunk, 1)))
+    for n in range(n0, min(2 * n0, R) + 1):
+        if R % n == 0:
+            return R // n
+    return chunk
+
+
 def chunk_grad(ops: Any, kst: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any, scale: Any) -> tuple[Any, Any]:
     """A chunk's per-token losses and d/d z times ``scale`` (per row), from its float32 logits."""
     lean = getattr(ops, "plain_chunk_grad", None)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import XSeqLossError, XSeqLossTypeError
+from ..linear import even_chunk
 from . import _common
 from .numpy import NumpyBackend
 
@@ -321,17 +322,6 @@ BACKEND = JaxBackend()
 # inputs' dtype with a float32 (or wider) result: no float32 copy of a 16-bit weight.
 
 
-def _even_chunk(R: int, chunk: int) -> int:
-    """A chunk size <= ``chunk`` that divides R when one is near (at most twice as many chunks):
-    whole chunks need no padded copy of the hidden states and no sliced copy of d hidden, each
-    a d-hidden-sized temporary that grows with the tokens."""
-    n0 = max(1, -(-R // max(chunk, 1)))
-    for n in range(n0, min(2 * n0, R) + 1):
-        if R % n == 0:
-            return R // n
-    return chunk
-
-
 def _linear_parts(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: Any, y: Any, t: Any,
                   keep: Any) -> Any:
     """The chunk geometry shared by the forward scan and the backward loop: the token arrays
@@ -490,9 +480,9 @@ def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: 
                        scale_fn: Any, chunk: int, wl: str, want_grad: bool, cp: Any) -> Any:
     if cp is not None:
         from .class_parallel_jax import jax_linear
-        return jax_linear(self, kst, h2, w, b, y, t, keep, cw, acc, _even_chunk(h2.shape[0], chunk), wl)
+        return jax_linear(self, kst, h2, w, b, y, t, keep, cw, acc, even_chunk(h2.shape[0], chunk), wl)
     hint = jax.lax.stop_gradient(scale_fn())
-    return _jax_linear(kst, jnp.dtype(acc).name, _even_chunk(h2.shape[0], chunk), wl)(h2, w, b, y, t, keep, cw, hint)
+    return _jax_linear(kst, jnp.dtype(acc).name, even_chunk(h2.shape[0], chunk), wl)(h2, w, b, y, t, keep, cw, hint)
 
 
 def _linear_value_and_grad(self: Any, fn: Any, st: Any, h: Any, w: Any, b: Any, *arrays: Any) -> Any:

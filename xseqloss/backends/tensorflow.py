@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import record as _record  # could_possibly_record: is any tape active?
+from tensorflow.python.ops import control_flow_util  # GraphOrParentsInXlaContext: under jit_compile?
 
 from .._errors import XSeqLossTypeError
 from . import _common
@@ -480,17 +481,21 @@ def _linear_loop(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: An
     from .._token_loss import token_loss
     from ..linear import chunk_grad
     ops = BACKEND
+    static_R = h2.shape[0]
+    if static_R is not None and static_R > 0:
+        from ..linear import even_chunk
+        chunk = even_chunk(int(static_R), chunk)  # whole chunks: no padded copy of the hidden states
     R = tf.shape(h2)[0]
     n = tf.maximum((R + chunk - 1) // chunk, 1)
     P = n * chunk - R
-    wa = tf.cast(w, acc)
-    wt = tf.transpose(wa) if wl == "CH" else wa  # (H, C)
+    exact = static_R is not None and static_R > 0 and static_R % chunk == 0
+    wa = tf.cast(w, acc)  # the weight itself when it is already float32 / float64 (no copy)
     ba = None if b is None else tf.cast(b, acc)
-    C = tf.shape(wt)[1]
+    C = tf.shape(wa)[0 if wl == "CH" else 1]
 
     def padded(a: Any, fill: Any) -> Any:  # whole chunks of a static size: XLA compiles the loop once
-        if a is None:
-            return None
+        if a is None or exact:
+            return a
         pad = tf.concat([[[0, P]], tf.zeros([len(a.shape) - 1, 2], tf.int32)], 0)
         return tf.pad(a, pad, constant_values=tf.cast(fill, a.dtype))
     keep = tf.ones([R], tf.bool) if keep is None else keep
@@ -505,22 +510,28 @@ def _linear_loop(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: An
 
     def body(i: Any, ls: Any, dhs: Any, dw: Any, db: Any) -> Any:
         hc = tf.cast(piece(h2p, i), acc)
-        z = tf.matmul(hc, wt)
+        z = tf.matmul(hc, wa, transpose_b=wl == "CH")  # the weight's own layout: no transposed copy
         if ba is not None:
             z = z + ba
         if not grads:
             l = token_loss(ops, kst, z, piece(yp, i), piece(tp, i), piece(kp, i), cw, acc, False, k=1)[0]
             return i + 1, ls.write(i, l), dhs, dw, db
         l, g = chunk_grad(ops, kst, z, piece(yp, i), piece(tp, i), piece(kp, i), cw, acc, piece(sp, i))
-        dh = tf.cast(tf.matmul(g, wt, transpose_b=True), h2.dtype)
-        dw = dw + (tf.matmul(g, hc, transpose_a=True) if wl == "CH" else tf.matmul(hc, g, transpose_a=True))
+        dh = tf.cast(tf.matmul(g, wa, transpose_b=wl != "CH"), h2.dtype)
+        dw = add_into(dw, tf.matmul(g, hc, transpose_a=True) if wl == "CH" else tf.matmul(hc, g, transpose_a=True))
         if db is not None:
             db = db + tf.reduce_sum(g, 0)
         return i + 1, ls.write(i, l), dhs.write(i, dh), dw, db
 
     ls = tf.TensorArray(acc, size=n, infer_shape=False)
     dhs = tf.TensorArray(h2.dtype, size=n, infer_shape=False)
-    dw0 = tf.zeros(tf.shape(w), acc)
+    # d weight accumulates in place outside XLA (InplaceAdd into a fresh Empty buffer, which grappler
+    # never folds into a shared constant): ``dw + d`` would hold two d weights at once each chunk
+    xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    dw0 = tf.zeros(tf.shape(w), acc) if xla else tf.raw_ops.Empty(shape=tf.shape(w), dtype=acc, init=True)
+
+    def add_into(a: Any, d: Any) -> Any:
+        return a + d if xla else tf.raw_ops.InplaceAdd(x=a, i=tf.range(tf.shape(a)[0]), v=d)
     db0 = tf.zeros([C], acc) if (b is not None and grads) else tf.zeros([0], acc)
     has_b = b is not None and grads
 
@@ -561,10 +572,16 @@ def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: 
                 out = [dh * tf.cast(r, dh.dtype), dw * tf.cast(r, dw.dtype)]
                 return out + ([db * tf.cast(r, db.dtype)] if db is not None else [])
 
+            def formed() -> Any:  # the upstream is the expected one: the gradients as formed, no copy
+                return [tf.identity(dh), tf.identity(dw)] + ([tf.identity(db)] if db is not None else [])
+
+            def uniform_multiple() -> Any:
+                return tf.cond(tf.equal(r, 1), formed, scaled)
+
             def again() -> Any:
                 _, a, bb_, c = _linear_loop(kst, acc, chunk, wl, hh, ww, bb, y, t, keep, cw, dl, True)
                 return [a, bb_] + ([c] if c is not None else [])
-            return tf.cond(uniform, scaled, again)
+            return tf.cond(uniform, uniform_multiple, again)
         return l, grad
 
     params = (h2, w) if b is None else (h2, w, b)

@@ -375,16 +375,19 @@ def empty_cache() -> None:
         _BUFFERS.clear()
 
 
-def _chunks(z: Any, k: int, chunk_elements: int) -> tuple[int, Any]:
-    """(class axis of a chunk, generator of chunk indices over z)."""
+def _chunks(z: Any, k: int, chunk_elements: int, C_rows: int | None = None) -> tuple[int, Any]:
+    """(class axis of a chunk, generator of chunk indices over z). ``C_rows``: the class count that
+    sizes the chunks (classes split across workers: the global C, so that every worker runs the
+    same chunks and their collectives pair up)."""
     C = z.shape[k]
+    Cr = C if C_rows is None else C_rows
     if k == z.ndim - 1 and z.is_contiguous():
-        rows = max(1, chunk_elements // max(C, 1))
+        rows = max(1, chunk_elements // max(Cr, 1))
         M = z.numel() // max(C, 1)
         return 1, ((slice(i, min(i + rows, M)),) for i in range(0, M, rows))
     # another layout: slabs along the first non-class axis, computed along the native class axis
     a0 = 0 if k != 0 else 1
-    per = max(1, z.numel() // max(z.shape[a0], 1))
+    per = max(1, (z.numel() // max(z.shape[a0], 1)) // max(C, 1) * Cr)
     step = max(1, chunk_elements // per)
     return k, (tuple([slice(None)] * a0 + [slice(i, min(i + step, z.shape[a0]))])
                for i in range(0, z.shape[a0], step))
@@ -437,7 +440,10 @@ def _run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, ac
         return _run_triton(st, z, y, keep, cw, acc, gbuf, scale)
     k = st.opts.k
     want_grad = gbuf is not None
-    kk, chunks = _chunks(z, k, st.engine.chunk_elements)
+    cp = st.class_parallel  # chunks sized by the global C (every worker runs the same ones), each
+    # worker's share of a chunk about chunk_elements: fewer collectives
+    kk, chunks = _chunks(z, k, st.engine.chunk_elements if cp is None else st.engine.chunk_elements * len(cp.sizes),
+                         None if cp is None else cp.C)
     rows = kk == 1 and k == z.ndim - 1 and z.is_contiguous()
     C = z.shape[k]
     tok_shape = tuple(d for a, d in enumerate(z.shape) if a != k)
@@ -485,6 +491,8 @@ def _triton_covers(st: Any, z: Any, t: Any, gbuf: Any) -> bool:
     last in contiguous rows, float32/16-bit, the gradient (if any) in a buffer of z's dtype; on
     CUDA, or on CPU under TRITON_INTERPRET=1. Everything else runs the chunked kernel."""
     if t is not None or st.opts.inputs != "logits" or z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if st.class_parallel is not None:  # its class sums are combined across workers by the chunked kernel
         return False
     if st.opts.k != z.ndim - 1 or not z.is_contiguous():
         return False
@@ -586,6 +594,7 @@ def _fused_token_loss(self: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw:
 
 
 TorchBackend.fused_token_loss = _fused_token_loss  # type: ignore[attr-defined]
+TorchBackend.fused_class_parallel = True  # type: ignore[attr-defined]  # its chunks pair up (_chunks C_rows)
 
 
 # ----------------------------------------------------------------------- small default calls
