@@ -4,7 +4,7 @@ It proves that every backend, on every device it reaches, computes the same
 loss and gradient as an independent float64 reference (``reference.py``) and
 as each framework's own loss where the semantics overlap (``natives.py``),
 over a declarative case matrix (``cases.py``) and the bad-input catalogue
-(``errors.py``); ``distributed.py`` runs a subset with the class axis split
+(``errors.py``); ``distributed.py`` (with ``distributed_checks.py`` and ``distributed_workers.py``) runs a subset with the class axis split
 over workers (torch gloo processes, JAX host devices; API.md 9.2).  Run it
 with ``xseqloss conformance`` (``--distributed``: only the split subset) or
 ``pytest conformance``.

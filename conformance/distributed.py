@@ -28,13 +28,12 @@ worker is named in the detail): ``value`` (every worker's loss against the refer
 dtype), ``grad`` (every worker's gradient against its slice of the reference gradient, and its
 dtype), ``upstream`` (the same with the suite's upstream gradients other than 1) and ``replicated``
 (every worker holds bitwise the same loss; exact). The comparison lives in ``check_sharded``, in
-this process; the workers only compute.
+this process; the workers (distributed_workers.py, run in the child processes) only compute.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import signal
@@ -42,14 +41,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 import zlib
 from typing import Any, Callable, Iterable
 
-import numpy as np
 
 from .cases import BASE_CASES, MIX, Case, _c, make_case
-from .checks import _short, cotangents, expected_dtype, metric, record, reference_of
+from .checks import _short, reference_of
+from .distributed_checks import check_sharded
 
 DTYPES = ("float64", "float32")
 TORCH_WORLDS = (2, 3)
@@ -200,105 +198,6 @@ def class_index(case: Case, lo: int, hi: int) -> list[tuple[int, int]]:
     return [(lo, hi) if i == k else (0, n) for i, n in enumerate(shape)]
 
 
-# -------------------------------------------------------------------------------- the comparison
-
-def _at(a: np.ndarray, index: list[tuple[int, int]]) -> np.ndarray:
-    return a[tuple(slice(s, e) for s, e in index)]
-
-
-def _pieces_error(pieces: list, ref_grad: np.ndarray) -> tuple[float, str]:
-    """Worst error over the workers' gradient pieces, each against the reference at its index; inf
-    when together they leave part of the gradient out (a worker missing)."""
-    worst, who = 0.0, ""
-    covered = np.zeros(ref_grad.shape, dtype=bool)
-    for p in pieces:
-        want = _at(ref_grad, p["index"])
-        covered[tuple(slice(s, e) for s, e in p["index"])] = True
-        err = metric(p["grad"], want)
-        if err > worst or not who:
-            worst, who = err, f"{p['worker']}, index {_classes(p['index'], ref_grad.ndim)}"
-    if not covered.all():
-        return math.inf, f"the workers' gradients cover {covered.mean():.0%} of the gradient"
-    return worst, who
-
-
-def _classes(index: list, ndim: int) -> str:
-    return " ".join(f"[{s}, {e})" for s, e in index) if ndim else "[]"
-
-
-def check_sharded(backend: str, device: str, engine: str, case: Case, ref: tuple, out: dict,
-                  workers: int | None = None) -> list[dict]:
-    """The rows of one case on one multi-worker engine. ``out`` is what the workers gave:
-
-    ``values``: [(worker, loss)], every worker's copy of the (replicated) loss;
-    ``pieces``: [{"worker", "index", "grad"}], each worker's gradient with the index of the
-    reference gradient it must equal (its slice of the class axis, as (start, stop) per axis);
-    ``upstream``: [(cotangent, pieces)]; ``value_dtype``, ``grad_dtype``, ``type_ok``, and
-    ``error`` (the call raised) / ``grad_error`` (the gradient did not come). ``workers``: how
-    many copies of the loss there must be (None: any).
-    """
-    dt, tol, name = case.dtype, case.tolerance, case.name
-    rows: list[dict] = []
-    rec = (lambda check, err, detail="", t=tol:
-           rows.append(record(backend, device, dt, name, check, err, t, detail, engine)))
-    ref_value, ref_grad = ref
-    if out.get("error") or not out.get("values"):
-        why = out.get("error") or "no worker returned a result"
-        for check in ("value", "grad"):
-            rec(check, math.inf, why)
-        return rows
-
-    problems, worst, who = [], 0.0, ""
-    if workers is not None and len(out["values"]) != workers:
-        problems.append(f"{len(out['values'])} of {workers} workers returned a loss")
-    for worker, v in out["values"]:
-        v = np.asarray(v)
-        if v.shape != ref_value.shape:
-            problems.append(f"{worker}: shape {v.shape} != {ref_value.shape}")
-        err = metric(v, ref_value)
-        if err > worst or not who:
-            worst, who = err, worker
-    if out.get("value_dtype") != expected_dtype(dt):
-        problems.append(f"result dtype {out.get('value_dtype')}, expected {expected_dtype(dt)}")
-    if not out.get("type_ok", False):
-        problems.append("result is not the framework's own array type")
-    rec("value", math.inf if problems else worst,
-        "; ".join(problems) + (f" (error {worst:.3g})" if problems else f"worst: {who}"))
-
-    first = np.asarray(out["values"][0][1])
-    same = all(np.array_equal(np.asarray(v), first, equal_nan=True)
-               and np.array_equal(np.signbit(np.asarray(v)), np.signbit(first)) for _, v in out["values"])
-    rec("replicated", 0.0 if same else 1.0,
-        f"{len(out['values'])} copies bitwise equal" if same else "the workers' losses differ", t=0.0)
-
-    gproblems = [out["grad_error"]] if out.get("grad_error") else []
-    pieces = out.get("pieces") or []
-    if pieces and out.get("grad_dtype") != dt:
-        gproblems.append(f"gradient dtype {out.get('grad_dtype')}, expected {dt}")
-    gerr, gwho = _pieces_error(pieces, ref_grad) if pieces else (math.inf, "no gradient")
-    rec("grad", math.inf if gproblems else gerr, "; ".join(gproblems) or f"worst: {gwho}")
-
-    ups = out.get("upstream") or []
-    if ups:
-        worst, why = 0.0, ""
-        for ct, upieces in ups:
-            if isinstance(upieces, str):  # the call raised
-                worst, why = math.inf, upieces
-                break
-            _, want = reference(case, ct)
-            err, uwho = _pieces_error(upieces, want)
-            if err > worst or not why:
-                worst, why = err, f"upstream {ct if np.ndim(ct) == 0 else 'cotangent'}; worst: {uwho}"
-        rec("upstream", worst, why)
-    return rows
-
-
-def reference(case: Case, cotangent: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    from .reference import reference as ref
-    return ref(case.arrays["logits"], case.arrays["targets"], layout=case.layout, cotangent=cotangent,
-               **case.kwargs())
-
-
 # ------------------------------------------------------------------------------------ the runner
 
 def workers_of(engine: str) -> int:
@@ -340,7 +239,7 @@ except ImportError:
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
-importlib.import_module(name + ".distributed").child(mode, out, json.loads(kw))
+importlib.import_module(name + ".distributed_workers").child(mode, out, json.loads(kw))
 """
 
 
@@ -524,212 +423,3 @@ def merge(report: dict, extra: dict) -> dict:
     env["seconds_per_backend"] = {**report["environment"].get("seconds_per_backend", {}), "distributed": seconds}
     out["environment"] = env
     return out
-
-
-# ------------------------------------------------------------------------------------ the workers
-
-def child(mode: str, out: str, kw: dict) -> None:
-    """Entry point of a child process: ``mode`` "torch" (forks the ranks) or "jax"."""
-    warnings.filterwarnings("ignore", message=".*did you pass softmax outputs.*")
-    chosen = [s for s in specs() if s["name"] in set(kw["cases"])]
-    dtypes = tuple(kw.get("dtypes", DTYPES))
-    if mode == "torch":
-        _torch_launch(out, kw["engines"], chosen, dtypes)
-    else:
-        _jax_run(out, kw["engines"], chosen, dtypes)
-
-
-def _torch_launch(out: str, engines: list[str], chosen: list[dict], dtypes: tuple = DTYPES) -> None:
-    """Import torch and xseqloss once, then fork each world's ranks (one group per world size)."""
-    import torch  # noqa: F401
-
-    import xseqloss.torch  # noqa: F401  (imports the torch backend before the fork)
-    status = 0
-    for e in engines:
-        world = int(e.split("-")[1])
-        init = os.path.join(out, f"{e}.init")
-        pids = []
-        for rank in range(world):
-            pid = os.fork()
-            if pid == 0:  # the rank
-                code = 1
-                try:
-                    _torch_rank(rank, world, init, out, e, chosen, dtypes)
-                    code = 0
-                except BaseException:  # noqa: BLE001 - a child must never return into the launcher
-                    import traceback
-                    traceback.print_exc()
-                finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code)
-            pids.append(pid)
-        for pid in pids:
-            _, st = os.waitpid(pid, 0)
-            if os.waitstatus_to_exitcode(st) != 0:
-                status = 1
-                print(f"{e}: rank {pids.index(pid)} exited with {os.waitstatus_to_exitcode(st)}", flush=True)
-    sys.exit(status)
-
-
-def _torch_rank(rank: int, world: int, init: str, out: str, engine: str, chosen: list[dict],
-                dtypes: tuple = DTYPES) -> None:
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
-    from .adapters import ADAPTERS, call
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    adapter = ADAPTERS["torch"]
-    got: dict[str, dict] = {}
-    for spec, dt in plan(engine, chosen, dtypes):
-        case = make_case(spec, dt)
-        sizes = torch_slices(spec["shape"]["C"], world, spec["name"])
-        lo = sum(sizes[:rank])
-        hi = lo + sizes[rank]
-        index = class_index(case, lo, hi)
-        worker = f"rank {rank} of {world}"
-        arrays = local_arrays(case, lo, hi)
-        options = dict(case.options, class_parallel=dist.group.WORLD)
-        o: dict[str, Any] = {}
-        try:
-            eager = call(adapter, arrays, options, dt, "cpu")
-            o.update(values=[(worker, eager.value)], value_dtype=eager.value_dtype, grad_dtype=eager.grad_dtype,
-                     type_ok=eager.type_ok, grad_error=eager.grad_error,
-                     pieces=[] if eager.grad is None else [dict(worker=worker, index=index, grad=eager.grad)])
-            ups = []
-            for ct in cotangents(case, eager.value.shape):
-                try:
-                    g = call(adapter, arrays, options, dt, "cpu", cotangent=ct).grad
-                    ups.append((ct, [dict(worker=worker, index=index, grad=g)]))
-                except Exception as exc:  # noqa: BLE001
-                    ups.append((ct, f"{worker}: " + _short(exc)))
-            o["upstream"] = ups
-        except Exception as exc:  # noqa: BLE001 - recorded as a failing row
-            o = {"error": f"{worker}: " + _short(exc)}
-        got[case.name] = o
-    dist.barrier()
-    dist.destroy_process_group()
-    with open(os.path.join(out, f"{engine}.{rank}.pkl"), "wb") as f:
-        pickle.dump(got, f)
-
-
-def _jax_run(out: str, engines: list[str], chosen: list[dict], dtypes: tuple = DTYPES) -> None:
-    import jax
-    import ml_dtypes
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    import xseqloss as xsl
-
-    from .adapters import ADAPTERS, side_dtype
-    shard_map = getattr(jax, "shard_map", None)
-    if shard_map is None:  # older JAX
-        from jax.experimental.shard_map import shard_map
-    devices = jax.devices("cpu")
-    if len(devices) < JAX_DEVICES:
-        raise SystemExit(f"expected {JAX_DEVICES} host devices, found {len(devices)} (XLA_FLAGS not honoured)")
-    mesh = Mesh(np.array(devices[:JAX_DEVICES]), ("tp",))
-    adapter = ADAPTERS["jax"]
-
-    def put(a, dtype, spec):
-        a = np.asarray(a)
-        if dtype == "bfloat16":
-            a = a.astype(np.float32).astype(ml_dtypes.bfloat16)
-        elif dtype is not None:
-            a = a.astype(dtype)
-        return jax.device_put(a, NamedSharding(mesh, spec))
-
-    for e in engines:
-        got: dict[str, dict] = {}
-        for spec, dt in plan(e, chosen, dtypes):
-            case = make_case(spec, dt)
-            layout, C = case.layout, spec["shape"]["C"]
-            zspec = P(*[("tp" if a == "C" else None) for a in layout])
-            even = C % JAX_DEVICES == 0
-            split = e == "jax-shard_map" or even  # inputs placed class-sharded
-            options = {k: v for k, v in case.options.items()}
-            o: dict[str, Any] = {}
-            try:
-                with adapter.context(dt, "cpu"):
-                    t_arr = case.arrays["targets"]
-                    specs_in = {"logits": zspec if split else P(),
-                                "targets": zspec if (case.soft and split) else P()}
-                    side = {k: v for k, v in case.arrays.items() if k not in ("logits", "targets")}
-                    side_specs = {k: (P("tp") if (k == "class_weights" and split) else P()) for k in side}
-                    z = put(case.arrays["logits"], dt, specs_in["logits"])
-                    t = put(t_arr, dt if t_arr.dtype.kind == "f" else None, specs_in["targets"])
-                    s = {k: put(v, side_dtype(k, dt), side_specs[k]) for k, v in side.items()}
-                    if e == "jax-shard_map":
-                        def local(z, t, s):
-                            return xsl.sequence_cross_entropy(z, t, class_parallel="tp", **s, **options)
-                        loss = shard_map(local, mesh=mesh, in_specs=(zspec, specs_in["targets"], side_specs),
-                                         out_specs=P())
-                    else:
-                        constrain = NamedSharding(mesh, zspec)
-
-                        def loss(z, t, s):
-                            if not even:  # device_put refuses an indivisible sharding; XLA pads this one
-                                z = jax.lax.with_sharding_constraint(z, constrain)
-                            return xsl.sequence_cross_entropy(z, t, **s, **options)
-
-                    def vg(z, t, s, ct):
-                        v, pull = jax.vjp(lambda z: loss(z, t, s), z)
-                        return v, pull(ct)[0]
-
-                    f = jax.jit(vg)
-                    shape = value_shape(case)  # known without a second trace of the loss
-                    out_dtype = np.float64 if dt == "float64" else np.float32
-
-                    def ct_of(c):
-                        return jax.device_put(np.broadcast_to(np.asarray(c, np.float64), shape).astype(out_dtype),
-                                              NamedSharding(mesh, P()))
-
-                    v, g = f(z, t, s, ct_of(1.0))
-                    o.update(values=_jax_copies(v, adapter), value_dtype=str(v.dtype), grad_dtype=str(g.dtype),
-                             type_ok=isinstance(v, jax.Array) and isinstance(g, jax.Array),
-                             pieces=_jax_pieces(g, adapter))
-                    ups = []
-                    for ct in cotangents(case, shape):
-                        try:
-                            ups.append((ct, _jax_pieces(f(z, t, s, ct_of(ct))[1], adapter)))
-                        except Exception as exc:  # noqa: BLE001
-                            ups.append((ct, _short(exc)))
-                    o["upstream"] = ups
-            except Exception as exc:  # noqa: BLE001 - recorded as a failing row
-                o = {"error": _short(exc)}
-            got[case.name] = o
-        with open(os.path.join(out, f"{e}.0.pkl"), "wb") as fh:
-            pickle.dump(got, fh)
-
-
-def value_shape(case: Case) -> tuple:
-    """The shape of the loss (API.md 1, Reductions) for the reductions of the distributed cases."""
-    red = case.options.get("reduction", "mean")
-    sizes = dict(zip(case.layout, case.arrays["logits"].shape))
-    if red == "none":
-        return tuple(sizes[a] for a in case.layout if a != "C")
-    if red == "per_sequence":
-        return (sizes["N"],)
-    if red == "per_position":
-        return (sizes["T"],)
-    assert red in ("mean", "sum", "sequence_mean"), red
-    return ()
-
-
-def _jax_index(index: tuple, shape: tuple) -> list[tuple[int, int]]:
-    return [(s.start or 0, n if s.stop is None else s.stop) for s, n in zip(index, shape)]
-
-
-def _jax_copies(v: Any, adapter: Any) -> list:
-    """Every device's copy of the replicated loss."""
-    return [(f"device {sh.device.id}", adapter.host(sh.data)) for sh in v.addressable_shards]
-
-
-def _jax_pieces(g: Any, adapter: Any) -> list:
-    """Every device's shard of the gradient with the index it covers."""
-    return [dict(worker=f"device {sh.device.id}", index=_jax_index(sh.index, g.shape), grad=adapter.host(sh.data))
-            for sh in g.addressable_shards]

@@ -1,0 +1,108 @@
+"""The comparison of the conformance suite across devices (distributed.py): every worker's loss and
+its gradient slice against the float64 reference, in the single-device record format."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .cases import Case
+from .checks import expected_dtype, metric, record
+
+def _at(a: np.ndarray, index: list[tuple[int, int]]) -> np.ndarray:
+    return a[tuple(slice(s, e) for s, e in index)]
+
+
+def _pieces_error(pieces: list, ref_grad: np.ndarray) -> tuple[float, str]:
+    """Worst error over the workers' gradient pieces, each against the reference at its index; inf
+    when together they leave part of the gradient out (a worker missing)."""
+    worst, who = 0.0, ""
+    covered = np.zeros(ref_grad.shape, dtype=bool)
+    for p in pieces:
+        want = _at(ref_grad, p["index"])
+        covered[tuple(slice(s, e) for s, e in p["index"])] = True
+        err = metric(p["grad"], want)
+        if err > worst or not who:
+            worst, who = err, f"{p['worker']}, index {_classes(p['index'], ref_grad.ndim)}"
+    if not covered.all():
+        return math.inf, f"the workers' gradients cover {covered.mean():.0%} of the gradient"
+    return worst, who
+
+
+def _classes(index: list, ndim: int) -> str:
+    return " ".join(f"[{s}, {e})" for s, e in index) if ndim else "[]"
+
+
+def check_sharded(backend: str, device: str, engine: str, case: Case, ref: tuple, out: dict,
+                  workers: int | None = None) -> list[dict]:
+    """The rows of one case on one multi-worker engine. ``out`` is what the workers gave:
+
+    ``values``: [(worker, loss)], every worker's copy of the (replicated) loss;
+    ``pieces``: [{"worker", "index", "grad"}], each worker's gradient with the index of the
+    reference gradient it must equal (its slice of the class axis, as (start, stop) per axis);
+    ``upstream``: [(cotangent, pieces)]; ``value_dtype``, ``grad_dtype``, ``type_ok``, and
+    ``error`` (the call raised) / ``grad_error`` (the gradient did not come). ``workers``: how
+    many copies of the loss there must be (None: any).
+    """
+    dt, tol, name = case.dtype, case.tolerance, case.name
+    rows: list[dict] = []
+    rec = (lambda check, err, detail="", t=tol:
+           rows.append(record(backend, device, dt, name, check, err, t, detail, engine)))
+    ref_value, ref_grad = ref
+    if out.get("error") or not out.get("values"):
+        why = out.get("error") or "no worker returned a result"
+        for check in ("value", "grad"):
+            rec(check, math.inf, why)
+        return rows
+
+    problems, worst, who = [], 0.0, ""
+    if workers is not None and len(out["values"]) != workers:
+        problems.append(f"{len(out['values'])} of {workers} workers returned a loss")
+    for worker, v in out["values"]:
+        v = np.asarray(v)
+        if v.shape != ref_value.shape:
+            problems.append(f"{worker}: shape {v.shape} != {ref_value.shape}")
+        err = metric(v, ref_value)
+        if err > worst or not who:
+            worst, who = err, worker
+    if out.get("value_dtype") != expected_dtype(dt):
+        problems.append(f"result dtype {out.get('value_dtype')}, expected {expected_dtype(dt)}")
+    if not out.get("type_ok", False):
+        problems.append("result is not the framework's own array type")
+    rec("value", math.inf if problems else worst,
+        "; ".join(problems) + (f" (error {worst:.3g})" if problems else f"worst: {who}"))
+
+    first = np.asarray(out["values"][0][1])
+    same = all(np.array_equal(np.asarray(v), first, equal_nan=True)
+               and np.array_equal(np.signbit(np.asarray(v)), np.signbit(first)) for _, v in out["values"])
+    rec("replicated", 0.0 if same else 1.0,
+        f"{len(out['values'])} copies bitwise equal" if same else "the workers' losses differ", t=0.0)
+
+    gproblems = [out["grad_error"]] if out.get("grad_error") else []
+    pieces = out.get("pieces") or []
+    if pieces and out.get("grad_dtype") != dt:
+        gproblems.append(f"gradient dtype {out.get('grad_dtype')}, expected {dt}")
+    gerr, gwho = _pieces_error(pieces, ref_grad) if pieces else (math.inf, "no gradient")
+    rec("grad", math.inf if gproblems else gerr, "; ".join(gproblems) or f"worst: {gwho}")
+
+    ups = out.get("upstream") or []
+    if ups:
+        worst, why = 0.0, ""
+        for ct, upieces in ups:
+            if isinstance(upieces, str):  # the call raised
+                worst, why = math.inf, upieces
+                break
+            _, want = reference(case, ct)
+            err, uwho = _pieces_error(upieces, want)
+            if err > worst or not why:
+                worst, why = err, f"upstream {ct if np.ndim(ct) == 0 else 'cotangent'}; worst: {uwho}"
+        rec("upstream", worst, why)
+    return rows
+
+
+def reference(case: Case, cotangent: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    from .reference import reference as ref
+    return ref(case.arrays["logits"], case.arrays["targets"], layout=case.layout, cotangent=cotangent,
+               **case.kwargs())
