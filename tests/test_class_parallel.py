@@ -146,6 +146,7 @@ def test_torch_faults_raise_on_every_rank_without_hanging(torch_runs):
         else:
             assert "rank(s) [2]" in e["negative_class_weight_on_rank_2"][1]
         assert "sums to" in e["probs_rows_sum_off"][1]
+        assert e["torch_compile"][0].endswith("XSeqLossTypeError") and "torch.compile" in e["torch_compile"][1]
         assert r["facts"]["unchecked_bad_label_is_nan"]
         assert r["facts"]["after_errors_still_in_step"]
 
@@ -365,6 +366,8 @@ def _torch_worker(rank, world, init, out):
     p[0, 0] *= 1.1  # this row sums to 1.1: only the sum over all ranks shows it
     errors["probs_rows_sum_off"] = error_of(lambda: xsl.sequence_cross_entropy(
         p[..., lo:hi], yt, inputs="probs", **cp))
+    errors["torch_compile"] = error_of(lambda: torch.compile(
+        lambda a: xsl.sequence_cross_entropy(a, yt, **cp), backend="eager", fullgraph=True)(zl))
     v = xsl.sequence_cross_entropy(zl, bad, reduction="none", validate=False, **cp)
     facts["unchecked_bad_label_is_nan"] = bool(torch.isnan(v[1, 4])) and bool(torch.isfinite(v[0, 0]))
     ok = xsl.sequence_cross_entropy(zl, yt, **cp)

@@ -185,6 +185,12 @@ def prepare(run_local: Any, class_parallel: Any, num_classes: Any, backend_name:
     local C; returns the call, or a tuple starting with it), then the split (torch: one small
     all_gather, every rank raising if any rank failed), then the Static over the global C."""
     engine = engine_of(class_parallel, backend_name)
+    if engine == "torch":
+        import torch
+        if torch.compiler.is_compiling():  # every rank compiles alike: each raises at trace time
+            raise XSeqLossTypeError("class_parallel is not supported under torch.compile: its collectives "
+                                    "(torch.distributed, eager) would break the graph; call the loss outside "
+                                    "the compiled region, or use a DTensor with torch's own loss_parallel()")
     out = err = None
     try:
         out = run_local()
