@@ -25,6 +25,16 @@ def env():
     return e
 
 
+def error_of(f):
+    """[exception type name, message] of calling ``f``, or ["no error", ""]: what a worker records
+    of a call that must fail (the test asserts on it in the parent)."""
+    try:
+        f()
+    except Exception as exc:  # noqa: BLE001 - the type is what is checked
+        return [type(exc).__name__, str(exc)]
+    return ["no error", ""]
+
+
 def spawn(script, mode, n, tmp, timeout):
     """Run ``script`` in ``mode`` as one process (for torch modes it forks the ``n`` ranks after
     importing torch once: n imports of torch would cost more than all the arithmetic); rank r

@@ -22,7 +22,7 @@ import os
 import numpy as np
 import pytest
 
-from _spawn import main, spawn, torch_launch
+from _spawn import error_of, main, spawn, torch_launch
 from support import assert_close, require_or_skip
 
 TIMEOUT = 150
@@ -106,6 +106,7 @@ def test_torch_fused_output_layer_weight_sharded(torch_runs):
 
 def test_torch_module_and_value_and_grad(torch_runs):
     assert _pairs(torch_runs, "api/") == 3 * 4
+    assert all(r["facts"]["linear_module_keeps_group"] for r in torch_runs)
 
 
 def test_torch_dtensor_needs_no_option_and_matches_loss_parallel(torch_runs):
@@ -276,7 +277,7 @@ def _torch_worker(rank, world, init, out):
     vr, gr = xsl.value_and_grad(torch.tensor(z), yt, z_loss=0.1)
     record("api/vg/loss", v, vr)
     record("api/vg/grad", g, gr[..., lo:hi])
-    lm = LinearCrossEntropyLoss(class_parallel=WORLD)  # noqa: F841  (constructs with the option)
+    facts["linear_module_keeps_group"] = LinearCrossEntropyLoss(class_parallel=WORLD).options["class_parallel"] is WORLD
 
     # ---- DTensor sharded along C over the 3 ranks: no option; PyTorch's own loss_parallel
     if True:
@@ -336,12 +337,6 @@ def _torch_worker(rank, world, init, out):
             setattr(dist, n, f)
 
     # ---- faults: an error on every rank, never a hang
-    def error_of(f):
-        try:
-            f()
-        except Exception as exc:  # noqa: BLE001
-            return [type(exc).__name__, str(exc)]
-        return ["no error", ""]
 
     z, yy, soft, side = arrays(12, seed=2)
     lo, hi = sum(SIZES3[:rank]), sum(SIZES3[:rank + 1])
@@ -557,12 +552,6 @@ def _jax_worker(out):
     except Exception as exc:  # noqa: BLE001
         facts["uneven_device_put"] = type(exc).__name__
 
-    def error_of(f):
-        try:
-            f()
-        except Exception as exc:  # noqa: BLE001
-            return [type(exc).__name__, str(exc)]
-        return ["no error", ""]
     errors["outside_shard_map"] = error_of(lambda: xsl.sequence_cross_entropy(z, y, class_parallel="tp"))
     errors["num_classes_wrong"] = error_of(lambda: jax.shard_map(
         lambda v: xsl.sequence_cross_entropy(v, y, class_parallel="tp", num_classes=17), mesh=mesh,

@@ -24,7 +24,7 @@ import os
 import numpy as np
 import pytest
 
-from _spawn import main, spawn as _spawn_script, torch_launch
+from _spawn import error_of, main, spawn as _spawn_script, torch_launch
 from support import assert_close, require_or_skip
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -365,12 +365,6 @@ def _torch_worker(rank, world, init, out):
     facts["cp2dp2_dp_only_count_error"] = abs(sum_over(m, loss, None)[0] - want[0])
 
     # ---- bad input: every rank raises, none hangs, and the group stays usable
-    def error_of(f):
-        try:
-            f()
-        except Exception as exc:  # noqa: BLE001 - the type is what is checked
-            return [type(exc).__name__, str(exc)]
-        return ["no error", ""]
 
     errors["bad_option"] = error_of(lambda: xsl.global_token_count(y, denominator="bogus"))
     y_bad = y.clone()
@@ -455,12 +449,6 @@ def _jax_worker(out):
         pairs[name + "_loss"] = [float(got[0]), want[0]]
         pairs[name + "_grad"] = [np.asarray(got[1]).tolist(), want[1].tolist()]
 
-    def error_of(f):
-        try:
-            f()
-        except Exception as exc:  # noqa: BLE001
-            return [type(exc).__name__, str(exc)]
-        return ["no error", ""]
 
     import contextlib
     ctx = jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else contextlib.nullcontext()
