@@ -140,6 +140,10 @@ def _jax_run(out: str, engines: list[str], chosen: list[dict], dtypes: tuple = D
             even = C % JAX_DEVICES == 0
             split = e == "jax-shard_map" or even  # inputs placed class-sharded
             options = {k: v for k, v in case.options.items()}
+            k = layout.index("C")
+            pad = 0 if (even or e != "jax-shard_map") else -C % JAX_DEVICES
+            if pad:
+                options["num_classes"] = C  # the columns from C on are vocabulary padding
             o: dict[str, Any] = {}
             try:
                 with adapter.context(dt, "cpu"):
@@ -148,9 +152,11 @@ def _jax_run(out: str, engines: list[str], chosen: list[dict], dtypes: tuple = D
                                 "targets": zspec if (case.soft and split) else P()}
                     side = {k: v for k, v in case.arrays.items() if k not in ("logits", "targets")}
                     side_specs = {k: (P("tp") if (k == "class_weights" and split) else P()) for k in side}
-                    z = put(case.arrays["logits"], dt, specs_in["logits"])
-                    t = put(t_arr, dt if t_arr.dtype.kind == "f" else None, specs_in["targets"])
-                    s = {k: put(v, side_dtype(k, dt), side_specs[k]) for k, v in side.items()}
+                    z = put(_padded(case.arrays["logits"], k, pad, 0.5), dt, specs_in["logits"])
+                    t = put(_padded(t_arr, k, pad, 0.3) if case.soft else t_arr,
+                            dt if t_arr.dtype.kind == "f" else None, specs_in["targets"])
+                    s = {n: put(_padded(v, 0, pad, 2.0) if n == "class_weights" else v, side_dtype(n, dt),
+                                side_specs[n]) for n, v in side.items()}
                     if e == "jax-shard_map":
                         def local(z, t, s):
                             return xsl.sequence_cross_entropy(z, t, class_parallel="tp", **s, **options)
@@ -177,13 +183,14 @@ def _jax_run(out: str, engines: list[str], chosen: list[dict], dtypes: tuple = D
                                               NamedSharding(mesh, P()))
 
                     v, g = f(z, t, s, ct_of(1.0))
+                    pieces = _jax_pieces(g, adapter, k, C)
                     o.update(values=_jax_copies(v, adapter), value_dtype=str(v.dtype), grad_dtype=str(g.dtype),
                              type_ok=isinstance(v, jax.Array) and isinstance(g, jax.Array),
-                             pieces=_jax_pieces(g, adapter))
+                             padding_ok=pieces is not None, pieces=pieces or [])
                     ups = []
                     for ct in cotangents(case, shape):
                         try:
-                            ups.append((ct, _jax_pieces(f(z, t, s, ct_of(ct))[1], adapter)))
+                            ups.append((ct, _jax_pieces(f(z, t, s, ct_of(ct))[1], adapter, k, C) or []))
                         except Exception as exc:  # noqa: BLE001
                             ups.append((ct, _short(exc)))
                     o["upstream"] = ups
@@ -217,7 +224,31 @@ def _jax_copies(v: Any, adapter: Any) -> list:
     return [(f"device {sh.device.id}", adapter.host(sh.data)) for sh in v.addressable_shards]
 
 
-def _jax_pieces(g: Any, adapter: Any) -> list:
-    """Every device's shard of the gradient with the index it covers."""
-    return [dict(worker=f"device {sh.device.id}", index=_jax_index(sh.index, g.shape), grad=adapter.host(sh.data))
-            for sh in g.addressable_shards]
+def _padded(a: Any, k: int, pad: int, junk: float) -> Any:
+    """``a`` with ``pad`` junk columns appended along axis k (vocabulary padding)."""
+    if not pad:
+        return a
+    a = np.asarray(a)
+    shape = list(a.shape)
+    shape[k] = pad
+    return np.concatenate([a, np.full(shape, junk, a.dtype)], axis=k)
+
+
+def _jax_pieces(g: Any, adapter: Any, k: int, C: int) -> list | None:
+    """Every device's shard of the gradient with the index it covers, padding columns (from C on
+    along axis k) cut off; None if any padding column's gradient is not exactly 0."""
+    out = []
+    for sh in g.addressable_shards:
+        index = _jax_index(sh.index, g.shape)
+        grad = np.asarray(adapter.host(sh.data))
+        lo, hi = index[k]
+        if hi > C:
+            cut = [slice(None)] * grad.ndim
+            cut[k] = slice(max(C - lo, 0), None)
+            if np.any(grad[tuple(cut)].astype(np.float64) != 0):
+                return None
+            cut[k] = slice(0, max(C - lo, 0))
+            grad, index[k] = grad[tuple(cut)], (lo, min(hi, C))
+        if index[k][1] > index[k][0]:
+            out.append(dict(worker=f"device {sh.device.id}", index=index, grad=grad))
+    return out

@@ -290,12 +290,10 @@ def _run_here(names: list[str], devices: Iterable[str] | None, progress: Callabl
 # A child process: load this very suite (under the same module name, from the
 # same folder, so that the installed xseqloss._conformance and the repository's
 # conformance/ both work), run one backend and write its report as JSON.
-_CHILD = """
+# LOAD_SUITE (shared with distributed.py's children) imports the suite as ``mod`` from sys.argv[1:3].
+LOAD_SUITE = """
 import importlib, importlib.util, json, os, sys
-if os.environ.get("XSEQLOSS_QUIET_TENSORFLOW") == "1":
-    from xseqloss._quiet import tensorflow_quietly
-    tensorflow_quietly()
-name, folder, out, backend, kw = sys.argv[1:6]
+name, folder = sys.argv[1:3]
 try:
     mod = importlib.import_module(name)
 except ImportError:
@@ -304,6 +302,14 @@ except ImportError:
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
+"""
+_CHILD = """
+import os
+if os.environ.get("XSEQLOSS_QUIET_TENSORFLOW") == "1":
+    from xseqloss._quiet import tensorflow_quietly
+    tensorflow_quietly()
+""" + LOAD_SUITE + """
+out, backend, kw = sys.argv[3:6]
 rep = mod.run(backends=[backend], progress=lambda m: print("[conformance] " + m, file=sys.stderr, flush=True),
               **json.loads(kw))
 mod.write_json(rep, out)
