@@ -74,6 +74,32 @@ def test_equals_the_materialised_logits(backend, name):
         assert_close(db, gz.sum((0, 1)), what=f"d bias chunk={chunk}")
 
 
+@pytest.mark.parametrize("name", ["mix", "shift_segments", "others_lengths"])
+def test_garbage_hidden_states_where_tokens_do_not_count(backend, name):
+    """NaN and inf hidden states at tokens that do not count (masked, ignored, past a length,
+    padding segments, the shifted-out last position) reach nothing: value and every gradient equal
+    the call with those rows zeroed, all finite (decision 55; the materialised logits' autograd
+    would give d weight = 0 * NaN = NaN)."""
+    h, w, t, kw = _case(name)
+    b = rng0.normal(size=w.shape[0])
+    opts = {k: (backend.array(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    ref = xsl.linear_value_and_grad(h, w, t, bias=b, backend="numpy", **{**kw, "reduction": "none"})
+    counted = ref[0] != 0  # reduction="none": the tokens that count have a loss (> 0 here)
+    dirty = h.copy()
+    dirty[~counted] = np.where(np.arange(h.shape[-1]) % 2, np.nan, np.inf)
+    clean = np.where(counted[..., None], h, 0.0)
+    for chunk in (1, None):
+        got = [xsl.linear_value_and_grad(backend.array(x), backend.array(w), backend.array(t), bias=backend.array(b),
+                                         chunk_size=chunk, **opts) for x in (dirty, clean)]
+        (vd, gd), (vc, gc) = got
+        assert np.isfinite(backend.float_out(vd)).all()
+        assert_close(backend.float_out(vd), backend.float_out(vc), what=f"value chunk={chunk}")
+        for what, a, c in zip(("dh", "dw", "db"), gd, gc):
+            a, c = backend.float_out(a), backend.float_out(c)
+            assert np.isfinite(a).all(), (what, chunk)
+            assert_close(a, c, what=f"{what} chunk={chunk}")
+
+
 @pytest.mark.parametrize("layout", ["TNH", "NH", "H"])
 def test_other_layouts(backend, layout):
     r = np.random.default_rng(5)

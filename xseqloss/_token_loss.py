@@ -11,7 +11,7 @@ from . import _checks
 from ._plan import Static
 
 def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
-               want_grad: bool = False, k: int | None = None) -> tuple[Any, Any]:
+               want_grad: bool = False, k: int | None = None, rows_clean: bool = False) -> tuple[Any, Any]:
     """Per-token loss l (acc dtype, token shape) and, if ``want_grad``, dl/dz (acc dtype, logits' shape).
 
     With x the transformed inputs (softcap; log of clamped probabilities), the target distribution
@@ -27,6 +27,11 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
     adds exactly 0 to l and to the gradient, even where its logit is -inf (vocabulary masking).
     Rows where ``keep`` is false give exactly 0 loss and exactly 0 gradient whatever their contents.
     ``k`` overrides the class axis (a backend's chunked kernel passes flattened (rows, C) chunks).
+    ``rows_clean``: the caller made the rows that do not count harmless already (the fused layer
+    zeroes their hidden states before the matmul, so their logits are the bias), and the masked
+    copy of the logits that makes garbage rows NaN-safe is not needed: on XLA that copy is a
+    chunk-sized temporary, as the reductions do not fuse it. Their loss and gradient are still
+    exactly 0.
 
     Classes split across workers (``st.class_parallel``, API.md 9.2): ``z``, ``t`` and ``cw`` are
     this worker's slice of the class axis and C is the global count. The formula is the same; its
@@ -44,7 +49,7 @@ def token_loss(ops: Any, st: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any,
         return ops.nll(z, y, keep, k, acc, st), None
     keep_c = None if keep is None else ops.expand(keep, k)
     x = ops.cast(z, acc)
-    if keep_c is not None:
+    if keep_c is not None and not rows_clean:
         x = ops.where(keep_c, x, 0.0)  # NaN-safe: garbage rows never reach exp/log (nor their gradient)
     tanh = None
     if o.cap is not None:

@@ -269,10 +269,11 @@ def even_chunk(R: int, chunk: int) -> int:
     return chunk
 
 
-def chunk_grad(ops: Any, kst: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any, scale: Any) -> tuple[Any, Any]:
+def chunk_grad(ops: Any, kst: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any, scale: Any,
+               rows_clean: bool = False) -> tuple[Any, Any]:
     """A chunk's per-token losses and d/d z times ``scale`` (per row), from its float32 logits."""
     lean = getattr(ops, "plain_chunk_grad", None)
     if lean is not None and kst.plain:
         return lean(z, y, keep, scale)
-    l, g = token_loss(ops, kst, z, y, t, keep, cw, acc, want_grad=True, k=1)
+    l, g = token_loss(ops, kst, z, y, t, keep, cw, acc, want_grad=True, k=1, rows_clean=rows_clean)
     return l, g * ops.expand(scale, 1)

@@ -101,11 +101,14 @@ class ClassParallelLinear(torch.autograd.Function):
         db = None if b is None else torch.zeros(b.shape, dtype=acc, device=b.device)
         for i, j in _torch_chunks(h2.shape[0], chunk):
             hc = h2[i:j].to(acc)
+            kc = _rows(keep, i, j)
+            if kc is not None:  # rows that do not count: zeros, so they reach neither z nor d weight
+                hc = torch.where(kc[:, None], hc, hc.new_zeros(()))
             z = hc @ (wa.t() if wl == "CH" else wa)
             if b is not None:
                 z = z + b.to(acc)
-            _, g = token_loss(be, kst, z, _rows(y, i, j), _rows(t, i, j), _rows(keep, i, j), cw, acc, want_grad=True,
-                              k=1)
+            _, g = token_loss(be, kst, z, _rows(y, i, j), _rows(t, i, j), kc, cw, acc, want_grad=True, k=1,
+                              rows_clean=True)
             g = g * dl[i:j].to(acc).unsqueeze(1)
             dh[i:j] = g @ (wa if wl == "CH" else wa.t())
             dw += (g.t() @ hc) if wl == "CH" else (hc.t() @ g)

@@ -26,9 +26,6 @@ class JaxBackend(NumpyBackend):
     # NumPy's eager kernels (in-place writes) do not apply: the jitted core and jax.grad do it all
     native_default_loss = None
     fused_value_and_grad = None
-    # linear_cross_entropy: XLA keeps about three chunk-sized temporaries of the chunk's logits
-    # (measured with memory_analysis: 64 MiB chunks 196 MB, 32 MiB chunks 99 MB at 1,024 x 32,000)
-    linear_chunk_bytes = 32 << 20
     host_view = None
 
     def __init__(self) -> None:
@@ -378,15 +375,16 @@ def _linear_chunk(kst: Any, acc: Any, wl: str, w: Any, b: Any, cw: Any, dot: Any
     """One chunk: its losses, and with a scale ``s`` its d hidden, ``dw`` plus its d weight term,
     and its d bias term."""
     from ..linear import chunk_grad
-    z = dot(x["h"], w, _TC if wl == "CH" else _TN)
+    hc = jnp.where(x["k"][:, None], x["h"], jnp.zeros((), x["h"].dtype))
+    z = dot(hc, w, _TC if wl == "CH" else _TN)
     if b is not None:
         z = z + b.astype(acc)
     if s is None:
-        return _token_loss_fn()(BACKEND, kst, z, x["y"], x["t"], x["k"], cw, acc, False, k=1)[0]
-    l, g = chunk_grad(BACKEND, kst, z, x["y"], x["t"], x["k"], cw, acc, s)
+        return _token_loss_fn()(BACKEND, kst, z, x["y"], x["t"], x["k"], cw, acc, False, k=1, rows_clean=True)[0]
+    l, g = chunk_grad(BACKEND, kst, z, x["y"], x["t"], x["k"], cw, acc, s, rows_clean=True)
     gw = g.astype(w.dtype) if w.dtype != acc else g  # the weight's dtype, float32 accumulation
     dh = dot(gw, w, _TN if wl == "CH" else _TC)
-    return l, dh, _add_dw(dw, gw, x["h"], wl, dot), (None if b is None else g.sum(0))
+    return l, dh, _add_dw(dw, gw, hc, wl, dot), (None if b is None else g.sum(0))
 
 
 def _linear_scan(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any,
@@ -397,21 +395,25 @@ def _linear_scan(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: An
     xs = {k: None if v is None else v.reshape((n, chunk) + v.shape[1:]) for k, v in xs.items()}
     if grads:
         xs["s"] = pad(scale, 0).reshape(n, chunk)
+        xs["i"] = jnp.arange(n, dtype=jnp.int32)
 
     def body(carry: Any, x: Any) -> Any:
         if not grads:
             return carry, _linear_chunk(kst, acc, wl, w, b, cw, dot, x, None)
-        dw, db = carry
-        l, dh, dw, dbc = _linear_chunk(kst, acc, wl, w, b, cw, dot, x, x["s"], dw)
-        return (dw, None if db is None else db + dbc), (l, dh.astype(h2.dtype))
+        dh, dw, db = carry
+        l, dhc, dw, dbc = _linear_chunk(kst, acc, wl, w, b, cw, dot, x, x["s"], dw)
+        dh = jax.lax.dynamic_update_slice_in_dim(dh, dhc.astype(dh.dtype), x["i"] * chunk, 0)
+        return (dh, dw, None if db is None else db + dbc), l
 
-    init = (jnp.zeros(w.shape, acc), None if b is None else jnp.zeros(b.shape, acc))
+    # d hidden is carried and written in place, a chunk at a time, like d weight: as the scan's
+    # stacked output it was a temporary that the backward copied into the returned gradient (a
+    # d-hidden-sized buffer that grew with the tokens: 64 MB at 16,384 x 1,024)
+    init = (jnp.zeros((n * chunk, H), h2.dtype), jnp.zeros(w.shape, acc), None if b is None else jnp.zeros(b.shape, acc))
     carry, out = jax.lax.scan(body, init if grads else None, xs)
     if not grads:
         return out.reshape(-1)[:R]
-    l, dh = out
-    dw, db = carry
-    return l.reshape(-1)[:R], dh.reshape(-1, H), dw, db
+    dh, dw, db = carry
+    return out.reshape(-1)[:R], dh, dw, db
 
 
 def _linear_again(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any,

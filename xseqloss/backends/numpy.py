@@ -400,16 +400,18 @@ def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: 
     for i in range(0, R, chunk):
         j = min(R, i + chunk)
         hc = h2[i:j] if h2.dtype == acc else h2[i:j].astype(acc)
+        kc = None if keep is None else keep[i:j]
+        if kc is not None:  # rows that do not count: zeros, so they reach neither z nor d weight
+            hc = np.where(kc[:, None], hc, np.zeros((), acc))
         z = hc @ (wa.T if wl == "CH" else wa)
         if ba is not None:
             z += ba
         yc = None if y is None else y[i:j]
-        kc = None if keep is None else keep[i:j]
         tc = None if t is None else t[i:j]
         if not want_grad:
-            l[i:j] = token_loss(self, kst, z, yc, tc, kc, cw, acc, False, k=1)[0]
+            l[i:j] = token_loss(self, kst, z, yc, tc, kc, cw, acc, False, k=1, rows_clean=True)[0]
             continue
-        lc, g = chunk_grad(self, kst, z, yc, tc, kc, cw, acc, scale[i:j])
+        lc, g = chunk_grad(self, kst, z, yc, tc, kc, cw, acc, scale[i:j], rows_clean=True)
         l[i:j] = lc
         dh[i:j] = g @ (wa if wl == "CH" else wa.T)
         for c0 in range(0, C, block):

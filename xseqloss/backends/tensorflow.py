@@ -509,14 +509,16 @@ def _linear_loop(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: An
         return tf.slice(a, tf.concat([[i * chunk], tf.zeros([rank - 1], tf.int32)], 0), [chunk] + [-1] * (rank - 1))
 
     def body(i: Any, ls: Any, dhs: Any, dw: Any, db: Any) -> Any:
-        hc = tf.cast(piece(h2p, i), acc)
+        kc = piece(kp, i)
+        # rows that do not count: zeros, so they reach neither z nor d weight
+        hc = tf.where(kc[:, None], tf.cast(piece(h2p, i), acc), tf.zeros((), acc))
         z = tf.matmul(hc, wa, transpose_b=wl == "CH")  # the weight's own layout: no transposed copy
         if ba is not None:
             z = z + ba
         if not grads:
-            l = token_loss(ops, kst, z, piece(yp, i), piece(tp, i), piece(kp, i), cw, acc, False, k=1)[0]
+            l = token_loss(ops, kst, z, piece(yp, i), piece(tp, i), kc, cw, acc, False, k=1, rows_clean=True)[0]
             return i + 1, ls.write(i, l), dhs, dw, db
-        l, g = chunk_grad(ops, kst, z, piece(yp, i), piece(tp, i), piece(kp, i), cw, acc, piece(sp, i))
+        l, g = chunk_grad(ops, kst, z, piece(yp, i), piece(tp, i), kc, cw, acc, piece(sp, i), rows_clean=True)
         dh = tf.cast(tf.matmul(g, wa, transpose_b=wl != "CH"), h2.dtype)
         dw = add_into(dw, tf.matmul(g, hc, transpose_a=True) if wl == "CH" else tf.matmul(hc, g, transpose_a=True))
         if db is not None:
@@ -607,5 +609,13 @@ def _with_linear_gradient(fn: Any) -> Any:
     return value_and_grads
 
 
+def _plain_chunk_grad(self: Any, z: Any, y: Any, keep: Any, scale: Any) -> tuple[Any, Any]:
+    """Plain cross-entropy of one (rows, C) chunk through the XLA kernel: the loss and the scaled
+    gradient in one fused pass (the generic formula's TensorFlow ops take one pass each)."""
+    has_keep = keep is not None
+    return _xla_kernel(2, 1, True, has_keep)(z, y, keep if has_keep else tf.zeros([], tf.bool), scale)
+
+
+TensorflowBackend.plain_chunk_grad = _plain_chunk_grad  # type: ignore[attr-defined]
 TensorflowBackend.linear_token_loss = _linear_token_loss  # type: ignore[attr-defined]
 TensorflowBackend.linear_value_and_grad = _linear_value_and_grad  # type: ignore[attr-defined]

@@ -706,12 +706,14 @@ def _linear_loop(plan: tuple, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any
     for i in range(0, R, chunk):
         j = min(R, i + chunk)
         hc = h2[i:j] if h2.dtype == acc else h2[i:j].to(acc)
+        kc = None if keep is None else keep[i:j]
+        if kc is not None:  # rows that do not count: zeros, so they reach neither z nor d weight
+            hc = torch.where(kc[:, None], hc, hc.new_zeros(()))
         z = zbuf[:j - i]
         torch.mm(hc, wa.t() if wl == "CH" else wa, out=z)
         if ba is not None:
             z += ba
         yc = None if y is None else y[i:j]
-        kc = None if keep is None else keep[i:j]
         tc = None if t is None else t[i:j]
         if tri is not None:  # the Triton kernel on the chunk, its gradient written into the chunk
             l[i:j] = tri(z, yc, kc, scale[i:j] if grads else None, z if grads else None)
@@ -719,10 +721,10 @@ def _linear_loop(plan: tuple, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any
                 continue
             g = z
         elif not grads:
-            l[i:j] = token_loss(BACKEND, kst, z, yc, tc, kc, cw, acc, False, k=1)[0]
+            l[i:j] = token_loss(BACKEND, kst, z, yc, tc, kc, cw, acc, False, k=1, rows_clean=True)[0]
             continue
         else:
-            lc, g = chunk_grad(BACKEND, kst, z, yc, tc, kc, cw, acc, scale[i:j])
+            lc, g = chunk_grad(BACKEND, kst, z, yc, tc, kc, cw, acc, scale[i:j], rows_clean=True)
             l[i:j] = lc
         if dh.dtype == acc:
             torch.mm(g, wa if wl == "CH" else wa.t(), out=dh[i:j])
