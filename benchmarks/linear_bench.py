@@ -2,7 +2,8 @@
 (materialised logits ``h @ w.T`` + the framework's best native loss, forward and backward) and the
 peers that run here, with ratios taken in one run (the machines are shared and noisy).
 
-* speed: forward+backward (d hidden and d weight), contenders interleaved round by round, medians;
+* speed: forward+backward (d hidden and d weight), contenders interleaved round by round (order
+  reversed every other round); the ratio is the median of each round's ratio to the naive time;
   PyTorch also against ``F.linear_cross_entropy`` (reference path, and its chunked path through
   ``LinearCrossEntropyOptions``), ``torch.compile`` of the naive code and Cut Cross-Entropy's
   ``torch_compile`` implementation when the ``cut-cross-entropy`` package is installed;
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +37,20 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import xseqloss as xsl  # noqa: E402
-from bench import _alternate  # noqa: E402
+from bench import _time  # noqa: E402
+
+
+def _rounds(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
+    """Seconds per call, round by round: one warm-up call each, then ``reps`` rounds that run every
+    contender once, in reverse order every other round (a drift within a round favours no one)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(reps):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(_time(fns[name], lambda x: x, 0.0))
+    return times
 
 
 def _data(T: int, H: int, C: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -258,11 +273,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{be}] tokens x hidden x classes = {T} x {H} x {C} float32", flush=True)
         if not args.no_speed:
             fns = CONTENDERS[be](T, H, C)
-            med = _alternate(fns, lambda x: x, args.reps)
+            times = _rounds(fns, args.reps)
+            med = {k: statistics.median(v) for k, v in times.items()}
             row["fwd_bwd_ms"] = {k: v * 1e3 for k, v in med.items()}
-            row["fwd_bwd_ratio"] = {k: v / med["naive"] for k, v in med.items() if k != "naive"}
+            row["fwd_bwd_ms_rounds"] = {k: [round(x * 1e3) for x in v] for k, v in times.items()}
+            # each round's ratio to the naive time of the same round, then their median: the
+            # machine's speed drifts by up to 2x over minutes, and a round's contenders are
+            # seconds apart
+            row["fwd_bwd_ratio"] = {k: statistics.median(a / b for a, b in zip(v, times["naive"]))
+                                    for k, v in times.items() if k != "naive"}
+            row["fwd_bwd_ratio_of_medians"] = {k: v / med["naive"] for k, v in med.items() if k != "naive"}
             print("  fwd+bwd ms:    " + ", ".join(f"{k}={v * 1e3:.0f}" for k, v in med.items()))
-            print("  / naive:       " + ", ".join(f"{k}={v:.3f}" for k, v in row["fwd_bwd_ratio"].items()))
+            print("  / naive:       " + ", ".join(f"{k}={v:.3f}" for k, v in row["fwd_bwd_ratio"].items())
+                  + "   (median of each round's ratio)")
             del fns
         if not args.no_memory:
             mem: dict[str, Any] = {}
