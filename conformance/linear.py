@@ -41,6 +41,11 @@ LINEAR_CASES = [
     dict(name="lin_positions_per_position", layout="NTH", chunk=3, mask=0.3,
          options=dict(denominator="positions", reduction="per_position")),
     dict(name="lin_confident_bf16", layout="NTH", chunk=4, confident=True, dtypes=("bfloat16",)),
+    # NaN and inf hidden states at the tokens that do not count (masked, ignored, past a length):
+    # not used (docs/semantics.md section 9, decision 55), where autograd through the materialised
+    # logits would put 0 x NaN into d weight
+    dict(name="lin_garbage_uncounted", layout="NTH", shape=dict(N=3, T=6, H=5, C=7), chunk=4, mask=0.2,
+         ignore=0.2, lengths=True, bias=True, garbage=True, options=dict(label_smoothing=0.1)),
 ]
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -93,6 +98,15 @@ def make(spec: dict, dtype: str) -> dict:
         seg[:, 4:] = 1
         seg[0, 7:] = -1
         arrays["segment_ids"] = seg
+    if spec.get("garbage"):  # token layout (N, T): the tokens that certainly do not count
+        off = y == -100
+        if "mask" in arrays:
+            off = off | ~arrays["mask"]
+        if "lengths" in arrays:
+            off = off | (np.arange(sizes["T"])[None, :] >= arrays["lengths"][:, None])
+        junk = np.where(np.arange(H) % 2, np.inf, np.nan)
+        arrays["hidden"] = np.where(off[..., None], junk, arrays["hidden"])
+        arrays["_not_counted"] = off  # the reference's, never passed to the loss
     if spec.get("weight_layout") == "HC":
         arrays["weight"] = arrays["weight"].T.copy()
     return arrays
@@ -104,6 +118,8 @@ def linear_reference(spec: dict, arrays: dict) -> tuple[np.ndarray, np.ndarray, 
     wl = spec.get("weight_layout", "CH")
     k = hl.index("H")
     h = np.moveaxis(arrays["hidden"], k, -1)
+    if "_not_counted" in arrays:  # the hidden states of tokens that do not count are not used
+        h = np.where(arrays["_not_counted"][..., None], 0.0, h)
     W = arrays["weight"] if wl == "CH" else arrays["weight"].T
     z = h @ W.T + (arrays["bias"] if "bias" in arrays else 0.0)
     L = hl.replace("H", "C")
