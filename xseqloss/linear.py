@@ -269,6 +269,13 @@ def even_chunk(R: int, chunk: int) -> int:
     return chunk
 
 
+def counted_rows(ops: Any, h: Any, keep: Any) -> Any:
+    """A chunk's (rows, H) hidden states with the rows that do not count zeroed: garbage there
+    (NaN, inf) reaches neither the logits nor d weight (decision 55), and the core needs no masked
+    copy of those rows' logits (``token_loss(rows_clean=True)``)."""
+    return h if keep is None else ops.where(ops.expand(keep, 1), h, 0.0)
+
+
 def chunk_grad(ops: Any, kst: Static, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any, scale: Any,
                rows_clean: bool = False) -> tuple[Any, Any]:
     """A chunk's per-token losses and d/d z times ``scale`` (per row), from its float32 logits."""

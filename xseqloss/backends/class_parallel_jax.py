@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from .._token_loss import token_loss
 from ..class_parallel import Reducer
+from ..linear import counted_rows
 
 __all__ = ["JaxReducer", "jax_linear"]
 
@@ -74,12 +75,11 @@ def jax_linear(be: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep:
     @jax.checkpoint
     def body(args: Any) -> Any:
         hc, yc, tc, kc = args
-        if kc is not None:  # rows that do not count: zeros, so they reach neither z nor d weight
-            hc = jnp.where(kc[:, None], hc, jnp.zeros((), hc.dtype))
+        hc = counted_rows(be, hc, kc)
         z = jax.lax.dot_general(hc, w, dims, preferred_element_type=acc)
         if b is not None:
             z = z + b.astype(acc)
-        return token_loss(be, kst, z, yc, tc, kc, cw, acc, k=1, rows_clean=kc is not None)[0]
+        return token_loss(be, kst, z, yc, tc, kc, cw, acc, k=1, rows_clean=True)[0]
 
     l = jax.lax.map(body, (split(h2), split(y), split(t), kp))
     return l.reshape(n * chunk)[:R]

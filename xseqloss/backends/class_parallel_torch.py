@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from .._token_loss import token_loss
 from ..class_parallel import Reducer
+from ..linear import counted_rows
 
 __all__ = ["TorchReducer", "torch_linear"]
 
@@ -102,8 +103,7 @@ class ClassParallelLinear(torch.autograd.Function):
         for i, j in _torch_chunks(h2.shape[0], chunk):
             hc = h2[i:j].to(acc)
             kc = _rows(keep, i, j)
-            if kc is not None:  # rows that do not count: zeros, so they reach neither z nor d weight
-                hc = torch.where(kc[:, None], hc, hc.new_zeros(()))
+            hc = counted_rows(be, hc, kc)
             z = hc @ (wa.t() if wl == "CH" else wa)
             if b is not None:
                 z = z + b.to(acc)

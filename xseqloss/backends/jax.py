@@ -374,8 +374,8 @@ def _linear_chunk(kst: Any, acc: Any, wl: str, w: Any, b: Any, cw: Any, dot: Any
                   dw: Any = None) -> Any:
     """One chunk: its losses, and with a scale ``s`` its d hidden, ``dw`` plus its d weight term,
     and its d bias term."""
-    from ..linear import chunk_grad
-    hc = jnp.where(x["k"][:, None], x["h"], jnp.zeros((), x["h"].dtype))
+    from ..linear import chunk_grad, counted_rows
+    hc = counted_rows(BACKEND, x["h"], x["k"])
     z = dot(hc, w, _TC if wl == "CH" else _TN)
     if b is not None:
         z = z + b.astype(acc)

@@ -384,7 +384,7 @@ def _plain_chunk_grad(self: Any, z: Any, y: Any, keep: Any, scale: Any) -> tuple
 def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
                        scale_fn: Any, chunk: int, wl: str, want_grad: bool, cp: Any) -> Any:
     from .._token_loss import token_loss
-    from ..linear import chunk_grad
+    from ..linear import chunk_grad, counted_rows
 
     R, H = h2.shape
     wa = w if w.dtype == acc else w.astype(acc)
@@ -401,8 +401,7 @@ def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: 
         j = min(R, i + chunk)
         hc = h2[i:j] if h2.dtype == acc else h2[i:j].astype(acc)
         kc = None if keep is None else keep[i:j]
-        if kc is not None:  # rows that do not count: zeros, so they reach neither z nor d weight
-            hc = np.where(kc[:, None], hc, np.zeros((), acc))
+        hc = counted_rows(self, hc, kc)
         z = hc @ (wa.T if wl == "CH" else wa)
         if ba is not None:
             z += ba

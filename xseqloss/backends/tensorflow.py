@@ -479,7 +479,7 @@ BACKEND = TensorflowBackend()
 def _linear_loop(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any,
                  cw: Any, scale: Any, grads: bool) -> Any:
     from .._token_loss import token_loss
-    from ..linear import chunk_grad
+    from ..linear import chunk_grad, counted_rows
     ops = BACKEND
     static_R = h2.shape[0]
     if static_R is not None and static_R > 0:
@@ -510,8 +510,7 @@ def _linear_loop(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: An
 
     def body(i: Any, ls: Any, dhs: Any, dw: Any, db: Any) -> Any:
         kc = piece(kp, i)
-        # rows that do not count: zeros, so they reach neither z nor d weight
-        hc = tf.where(kc[:, None], tf.cast(piece(h2p, i), acc), tf.zeros((), acc))
+        hc = counted_rows(ops, tf.cast(piece(h2p, i), acc), kc)
         z = tf.matmul(hc, wa, transpose_b=wl == "CH")  # the weight's own layout: no transposed copy
         if ba is not None:
             z = z + ba

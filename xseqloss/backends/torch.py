@@ -687,7 +687,7 @@ TorchBackend.plain_chunk_grad = _plain_chunk_grad  # type: ignore[attr-defined]
 def _linear_loop(plan: tuple, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, scale: Any,
                  grads: bool) -> tuple[Any, Any, Any, Any]:
     from .._token_loss import token_loss
-    from ..linear import chunk_grad
+    from ..linear import chunk_grad, counted_rows
     *kargs, chunk, wl = plan
     kst = _kernel_static(*kargs)
     acc = torch.float64 if h2.dtype == torch.float64 else torch.float32
@@ -707,8 +707,7 @@ def _linear_loop(plan: tuple, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any
         j = min(R, i + chunk)
         hc = h2[i:j] if h2.dtype == acc else h2[i:j].to(acc)
         kc = None if keep is None else keep[i:j]
-        if kc is not None:  # rows that do not count: zeros, so they reach neither z nor d weight
-            hc = torch.where(kc[:, None], hc, hc.new_zeros(()))
+        hc = counted_rows(BACKEND, hc, kc)
         z = zbuf[:j - i]
         torch.mm(hc, wa.t() if wl == "CH" else wa, out=z)
         if ba is not None:
