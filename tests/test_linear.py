@@ -158,6 +158,72 @@ def test_torch_never_allocates_the_logits():
     assert biggest < logits / 3
 
 
+def test_tensorflow_peak_memory_stays_within_two_chunks():
+    """TensorFlow's allocator's own peak (bytes in use): forward and backward beyond the inputs and
+    the returned gradients stay within about two chunks' float32 logits, whatever the tokens. The
+    d weight term is added a block at a time (a whole one is 8 MiB here, four chunks) and d hidden
+    is written into the returned buffer (decision 57)."""
+    require_or_skip("tensorflow")
+    import tensorflow as tf
+    try:
+        tf.config.experimental.get_memory_info("CPU:0")
+    except ValueError:
+        pytest.skip("this TensorFlow build's CPU allocator keeps no statistics")
+    H, C, chunk = 256, 8192, 64
+    w = tf.constant(rng0.normal(size=(C, H)).astype(np.float32))
+    peaks = []
+    for tokens in (2048, 4096):
+        h = tf.constant(rng0.normal(size=(tokens, H)).astype(np.float32))
+        y = tf.constant(rng0.integers(0, C, size=tokens))
+
+        @tf.function
+        def step(h, w, y):
+            with tf.GradientTape() as tape:
+                tape.watch([h, w])
+                loss = xsl.linear_cross_entropy(h, w, y, layout="NH", chunk_size=chunk)
+            return tape.gradient(loss, [h, w])
+        for _ in range(2):  # traced, and the allocator's pool grown, before the measured step
+            g = step(h, w, y)
+            del g
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        g = step(h, w, y)
+        _ = g[0][0, 0].numpy()
+        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before - (tokens * H * 4 + C * H * 4)
+        del g
+        peaks.append(peak)
+        chunk_bytes, logits = chunk * C * 4, tokens * C * 4
+        assert peak <= 3 * chunk_bytes + (1 << 20), (peak, chunk_bytes)
+        assert peak < 0.15 * logits, (peak, logits)
+    assert abs(peaks[1] - peaks[0]) <= 0.1 * peaks[0] + (1 << 20), peaks  # the same absolute peak
+
+
+@pytest.mark.parametrize("name", ["plain", "mix"])
+def test_tensorflow_d_weight_in_blocks(name, monkeypatch):
+    """d weight added a few rows at a time (classes for "CH", hidden units for "HC"; the last
+    block shorter) equals the materialised logits' gradient, with a bias, eager and traced."""
+    require_or_skip("tensorflow")
+    from xseqloss.backends import tensorflow as tfb
+    from support import get_backend
+    backend = get_backend("tensorflow")
+    monkeypatch.setattr(tfb, "DW_BLOCK_BYTES", 4 * 8 * 5)  # float64, H = 5: 4 classes or 3 hidden units
+    monkeypatch.setattr(tfb.BACKEND, "_functions", {})  # no trace made with whole terms is reused
+    monkeypatch.setattr(tfb.BACKEND, "_concrete", {})
+    h, w, t, kw = _case(name)
+    b = rng0.normal(size=w.shape[0])
+    ref, gz = get_backend("numpy").loss_and_grad(h @ w.T + b, t, **kw)
+    opts = {k: (backend.array(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    for wl in ("CH", "HC"):
+        W = w if wl == "CH" else w.T
+        v, (dh, dw, db) = xsl.linear_value_and_grad(backend.array(h), backend.array(W), backend.array(t),
+                                                    bias=backend.array(b), weight_layout=wl, chunk_size=5, **opts)
+        want_dw = np.einsum("ntc,nth->ch", gz, h)
+        assert_close(backend.float_out(v), ref, what=f"value {wl}")
+        assert_close(backend.float_out(dh), gz @ w, what=f"d hidden {wl}")
+        assert_close(backend.float_out(dw), want_dw if wl == "CH" else want_dw.T, what=f"d weight {wl}")
+        assert_close(backend.float_out(db), gz.sum((0, 1)), what=f"d bias {wl}")
+
+
 # ------------------------------------------------------------------ numerics
 
 def test_bfloat16_true_class_gradient_at_p_near_one():

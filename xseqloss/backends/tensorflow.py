@@ -510,7 +510,10 @@ def _linear_loop(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: An
 
     def body(i: Any, ls: Any, dhs: Any, dw: Any, db: Any) -> Any:
         kc = piece(kp, i)
-        hc = counted_rows(ops, tf.cast(piece(h2p, i), acc), kc)
+        # the chunk starts once the previous chunk's adds are done: TensorFlow's executor would
+        # otherwise form its logits beside the previous chunk's gradient (outside XLA)
+        with tf.control_dependencies([dw] if grads and not xla else []):
+            hc = counted_rows(ops, tf.cast(piece(h2p, i), acc), kc)
         z = tf.matmul(hc, wa, transpose_b=wl == "CH")  # the weight's own layout: no transposed copy
         if ba is not None:
             z = z + ba
@@ -519,20 +522,33 @@ def _linear_loop(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: An
             return i + 1, ls.write(i, l), dhs, dw, db
         l, g = chunk_grad(ops, kst, z, piece(yp, i), piece(tp, i), kc, cw, acc, piece(sp, i), rows_clean=True)
         dh = tf.cast(tf.matmul(g, wa, transpose_b=wl != "CH"), h2.dtype)
-        dw = add_into(dw, tf.matmul(g, hc, transpose_a=True) if wl == "CH" else tf.matmul(hc, g, transpose_a=True))
+        dw = _add_dw(dw, g, hc, g) if wl == "CH" else _add_dw(dw, hc, g, g)
         if db is not None:
             db = db + tf.reduce_sum(g, 0)
-        return i + 1, ls.write(i, l), dhs.write(i, dh), dw, db
+        return i + 1, ls.write(i, l), put_dh(dhs, i, dh), dw, db
 
     ls = tf.TensorArray(acc, size=n, infer_shape=False)
-    dhs = tf.TensorArray(h2.dtype, size=n, infer_shape=False)
+    xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
     # d weight accumulates in place outside XLA (InplaceAdd into a fresh Empty buffer, which grappler
     # never folds into a shared constant): ``dw + d`` would hold two d weights at once each chunk
-    xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
     dw0 = tf.zeros(tf.shape(w), acc) if xla else tf.raw_ops.Empty(shape=tf.shape(w), dtype=acc, init=True)
+    # d hidden is written in place, chunk by chunk, into the buffer that is returned (outside
+    # XLA): a TensorArray's pieces and their concatenation would be two d hiddens at the end. It
+    # is allocated after d weight: TensorFlow's allocator then refills the previous step's freed
+    # gradients size for size, instead of carving d hidden out of d weight's old block and leaving
+    # a remainder too small to split for a chunk's logits (0.03 L more at 8,192 tokens)
+    with tf.control_dependencies([] if xla or not grads else [dw0]):
+        dhs = (tf.TensorArray(h2.dtype, size=n, infer_shape=False) if xla or not grads
+               else tf.raw_ops.Empty(shape=tf.concat([[n * chunk], tf.shape(h2)[1:]], 0), dtype=h2.dtype,
+                                     init=False))
 
-    def add_into(a: Any, d: Any) -> Any:
-        return a + d if xla else tf.raw_ops.InplaceAdd(x=a, i=tf.range(tf.shape(a)[0]), v=d)
+    def put_dh(dhs: Any, i: Any, dh: Any) -> Any:
+        return dhs.write(i, dh) if xla else tf.raw_ops.InplaceUpdate(x=dhs, i=tf.range(i * chunk, (i + 1) * chunk), v=dh)
+
+    def _add_dw(dw: Any, a: Any, b: Any, g: Any) -> Any:  # dw += a^T b
+        if xla:  # XLA adds in place itself
+            return dw + tf.matmul(a, b, transpose_a=True)
+        return _add_rows_in_place(dw, a, b, g.shape.num_elements())
     db0 = tf.zeros([C], acc) if (b is not None and grads) else tf.zeros([0], acc)
     has_b = b is not None and grads
 
@@ -545,7 +561,37 @@ def _linear_loop(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: An
     l = ls.concat()[:R]
     if not grads:
         return l
-    return l, dhs.concat()[:R], tf.cast(dw, w.dtype), (tf.cast(db, b.dtype) if has_b else None)
+    dh = dhs.concat() if xla else dhs
+    return l, (dh if exact else dh[:R]), tf.cast(dw, w.dtype), (tf.cast(db, b.dtype) if has_b else None)
+
+
+DW_BLOCK_BYTES: int | None = None  # None: each d weight block as below; an int: that many bytes
+DW_WHOLE_BYTES = 4 << 20  # a d weight term this small is formed whole (no graph of many blocks)
+DW_MAX_BLOCKS = 64
+
+
+def _add_rows_in_place(dw: Any, a: Any, b: Any, logits: Any) -> Any:
+    """``dw += a^T b`` in place, a block of dw's rows at a time (a's columns are dw's rows: classes
+    for "CH", where a is the chunk's gradient; hidden units for "HC", where a is its hidden states).
+    The whole term would be a weight-sized temporary beside the chunk's gradient (0.12 L at 8,192 x
+    1,024 x 32,000; decision 57); a block and its slice of a together take at most half the
+    chunk's logits' elements (``logits``, None when unknown at trace time), so they fit in the
+    logits' freed block, which TensorFlow's allocator splits only for pieces of at most half its
+    size, and the chunk's logits and gradient stay the peak. Each block waits for the previous
+    add: TensorFlow's executor would otherwise form them all at once."""
+    rows, width, n = a.shape[1], b.shape[1], a.shape[0]
+    known = rows is not None and width is not None and n is not None and logits is not None
+    if not known or (not DW_BLOCK_BYTES and int(rows) * int(width) * dw.dtype.size <= DW_WHOLE_BYTES):
+        return tf.raw_ops.InplaceAdd(x=dw, i=tf.range(tf.shape(dw)[0]), v=tf.matmul(a, b, transpose_a=True))
+    step = max(1, DW_BLOCK_BYTES // (dw.dtype.size * int(width)) if DW_BLOCK_BYTES
+               else int(logits) // (2 * (int(width) + int(n))))
+    step = max(step, -(-int(rows) // DW_MAX_BLOCKS))  # tiny chunks: a bounded graph, not one block per row
+    for r0 in range(0, int(rows), step):
+        r1 = min(int(rows), r0 + step)
+        with tf.control_dependencies([dw]):
+            term = tf.matmul(a[:, r0:r1] if step < rows else a, b, transpose_a=True)
+        dw = tf.raw_ops.InplaceAdd(x=dw, i=tf.range(r0, r1), v=term)
+    return dw
 
 
 def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
