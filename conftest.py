@@ -14,6 +14,7 @@ _NEEDS = {
     "xseqloss/backends/torch.py": "torch",
     "xseqloss/torch.py": "torch",
     "xseqloss/backends/tensorflow.py": "tensorflow",
+    "xseqloss/backends/linear_tensorflow.py": "tensorflow",
     "xseqloss/backends/jax.py": "jax",
     "xseqloss/keras.py": "keras",
     "xseqloss/backends/torch_triton.py": "torch",

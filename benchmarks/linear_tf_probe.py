@@ -1,6 +1,6 @@
-"""Why TensorFlow's fused output layer misses its speed goal (docs/performance.md, issue 13): a
-``tf.while_loop`` of only the three chunk matmuls and the in-place d weight add, no loss at all,
-against the naive forward+backward of linear_bench.py, at several chunk sizes, ratios per round.
+"""Why TensorFlow's fused output layer needs 1,024-token chunks (docs/performance.md, issue 13,
+decision 58): a ``tf.while_loop`` of only the three chunk matmuls and the in-place d weight add,
+no loss at all, against the naive forward+backward of linear_bench.py, at several chunk sizes, ratios per round.
 
     python benchmarks/linear_tf_probe.py                 # 8192 x 1024 x 32000 float32, chunks 512 1024 8192
 

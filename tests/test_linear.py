@@ -158,44 +158,89 @@ def test_torch_never_allocates_the_logits():
     assert biggest < logits / 3
 
 
-def test_tensorflow_peak_memory_stays_within_two_chunks():
-    """TensorFlow's allocator's own peak (bytes in use): forward and backward beyond the inputs and
-    the returned gradients stay within about two chunks' float32 logits, whatever the tokens. The
-    d weight term is added a block at a time (a whole one is 8 MiB here, four chunks) and d hidden
-    is written into the returned buffer (decision 57)."""
-    require_or_skip("tensorflow")
-    import tensorflow as tf
-    try:
-        tf.config.experimental.get_memory_info("CPU:0")
-    except ValueError:
-        pytest.skip("this TensorFlow build's CPU allocator keeps no statistics")
-    H, C, chunk = 256, 8192, 64
-    w = tf.constant(rng0.normal(size=(C, H)).astype(np.float32))
-    peaks = []
-    for tokens in (2048, 4096):
-        h = tf.constant(rng0.normal(size=(tokens, H)).astype(np.float32))
-        y = tf.constant(rng0.integers(0, C, size=tokens))
+TF_PEAK_SNIPPET = """
+import json, sys
+import numpy as np, tensorflow as tf
+import xseqloss as xsl
+try:
+    tf.config.experimental.get_memory_info("CPU:0")
+except ValueError:
+    print(json.dumps(None)); sys.exit(0)
+rng = np.random.default_rng(11)
+H, C, chunk = 256, 8192, 64
+w = tf.constant(rng.normal(size=(C, H)).astype(np.float32))
+peaks = []
+for tokens in (2048, 4096):
+    h = tf.constant(rng.normal(size=(tokens, H)).astype(np.float32))
+    y = tf.constant(rng.integers(0, C, size=tokens))
 
-        @tf.function
-        def step(h, w, y):
-            with tf.GradientTape() as tape:
-                tape.watch([h, w])
-                loss = xsl.linear_cross_entropy(h, w, y, layout="NH", chunk_size=chunk)
-            return tape.gradient(loss, [h, w])
-        for _ in range(2):  # traced, and the allocator's pool grown, before the measured step
-            g = step(h, w, y)
-            del g
-        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-        tf.config.experimental.reset_memory_stats("CPU:0")
+    @tf.function
+    def step(h, w, y):
+        with tf.GradientTape() as tape:
+            tape.watch([h, w])
+            loss = xsl.linear_cross_entropy(h, w, y, layout="NH", chunk_size=chunk)
+        return tape.gradient(loss, [h, w])
+    for _ in range(2):  # traced, and the allocator's pool grown, before the measured step
         g = step(h, w, y)
-        _ = g[0][0, 0].numpy()
-        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before - (tokens * H * 4 + C * H * 4)
         del g
-        peaks.append(peak)
-        chunk_bytes, logits = chunk * C * 4, tokens * C * 4
-        assert peak <= 3 * chunk_bytes + (1 << 20), (peak, chunk_bytes)
-        assert peak < 0.15 * logits, (peak, logits)
-    assert abs(peaks[1] - peaks[0]) <= 0.1 * peaks[0] + (1 << 20), peaks  # the same absolute peak
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    print("MEASURED STEP BEGINS", file=sys.stderr, flush=True)
+    g = step(h, w, y)
+    _ = g[0][0, 0].numpy()
+    print("MEASURED STEP ENDS", file=sys.stderr, flush=True)
+    peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - before - (tokens * H * 4 + C * H * 4))
+    del g
+print(json.dumps(peaks))
+"""
+
+
+def _requested_peaks(log: str) -> list[int]:
+    """Per measured step, the peak of bytes requested and not yet freed, from the allocator's own
+    log of each allocation and deallocation with its size (``[mem-debug]`` lines)."""
+    out, live, peak, inside = [], 0, 0, False
+    for line in log.splitlines():
+        if "MEASURED STEP BEGINS" in line:
+            live, peak, inside = 0, 0, True
+        elif "MEASURED STEP ENDS" in line:
+            out.append(peak)
+            inside = False
+        elif inside and "[mem-debug] " in line:
+            kind, _, size = line.split("[mem-debug] ")[1].split(",")[:3]
+            live += int(size) if kind == "AllocateRaw" else -int(size)
+            peak = max(peak, live)
+    return out
+
+
+def test_tensorflow_peak_memory_stays_within_a_chunk():
+    """TensorFlow's allocator's peak: forward and backward beyond the inputs and the returned
+    gradients hold one chunk's float32 logits, whatever the tokens: the gradient is formed in the
+    logits' buffer (decision 58), the d weight term is added a block at a time (a whole one is
+    8 MiB here, four chunks) and d hidden is written into the returned buffer (decision 57). A
+    gradient in a buffer of its own would be two chunks. The bound is on the bytes the step
+    requested (the allocator's log of each request), in a fresh process; its count of bytes in
+    use can be higher by where it places a request (it takes a free block of less than twice
+    the request whole), which depends on the process's earlier allocations and thread timing:
+    in some processes 4 MiB more at 4,096 tokens here, none at the benchmark's size."""
+    import json
+    import subprocess
+    import sys
+    require_or_skip("tensorflow")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="bfc_allocator=4")
+    proc = subprocess.run([sys.executable, "-c", TF_PEAK_SNIPPET], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    in_use = json.loads(proc.stdout.strip().splitlines()[-1])
+    if in_use is None:
+        pytest.skip("this TensorFlow build's CPU allocator keeps no statistics")
+    requested = _requested_peaks(proc.stderr)
+    assert len(requested) == 2, "the allocator logged no requests (its log format changed?)"
+    chunk_bytes = 64 * 8192 * 4
+    for tokens, peak in zip((2048, 4096), requested):
+        extra = peak - (tokens * 256 * 4 + 8192 * 256 * 4)  # beyond the returned gradients
+        assert extra <= chunk_bytes + (256 << 10), (tokens, extra, chunk_bytes, in_use)
+    for tokens, peak in zip((2048, 4096), in_use):  # the allocator's own count, placement included
+        assert peak < 0.15 * tokens * 8192 * 4, (tokens, peak)
 
 
 @pytest.mark.parametrize("name", ["plain", "mix"])
@@ -203,7 +248,7 @@ def test_tensorflow_d_weight_in_blocks(name, monkeypatch):
     """d weight added a few rows at a time (classes for "CH", hidden units for "HC"; the last
     block shorter) equals the materialised logits' gradient, with a bias, eager and traced."""
     require_or_skip("tensorflow")
-    from xseqloss.backends import tensorflow as tfb
+    from xseqloss.backends import linear_tensorflow as tfb
     from support import get_backend
     backend = get_backend("tensorflow")
     monkeypatch.setattr(tfb, "DW_BLOCK_BYTES", 4 * 8 * 5)  # float64, H = 5: 4 classes or 3 hidden units

@@ -55,7 +55,8 @@ def linear_cross_entropy(hidden: Any, weight: Any, targets: Any, *, bias: Any = 
             (H, C) with "HC" (a Flax / Keras Dense kernel); hidden's dtype.
         targets: as in ``sequence_cross_entropy`` for the logits' layout (H -> C).
         bias: (C,) or None. chunk_size: tokens per chunk (None: one chunk's float32 logits take at
-            most 64 MiB, or all of them when that is smaller).
+            most 64 MiB, or all of them when that is smaller; 128 MiB for TensorFlow's plain
+            chunks outside XLA, which form their gradient in the logits' buffer: decision 58).
         class_parallel: classes split across workers (xseqloss.distributed).
         Every other option: as in ``sequence_cross_entropy`` (docs/semantics.md).
 
@@ -211,7 +212,10 @@ def _prepare_local(hidden: Any, weight: Any, targets: Any, *, bias: Any = None, 
         if a != "H" and d is not None:
             tokens *= d
     if chunk_size is None:
-        cap = getattr(be, "linear_chunk_bytes", CHUNK_BYTES) // (4 * max(int(ws[1 - hpos]), 1))
+        cap_bytes = getattr(be, "linear_chunk_bytes", CHUNK_BYTES)
+        if call.st.plain:  # a backend that forms the gradient in the logits' buffer holds one chunk, not two
+            cap_bytes *= getattr(be, "linear_plain_chunk_factor", lambda: 1)()
+        cap = cap_bytes // (4 * max(int(ws[1 - hpos]), 1))
         if not call.st.plain:  # the general formula keeps a few chunk-sized temporaries
             cap //= 4
         chunk_size = max(1, min(cap, tokens))

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import record as _record  # could_possibly_record: is any tape active?
-from tensorflow.python.ops import control_flow_util  # GraphOrParentsInXlaContext: under jit_compile?
+from tensorflow.python.ops import gen_resource_variable_ops as resource_variable_ops  # the in-place chunk
 
 from .._errors import XSeqLossTypeError
 from . import _common
@@ -363,19 +363,27 @@ def _along(v: Any, k: int) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _xla_kernel(ndim: int, k: int, grad: bool, has_keep: bool) -> Any:
+def _xla_kernel(ndim: int, k: int, grad: bool, has_keep: bool, in_place: bool = False) -> Any:
     """(z, y, keep, scale) -> the per-token loss (accumulator dtype, 0 where keep is false), and with
     ``grad`` (softmax - onehot) * scale in z's dtype, exactly 0 on rows whose scale is 0 or that do
     not count whatever their logits hold. Classes along axis k of ``ndim``; compiled by XLA per
-    shape (one function per rank: reduce_retracing would otherwise relax the rank itself)."""
+    shape (one function per rank: reduce_retracing would otherwise relax the rank itself).
 
-    def kernel(z: Any, y: Any, keep: Any, scale: Any) -> Any:
+    ``in_place`` (with ``grad``): (handle, z_y, y, keep, scale) -> the loss, where ``handle`` is a
+    resource variable holding the logits and ``z_y`` their target entries; the gradient is
+    assigned to the variable, and XLA writes it into the logits' own buffer (a resource update may
+    alias its input; the target entries are taken before, since a gather in the kernel would keep
+    the logits alive beside the gradient)."""
+
+    def kernel(z: Any, y: Any, keep: Any, scale: Any, zy: Any = None) -> Any:
         x = tf.cast(z, _acc(z))
         m = tf.reduce_max(x, axis=k)
         m = tf.where(m == -np.inf, tf.zeros_like(m), m)  # as _common.logsumexp
         e = tf.exp(x - _along(m, k))
         s = tf.reduce_sum(e, axis=k)
-        l = tf.math.log(s) - (tf.squeeze(_tnp_take_along(x, _along(y, k), axis=k), k) - m)  # shifted frame
+        if zy is None:
+            zy = tf.squeeze(_tnp_take_along(x, _along(y, k), axis=k), k)
+        l = tf.math.log(s) - (tf.cast(zy, x.dtype) - m)  # shifted frame
         if has_keep:
             l = tf.where(keep, l, tf.zeros_like(l))
         if not grad:
@@ -390,7 +398,18 @@ def _xla_kernel(ndim: int, k: int, grad: bool, has_keep: bool) -> Any:
         g = tf.where(_along(scale != 0, k), g, tf.zeros([], x.dtype))
         return l, tf.cast(g, z.dtype)
 
-    return tf.function(kernel, jit_compile=True, reduce_retracing=True, autograph=False)
+    if not in_place:
+        return tf.function(kernel, jit_compile=True, reduce_retracing=True, autograph=False)
+
+    def in_place_kernel(handle: Any, zy: Any, y: Any, keep: Any, scale: Any) -> Any:
+        z = resource_variable_ops.read_variable_op(handle, zy.dtype)
+        l, g = kernel(z, y, keep, scale, zy)
+        resource_variable_ops.assign_variable_op(handle, g)
+        return l
+
+    # a resource's shape is not part of a tf.function's signature: one function per chunk shape
+    return functools.lru_cache(maxsize=None)(
+        lambda shape: tf.function(in_place_kernel, jit_compile=True, autograph=False))
 
 
 def _fused_token_loss(self: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
@@ -467,200 +486,4 @@ TensorflowBackend.fused_token_loss = _fused_token_loss  # type: ignore[attr-defi
 BACKEND = TensorflowBackend()
 
 
-# ------------------------------------------------------------------------ the fused output layer
-#
-# linear_cross_entropy (xseqloss/linear.py): a tf.while_loop over chunks (XLA-compilable, one
-# chunk's float32 logits at a time) under a custom gradient. The forward forms the gradients with
-# the expected upstream factor; the backward returns them scaled when the upstream is a uniform
-# multiple of it and runs the chunks again otherwise. 16-bit inputs: the chunk and the weight are
-# cast to float32 (tf.matmul has no wider result type).
-
-
-def _linear_loop(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any,
-                 cw: Any, scale: Any, grads: bool) -> Any:
-    from .._token_loss import token_loss
-    from ..linear import chunk_grad, counted_rows
-    ops = BACKEND
-    static_R = h2.shape[0]
-    if static_R is not None and static_R > 0:
-        from ..linear import even_chunk
-        chunk = even_chunk(int(static_R), chunk)  # whole chunks: no padded copy of the hidden states
-    R = tf.shape(h2)[0]
-    n = tf.maximum((R + chunk - 1) // chunk, 1)
-    P = n * chunk - R
-    exact = static_R is not None and static_R > 0 and static_R % chunk == 0
-    wa = tf.cast(w, acc)  # the weight itself when it is already float32 / float64 (no copy)
-    ba = None if b is None else tf.cast(b, acc)
-    C = tf.shape(wa)[0 if wl == "CH" else 1]
-
-    def padded(a: Any, fill: Any) -> Any:  # whole chunks of a static size: XLA compiles the loop once
-        if a is None or exact:
-            return a
-        pad = tf.concat([[[0, P]], tf.zeros([len(a.shape) - 1, 2], tf.int32)], 0)
-        return tf.pad(a, pad, constant_values=tf.cast(fill, a.dtype))
-    keep = tf.ones([R], tf.bool) if keep is None else keep
-    h2p, yp, tp, kp = padded(h2, 0), padded(y, 0), padded(t, 0), padded(keep, False)
-    sp = padded(scale, 0)
-
-    def piece(a: Any, i: Any) -> Any:  # a static size: XLA needs one inside the loop
-        if a is None:
-            return None
-        rank = len(a.shape)
-        return tf.slice(a, tf.concat([[i * chunk], tf.zeros([rank - 1], tf.int32)], 0), [chunk] + [-1] * (rank - 1))
-
-    def body(i: Any, ls: Any, dhs: Any, dw: Any, db: Any) -> Any:
-        kc = piece(kp, i)
-        # the chunk starts once the previous chunk's adds are done: TensorFlow's executor would
-        # otherwise form its logits beside the previous chunk's gradient (outside XLA)
-        with tf.control_dependencies([dw] if grads and not xla else []):
-            hc = counted_rows(ops, tf.cast(piece(h2p, i), acc), kc)
-        z = tf.matmul(hc, wa, transpose_b=wl == "CH")  # the weight's own layout: no transposed copy
-        if ba is not None:
-            z = z + ba
-        if not grads:
-            l = token_loss(ops, kst, z, piece(yp, i), piece(tp, i), kc, cw, acc, False, k=1, rows_clean=True)[0]
-            return i + 1, ls.write(i, l), dhs, dw, db
-        l, g = chunk_grad(ops, kst, z, piece(yp, i), piece(tp, i), kc, cw, acc, piece(sp, i), rows_clean=True)
-        dh = tf.cast(tf.matmul(g, wa, transpose_b=wl != "CH"), h2.dtype)
-        dw = _add_dw(dw, g, hc, g) if wl == "CH" else _add_dw(dw, hc, g, g)
-        if db is not None:
-            db = db + tf.reduce_sum(g, 0)
-        return i + 1, ls.write(i, l), put_dh(dhs, i, dh), dw, db
-
-    ls = tf.TensorArray(acc, size=n, infer_shape=False)
-    xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-    # d weight accumulates in place outside XLA (InplaceAdd into a fresh Empty buffer, which grappler
-    # never folds into a shared constant): ``dw + d`` would hold two d weights at once each chunk
-    dw0 = tf.zeros(tf.shape(w), acc) if xla else tf.raw_ops.Empty(shape=tf.shape(w), dtype=acc, init=True)
-    # d hidden is written in place, chunk by chunk, into the buffer that is returned (outside
-    # XLA): a TensorArray's pieces and their concatenation would be two d hiddens at the end. It
-    # is allocated after d weight: TensorFlow's allocator then refills the previous step's freed
-    # gradients size for size, instead of carving d hidden out of d weight's old block and leaving
-    # a remainder too small to split for a chunk's logits (0.03 L more at 8,192 tokens)
-    with tf.control_dependencies([] if xla or not grads else [dw0]):
-        dhs = (tf.TensorArray(h2.dtype, size=n, infer_shape=False) if xla or not grads
-               else tf.raw_ops.Empty(shape=tf.concat([[n * chunk], tf.shape(h2)[1:]], 0), dtype=h2.dtype,
-                                     init=False))
-
-    def put_dh(dhs: Any, i: Any, dh: Any) -> Any:
-        return dhs.write(i, dh) if xla else tf.raw_ops.InplaceUpdate(x=dhs, i=tf.range(i * chunk, (i + 1) * chunk), v=dh)
-
-    def _add_dw(dw: Any, a: Any, b: Any, g: Any) -> Any:  # dw += a^T b
-        if xla:  # XLA adds in place itself
-            return dw + tf.matmul(a, b, transpose_a=True)
-        return _add_rows_in_place(dw, a, b, g.shape.num_elements())
-    db0 = tf.zeros([C], acc) if (b is not None and grads) else tf.zeros([0], acc)
-    has_b = b is not None and grads
-
-    def step(i: Any, ls: Any, dhs: Any, dw: Any, db: Any) -> Any:
-        out = body(i, ls, dhs, dw, db if has_b else None)
-        return out[:4] + ((out[4],) if has_b else (db,))
-    # one chunk at a time: by default TensorFlow runs up to 10 iterations at once, 10 chunks' logits
-    _, ls, dhs, dw, db = tf.while_loop(lambda i, *_: i < n, step, (tf.constant(0), ls, dhs, dw0, db0),
-                                       parallel_iterations=1)
-    l = ls.concat()[:R]
-    if not grads:
-        return l
-    dh = dhs.concat() if xla else dhs
-    return l, (dh if exact else dh[:R]), tf.cast(dw, w.dtype), (tf.cast(db, b.dtype) if has_b else None)
-
-
-DW_BLOCK_BYTES: int | None = None  # None: each d weight block as below; an int: that many bytes
-DW_WHOLE_BYTES = 4 << 20  # a d weight term this small is formed whole (no graph of many blocks)
-DW_MAX_BLOCKS = 64
-
-
-def _add_rows_in_place(dw: Any, a: Any, b: Any, logits: Any) -> Any:
-    """``dw += a^T b`` in place, a block of dw's rows at a time (a's columns are dw's rows: classes
-    for "CH", where a is the chunk's gradient; hidden units for "HC", where a is its hidden states).
-    The whole term would be a weight-sized temporary beside the chunk's gradient (0.12 L at 8,192 x
-    1,024 x 32,000; decision 57); a block and its slice of a together take at most half the
-    chunk's logits' elements (``logits``, None when unknown at trace time), so they fit in the
-    logits' freed block, which TensorFlow's allocator splits only for pieces of at most half its
-    size, and the chunk's logits and gradient stay the peak. Each block waits for the previous
-    add: TensorFlow's executor would otherwise form them all at once."""
-    rows, width, n = a.shape[1], b.shape[1], a.shape[0]
-    known = rows is not None and width is not None and n is not None and logits is not None
-    if not known or (not DW_BLOCK_BYTES and int(rows) * int(width) * dw.dtype.size <= DW_WHOLE_BYTES):
-        return tf.raw_ops.InplaceAdd(x=dw, i=tf.range(tf.shape(dw)[0]), v=tf.matmul(a, b, transpose_a=True))
-    step = max(1, DW_BLOCK_BYTES // (dw.dtype.size * int(width)) if DW_BLOCK_BYTES
-               else int(logits) // (2 * (int(width) + int(n))))
-    step = max(step, -(-int(rows) // DW_MAX_BLOCKS))  # tiny chunks: a bounded graph, not one block per row
-    for r0 in range(0, int(rows), step):
-        r1 = min(int(rows), r0 + step)
-        with tf.control_dependencies([dw]):
-            term = tf.matmul(a[:, r0:r1] if step < rows else a, b, transpose_a=True)
-        dw = tf.raw_ops.InplaceAdd(x=dw, i=tf.range(r0, r1), v=term)
-    return dw
-
-
-def _linear_token_loss(self: Any, kst: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
-                       scale_fn: Any, chunk: int, wl: str, want_grad: bool, cp: Any) -> Any:
-    if cp is not None:
-        raise XSeqLossTypeError("class_parallel is for PyTorch and JAX: tf.distribute has no tensor parallelism")
-    if not (self._grad_possible or _record.could_possibly_record()):  # nothing records: losses only
-        return _linear_loop(kst, acc, chunk, wl, h2, w, b, y, t, keep, cw, None, False)
-    hint = tf.stop_gradient(scale_fn())
-
-    def forward(*params: Any) -> Any:
-        hh, ww = params[0], params[1]
-        bb = params[2] if len(params) > 2 else None
-        l, dh, dw, db = _linear_loop(kst, acc, chunk, wl, hh, ww, bb, y, t, keep, cw, hint, True)
-
-        def grad(dl: Any) -> Any:
-            dl = tf.reshape(dl, [-1])  # per token (its rank may be unknown in the tape's graph)
-            nz = hint != 0
-            ratio = tf.where(nz, dl / tf.where(nz, hint, tf.ones_like(hint)), tf.zeros_like(dl))
-            r = tf.reduce_max(tf.where(nz, ratio, tf.fill(tf.shape(ratio), tf.constant(-np.inf, ratio.dtype))))
-            r = tf.where(tf.reduce_any(nz), r, tf.zeros_like(r))
-            uniform = tf.reduce_all(tf.where(nz, tf.equal(ratio, r), tf.equal(dl, 0)))
-
-            def scaled() -> Any:
-                out = [dh * tf.cast(r, dh.dtype), dw * tf.cast(r, dw.dtype)]
-                return out + ([db * tf.cast(r, db.dtype)] if db is not None else [])
-
-            def formed() -> Any:  # the upstream is the expected one: the gradients as formed, no copy
-                return [tf.identity(dh), tf.identity(dw)] + ([tf.identity(db)] if db is not None else [])
-
-            def uniform_multiple() -> Any:
-                return tf.cond(tf.equal(r, 1), formed, scaled)
-
-            def again() -> Any:
-                _, a, bb_, c = _linear_loop(kst, acc, chunk, wl, hh, ww, bb, y, t, keep, cw, dl, True)
-                return [a, bb_] + ([c] if c is not None else [])
-            return tf.cond(uniform, uniform_multiple, again)
-        return l, grad
-
-    params = (h2, w) if b is None else (h2, w, b)
-    return tf.custom_gradient(forward)(*params)
-
-
-def _linear_value_and_grad(self: Any, fn: Any, st: Any, h: Any, w: Any, b: Any, *arrays: Any) -> Any:
-    return self.run(_with_linear_gradient(fn), st, h, w, b, *arrays)  # eager: one traced call
-
-
-@functools.lru_cache(maxsize=None)
-def _with_linear_gradient(fn: Any) -> Any:
-    """fn's value and the gradients of its sum with respect to hidden, weight and bias."""
-    def value_and_grads(ops: Any, st: Any, h: Any, w: Any, b: Any, *rest: Any) -> Any:
-        with tf.GradientTape() as tape:
-            watched = [a for a in (h, w, b) if a is not None]
-            for a in watched:
-                tape.watch(a)
-            out = fn(ops, st, h, w, b, *rest)
-            total = tf.reduce_sum(out)
-        g = iter(tape.gradient(total, watched))
-        return out, tuple(None if a is None else next(g) for a in (h, w, b))
-    return value_and_grads
-
-
-def _plain_chunk_grad(self: Any, z: Any, y: Any, keep: Any, scale: Any) -> tuple[Any, Any]:
-    """Plain cross-entropy of one (rows, C) chunk through the XLA kernel: the loss and the scaled
-    gradient in one fused pass (the generic formula's TensorFlow ops take one pass each)."""
-    has_keep = keep is not None
-    return _xla_kernel(2, 1, True, has_keep)(z, y, keep if has_keep else tf.zeros([], tf.bool), scale)
-
-
-TensorflowBackend.plain_chunk_grad = _plain_chunk_grad  # type: ignore[attr-defined]
-TensorflowBackend.linear_token_loss = _linear_token_loss  # type: ignore[attr-defined]
-TensorflowBackend.linear_value_and_grad = _linear_value_and_grad  # type: ignore[attr-defined]
+from . import linear_tensorflow as _linear_tensorflow  # noqa: E402,F401  the fused layer's methods
