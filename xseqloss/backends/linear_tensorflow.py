@@ -89,7 +89,7 @@ def _linear_loop(kst: Any, acc: Any, chunk: int, wl: str, h2: Any, w: Any, b: An
         return i + 1, ls.write(i, l), dhs, dw, db
 
     ls = tf.TensorArray(acc, size=n, infer_shape=False)
-    xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    xla = _in_xla()
     in_place = grads and not xla and kst.plain  # the gradient in the logits' buffer (decision 58)
     # d weight accumulates in place outside XLA (InplaceAdd into a fresh Empty buffer, which grappler
     # never folds into a shared constant): ``dw + d`` would hold two d weights at once each chunk.
@@ -270,13 +270,17 @@ def _plain_chunk_grad(self: Any, z: Any, y: Any, keep: Any, scale: Any) -> tuple
 TensorflowBackend.plain_chunk_grad = _plain_chunk_grad  # type: ignore[attr-defined]
 
 
+def _in_xla() -> bool:
+    """Is the code being traced for XLA (inside the caller's ``jit_compile`` function)?"""
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
 def _linear_plain_chunk_factor() -> int:
     """Outside XLA a plain chunk's gradient takes its logits' buffer (_plain_chunk_grad_in_place),
     so a chunk may take twice the bytes for the same peak; under XLA the gradient is a buffer of
-    its own."""
-    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
-        return 1
-    return 2
+    its own. The same test as the chunk loop's (``_in_xla``), so the chunk sized here is the one
+    the loop forms in place."""
+    return 1 if _in_xla() else 2
 
 
 TensorflowBackend.linear_plain_chunk_factor = staticmethod(_linear_plain_chunk_factor)  # type: ignore[attr-defined]
