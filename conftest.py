@@ -11,14 +11,12 @@ import os
 _REQUIRED = {s.strip() for s in os.environ.get("XSEQLOSS_REQUIRE_BACKENDS", "").split(",") if s.strip()}
 
 _NEEDS = {
-    "xseqloss/backends/torch.py": "torch",
+    "xseqloss/backends/torch": "torch",
     "xseqloss/torch.py": "torch",
-    "xseqloss/backends/tensorflow.py": "tensorflow",
-    "xseqloss/backends/linear_tensorflow.py": "tensorflow",
-    "xseqloss/backends/jax.py": "jax",
+    "xseqloss/backends/tensorflow": "tensorflow",
+    "xseqloss/backends/jax": "jax",
     "xseqloss/keras.py": "keras",
-    "xseqloss/backends/torch_triton.py": "torch",
-    "xseqloss/backends/_triton_kernels.py": "triton",
+    "xseqloss/backends/torch/_triton_kernels.py": "triton",
 }
 
 collect_ignore = [

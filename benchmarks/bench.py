@@ -376,7 +376,7 @@ elif backend == 'tensorflow':
     # (a warmed-up step shows ~0), so the warm-up runs the same code path on a slice just large
     # enough for xseqloss's XLA kernel (16 MB here): tracing, compiling and the runtime's one-time
     # set-up stay out of the measured step, and at most that slice's memory hides in the pools
-    from xseqloss import _engine
+    from xseqloss.internals import engine as _engine
     rows = min(T, -(-_engine.Engine().xla_min_elements // (N * C)) + 1)
     f(z[:, :rows], y[:, :rows])[0, 0, 0].numpy(); gc.collect()
     cuda = False

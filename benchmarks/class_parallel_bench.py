@@ -68,7 +68,7 @@ def data(T: int, C: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def peak_extra(run, keep_bytes: int) -> int:
-    from xseqloss.backends.torch import empty_cache
+    from xseqloss.torch import empty_cache
     empty_cache()  # xseqloss keeps a freed gradient buffer for reuse: out of the base, so it is counted
     gc.collect()
     base, _ = rss()

@@ -585,7 +585,7 @@ def _count_triton_launches(call: Callable[[], Any]) -> int | None:
     The launcher looks the kernel up on its module at every call, so a counting proxy there sees
     every launch, however the backend reaches the launcher."""
     try:
-        from xseqloss.backends import _triton_kernels as K
+        from xseqloss.internals import part; K = part("torch", "_triton_kernels")
     except Exception:
         return None
     real = K.token_loss_kernel
@@ -903,7 +903,7 @@ def _w_checks(w: Worker) -> None:
     import torch
 
     sys.path.insert(0, ROOT)
-    from xseqloss.backends import torch_triton as tt
+    from xseqloss.internals import part; tt = part("torch", "triton")
 
     dev = w.device  # "cpu" only with --allow-cpu, through Triton's interpreter (smaller sizes)
     gpu = dev == "cuda"
@@ -1044,7 +1044,7 @@ def _w_sweep(w: Worker) -> None:
     import torch
 
     sys.path.insert(0, ROOT)
-    from xseqloss.backends import torch_triton as tt
+    from xseqloss.internals import part; tt = part("torch", "triton")
 
     size = w.spec["sizes"][-1]
     T, C = _ce_shape(size)

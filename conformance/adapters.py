@@ -76,9 +76,9 @@ class Adapter:
 
     @contextlib.contextmanager
     def engine(self, kernel: str, **sizes: int):
-        """Within the block, xseqloss runs this backend's ``kernel`` (xseqloss/_engine.py) with
+        """Within the block, xseqloss runs this backend's ``kernel`` (xseqloss/plan/engine.py) with
         these sizes: the suite forces every kernel of a backend and checks each alike."""
-        from xseqloss import _engine
+        from xseqloss.internals import engine as _engine
         with _engine.use(self.name, kernel, **sizes):
             yield
 

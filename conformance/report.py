@@ -113,7 +113,7 @@ def markdown(report: dict, title: str = "xseqloss conformance report", note: str
             "bitwise determinism) have tolerance 0.", ""]
     L += ["## Summary by backend, device, kernel and dtype", "",
           "`engine` is the backend's kernel: `auto` is what a user gets; the others are forced "
-          "(xseqloss/_engine.py), the chunked ones with chunks of a few rows so every case crosses "
+          "(xseqloss/plan/engine.py), the chunked ones with chunks of a few rows so every case crosses "
           "chunk boundaries.", "",
           "`cases` counts distinct cases (the error catalogue's entries count under float32); "
           "`worst` is the largest error / tolerance of the group (below 1 passes).", "",

@@ -29,7 +29,7 @@ BACKENDS = ("numpy", "torch", "tensorflow", "jax")
 QUICK_CASES = ("ntc", "nct", "mix_uniform", "soft", "red_per_sequence_weights", "garbage_masked")
 QUICK_ERRORS = ("target_ge_C", "lengths_gt_T", "mask_shape", "unknown_reduction")
 
-# Every kernel of a backend is forced and checked (xseqloss/_engine.py), not only the one "auto"
+# Every kernel of a backend is forced and checked (xseqloss/plan/engine.py), not only the one "auto"
 # picks for the suite's small inputs: the chunked kernels with chunks of a few rows (every case
 # crosses chunk boundaries) and the reusable gradient buffer at every size. Per backend: kernel ->
 # the base cases it runs (None: all), the dtypes, and its sizes.
@@ -38,7 +38,7 @@ PLAIN_CASES = ("ntc", "nct", "tnc", "nc", "cnt", "c", "mask", "lengths", "ignore
                "weights", "weights_tokens", "mask_lengths_ignore", "garbage_masked", "garbage_ignored",
                "big_near_max*", "huge_near_max", "all_masked_mean_zero", "all_ignored_*", "red_per_sequence_tnc",
                "red_per_position_nct", "red_sequence_mean_cnt", "normalizer_zero_nan", "vocab32k", "multichunk*")
-# The Triton kernel (xseqloss/backends/torch_triton.py, API.md 10): every option it covers, float32
+# The Triton kernel (xseqloss/backends/torch/triton.py, API.md 10): every option it covers, float32
 # and bfloat16, C = 32000 crossing its blocks, NaN in rows that do not count, p(y) -> 1 in
 # bfloat16; it runs where a CUDA device is, or on CPU under TRITON_INTERPRET=1 (slow: this subset).
 TRITON_CASES = ("ntc", "tnc", "nc", "c", "c1", "vocab32k", "vocab32k_zloss_cap", "mask", "lengths", "ignore_default",
@@ -64,7 +64,7 @@ def _kernel_unavailable(backend: str, kernel: str, device: str) -> str | None:
     """Why a forced kernel cannot run here (reported, never counted as passing), or None."""
     if (backend, kernel) != ("torch", "triton"):
         return None
-    from xseqloss.backends import torch_triton
+    from xseqloss.internals import part; torch_triton = part("torch", "triton")
     if not torch_triton.available():
         return "the triton package does not import" if not torch_triton._AVAILABLE else \
             "no CUDA device and TRITON_INTERPRET=1 is not set"

@@ -1,4 +1,4 @@
-"""Checks of the Triton kernel (xseqloss/backends/torch_triton.py), run by test_triton_kernel.py in a
+"""Checks of the Triton kernel (xseqloss/backends/torch/triton.py), run by test_triton_kernel.py in a
 subprocess so that the pytest process never imports Triton in interpreter mode.
 
     python tests/_triton_kernel_check.py interpret   # TRITON_INTERPRET=1 must be set: numeric checks
@@ -102,7 +102,7 @@ def rel_err(got, ref) -> float:
 def interpret_checks() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before running this mode"
     import torch
-    from xseqloss.backends import torch_triton as tt
+    from xseqloss.internals import part; tt = part("torch", "triton")
 
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # NaN intermediates of dropped rows
     BLOCK = tt.INTERPRET_MAX_BLOCK
@@ -408,17 +408,18 @@ def compile_checks() -> None:
     @check
     def check_lazy_import():
         import xseqloss  # noqa: F401
-        from xseqloss.backends import torch_triton  # noqa: F401
+        from xseqloss.internals import part; torch_triton = part("torch", "triton")
         assert "triton" not in sys.modules, "importing the launcher imported triton"
-        return "import xseqloss.backends.torch_triton leaves triton unimported"
+        return "importing xseqloss.backends.torch.triton leaves triton unimported"
 
     @check
     def check_compiles_for_sm90():
         import triton
         from triton.backends.compiler import GPUTarget
 
-        from xseqloss.backends import _triton_kernels as K
-        from xseqloss.backends import torch_triton as tt
+        from xseqloss.internals import part
+        K = part("torch", "_triton_kernels")
+        tt = part("torch", "triton")
 
         assert not K.INTERPRETED
         names = ("HAS_KEEP", "HAS_CW", "HAS_SCALE", "HAS_EPS", "HAS_Z", "HAS_CAP", "WRITE_GRAD")

@@ -196,3 +196,19 @@ def test_torch_compile_fullgraph_equals_eager_for_every_combo():
         assert_close(v, ev, "float32", f"torch.compile value ({combo})")
         assert_close(g, eg, "float32", f"torch.compile gradient ({combo})")
         assert np.abs(eg).sum() > 0, combo
+
+
+def test_the_trace_time_raiser_is_marked_as_dynamo_marks_it():
+    """backends/torch/ops.py marks its trace-time raiser constant without importing torch._dynamo
+    (1.2 s on the first torch call); the mark must be the one dynamo's own decorator sets."""
+    require_or_skip("torch")
+    import torch._dynamo
+
+    from xseqloss.internals import part
+
+    def probe():
+        return None
+    torch._dynamo.assume_constant_result(probe)
+    marks = {k for k in vars(probe)}
+    assert marks == {"_dynamo_marked_constant"}, marks
+    assert part("torch", "ops").raise_at_trace_time._dynamo_marked_constant is True

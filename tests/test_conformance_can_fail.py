@@ -38,7 +38,7 @@ def test_perturbed_torch_kernel_fails_torch_only(monkeypatch):
     import torch
 
     suite = _suite()
-    # The torch backend's fused plain kernel (xseqloss/backends/torch.py, _plain_chunk) takes the
+    # The torch backend's fused plain kernel (xseqloss/backends/torch/ops.py, plain_rows) takes the
     # logsumexp as m + s.log(): make Tensor.log 1e-3 too large, so every token's loss is off by 1e-3.
     # Nothing outside the torch backend calls torch.Tensor.log (torch's own F.cross_entropy, the
     # native comparison, runs in C++).
@@ -52,7 +52,7 @@ def test_perturbed_torch_kernel_fails_torch_only(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "log", perturbed)
     # small default calls run F.cross_entropy itself (backends/torch.py, _native_default_loss), the
     # very function the native comparison calls: send them through the fused kernel, as large ones
-    from xseqloss import _engine
+    from xseqloss.internals import engine as _engine
     with _engine.use("torch", "chunked"):  # numpy beside it: only torch may fail
         report = suite.run(backends=["numpy", "torch"], cases=["ntc", "nct", "mask"], compiled=False,
                            errors=False, engines=False)

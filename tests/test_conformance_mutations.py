@@ -4,7 +4,7 @@ must make the suite report that backend, and only that backend, as failing (issu
 Each bug is one that an earlier version of the suite missed: a chunk loop that skips the last row
 of every full chunk, an upstream gradient compared approximately, the reusable gradient buffer
 handed out while the caller still holds it, NaN at ignored rows in the PyTorch default-call
-kernel, `empty="nan"` forgotten by NumPy's default-call kernel, and a backward that divides by a
+kernel, ignored tokens counted by NumPy's default-call kernel, and a backward that divides by a
 zero expected upstream gradient. The suite runs NumPy and PyTorch (both in this process, so the
 planted bug is seen) on a handful of cases, every kernel of each (conformance/runner.py ENGINES).
 """
@@ -24,12 +24,13 @@ def _suite():
 
 
 def _skip_last_row_of_full_chunks(monkeypatch):
-    from xseqloss.backends import torch as tb
+    from xseqloss.internals import part
 
-    real = tb._chunks
+    fused = part("torch", "fused")
+    real = fused._chunks
 
-    def chunks(z, k, chunk_elements):
-        kk, gen = real(z, k, chunk_elements)
+    def chunks(z, k, chunk_elements, C_rows=None):
+        kk, gen = real(z, k, chunk_elements, C_rows)
         C = z.shape[k]
         rows = max(1, chunk_elements // max(C, 1))
 
@@ -40,72 +41,68 @@ def _skip_last_row_of_full_chunks(monkeypatch):
                     idx = (slice(s.start, s.stop - 1),) + idx[1:]
                 yield idx
         return kk, bad()
-    monkeypatch.setattr(tb, "_chunks", chunks)
+    monkeypatch.setattr(fused, "_chunks", chunks)
 
 
 def _approximate_upstream(monkeypatch):
     import torch
 
-    from xseqloss.backends import torch as tb
+    from xseqloss.internals import core
 
-    real = tb._upstream_factor
+    real = core.backward.is_formed
 
-    def factor(dl, hint):
-        if hint is not None and torch.allclose(dl, hint, rtol=1e-3):
-            return None  # "close enough": keeps the gradient formed for the expected upstream
-        return real(dl, hint)
-    monkeypatch.setattr(tb, "_upstream_factor", factor)
+    def is_formed(ops, dl, formed, keep=None):
+        if torch.allclose(dl, formed, rtol=1e-3):
+            return torch.tensor(True)  # "close enough": keeps the gradient formed for the expected upstream
+        return real(ops, dl, formed, keep)
+    monkeypatch.setattr(core.backward, "is_formed", is_formed)
 
 
 def _zero_hint_divides(monkeypatch):
     import torch
 
-    from xseqloss.backends import torch as tb
+    from xseqloss.internals import core
 
-    def factor(dl, hint):
-        if hint is None:
-            return dl
-        if torch.equal(dl, hint):
-            return None
-        return dl / hint  # 0 / 0 at rows whose expected upstream was 0
-    monkeypatch.setattr(tb, "_upstream_factor", factor)
+    def upstream(ops, dl, formed, keep=None, per_row=True):
+        return core.backward.Upstream(torch.equal(dl, formed), dl / formed,  # 0 / 0 at rows whose expected upstream was 0
+                                      torch.tensor(False))
+    monkeypatch.setattr(core.backward, "upstream", upstream)
 
 
 def _buffer_handed_out_while_held(monkeypatch):
-    from xseqloss.backends import torch as tb
+    from xseqloss.internals import part
 
-    if tb._BUFFERS is None:
+    buffers = part("torch", "buffers")
+    if buffers._BUFFERS is None:
         pytest.skip("this torch has no storage use counts: no reusable buffer to break")
-    monkeypatch.setattr(tb._BUFFERS, "_uses", lambda t: tb._BUFFERS.idle)  # "nobody else holds it"
+    monkeypatch.setattr(buffers._BUFFERS, "_uses", lambda t: buffers._BUFFERS.idle)  # "nobody else holds it"
 
 
 def _nan_at_ignored_rows(monkeypatch):
     import torch
 
-    from xseqloss.backends import torch as tb
+    from xseqloss.internals import backend
 
-    real = tb._native_default_loss
+    cls = type(backend("torch"))
+    real = cls.default_token_loss
 
     def native(self, st, z, y):
         with monkeypatch.context() as m:  # the guard that zeroes non-finite ignored rows, skipped
             m.setattr(torch, "isfinite", lambda x: torch.ones_like(x, dtype=torch.bool))
             return real(self, st, z, y)
-    monkeypatch.setattr(tb.TorchBackend, "native_default_loss", native)
+    monkeypatch.setattr(cls, "default_token_loss", native)
 
 
-def _numpy_empty_nan_forgotten(monkeypatch):
-    import numpy as np
+def _numpy_counts_ignored_tokens(monkeypatch):
+    from xseqloss.internals import backend
 
-    from xseqloss.backends import numpy as nb
-
-    real = nb._native_default_loss
+    cls = type(backend("numpy"))
+    real = cls.default_token_loss
 
     def native(self, st, z, y):
         out = real(self, st, z, y)
-        if out is not None and st.opts.reduction == "mean" and np.isnan(out):
-            return np.asarray(0.0, out.dtype)  # the empty mean as 0, whatever `empty` says
-        return out
-    monkeypatch.setattr(nb.NumpyBackend, "native_default_loss", native)
+        return None if out is None else (out[0], None)  # "every token counts": the mean divides by all
+    monkeypatch.setattr(cls, "default_token_loss", native)
 
 
 MUTATIONS = {
@@ -114,7 +111,7 @@ MUTATIONS = {
     "torch: backward divides by a zero expected upstream": ("torch", _zero_hint_divides),
     "torch: gradient buffer handed out while held": ("torch", _buffer_handed_out_while_held),
     "torch: NaN at ignored rows of the default-call kernel": ("torch", _nan_at_ignored_rows),
-    "numpy: empty='nan' forgotten by the default-call kernel": ("numpy", _numpy_empty_nan_forgotten),
+    "numpy: the default-call kernel counts ignored tokens": ("numpy", _numpy_counts_ignored_tokens),
 }
 
 

@@ -106,16 +106,17 @@ def test_crosscheck_negative_ignore_list_and_nan_flagged(tmp_path, capsys, monke
     assert "ok" in out and "DISAGREES" not in out
 
     # a backend that gives NaN where the reference is finite is a disagreement, exit status 1
-    from xseqloss.backends import numpy as nb
-    real = nb.NumpyBackend.run
+    from xseqloss.internals import backend
+    cls = type(backend("numpy"))
+    real = cls.run
 
     def nan_run(self, fn, st, *arrays):
         out = real(self, fn, st, *arrays)
         if isinstance(out, tuple):  # (loss, value-check flags)
             return (out[0] * np.nan,) + out[1:]
         return out * np.nan if isinstance(out, np.ndarray) and out.dtype.kind == "f" else out
-    monkeypatch.setattr(nb.NumpyBackend, "run", nan_run)
-    monkeypatch.setattr(nb.NumpyBackend, "native_default_loss", lambda self, *a: None)
+    monkeypatch.setattr(cls, "run", nan_run)
+    monkeypatch.setattr(cls, "default_token_loss", lambda self, *a: None)
     assert main(["crosscheck", str(path), "--backends", "numpy"]) == 1
     assert "DISAGREES" in capsys.readouterr().out
 
@@ -129,9 +130,10 @@ def test_crosscheck_invalid_input_nan_is_flagged(tmp_path, capsys, monkeypatch):
     np.savez(path, logits=logits, targets=np.array([[1, 7]]))
     assert main(["crosscheck", str(path), "--backends", "numpy", "jax"]) == 1
     assert "numpy/cpu              error: XSeqLossError" in capsys.readouterr().out
-    from xseqloss.backends import numpy as nb
-    monkeypatch.setattr(nb.NumpyBackend, "run", lambda self, fn, st, *a: (np.asarray(np.nan, np.float32), None))
-    monkeypatch.setattr(nb.NumpyBackend, "native_default_loss", lambda self, *a: None)
+    from xseqloss.internals import backend
+    cls = type(backend("numpy"))
+    monkeypatch.setattr(cls, "run", lambda self, fn, st, *a: (np.asarray(np.nan, np.float32), None))
+    monkeypatch.setattr(cls, "default_token_loss", lambda self, *a: None)
     assert main(["crosscheck", str(path), "--backends", "numpy"]) == 1
     assert "NaN where the reference found the input invalid" in capsys.readouterr().out
 

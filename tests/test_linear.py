@@ -250,12 +250,12 @@ def test_tensorflow_d_weight_in_blocks(name, monkeypatch):
     """d weight added a few rows at a time (classes for "CH", hidden units for "HC"; the last
     block shorter) equals the materialised logits' gradient, with a bias, eager and traced."""
     require_or_skip("tensorflow")
-    from xseqloss.backends import linear_tensorflow as tfb
+    from xseqloss import internals
     from support import get_backend
     backend = get_backend("tensorflow")
-    monkeypatch.setattr(tfb, "DW_BLOCK_BYTES", 4 * 8 * 5)  # float64, H = 5: 4 classes or 3 hidden units
-    monkeypatch.setattr(tfb.BACKEND, "_functions", {})  # no trace made with whole terms is reused
-    monkeypatch.setattr(tfb.BACKEND, "_concrete", {})
+    monkeypatch.setattr(internals.part("tensorflow", "linear"), "DW_BLOCK_BYTES", 4 * 8 * 5)  # float64, H = 5: 4 classes or 3 hidden units
+    monkeypatch.setattr(internals.backend("tensorflow"), "_functions", {})  # no trace made with whole terms is reused
+    monkeypatch.setattr(internals.backend("tensorflow"), "_concrete", {})
     h, w, t, kw = _case(name)
     b = rng0.normal(size=w.shape[0])
     ref, gz = get_backend("numpy").loss_and_grad(h @ w.T + b, t, **kw)
@@ -539,15 +539,16 @@ def test_keras_dense_kernel_feeds_the_fused_loss(backend, framework):
 
 @pytest.mark.parametrize("weight_layout", ["CH", "HC"])
 def test_jax_d_weight_in_class_blocks(monkeypatch, weight_layout):
-    """JAX accumulates d weight a block of classes at a time (backends/jax.py CLASS_BLOCK, a
+    """JAX accumulates d weight a block of classes at a time (backends/jax/linear.py CLASS_BLOCK, a
     memory fix); blocks of 3 over 7 classes: the last block overlaps the one before it and masks
     the overlap. Chunks of at most 4 over 10 tokens: linear.even_chunk picks 5 chunks of 2."""
     require_or_skip("jax")
     import jax
     import jax.numpy as jnp
-    from xseqloss.backends import jax as bj
-    monkeypatch.setattr(bj, "CLASS_BLOCK", 3)
-    assert xsl.linear.even_chunk(10, 4) == 2 and xsl.linear.even_chunk(7, 3) == 3  # 7 is prime: padded chunks
+    from xseqloss import internals
+    monkeypatch.setattr(internals.part("jax", "linear"), "CLASS_BLOCK", 3)
+    even_chunk = internals.core.chunks.even_chunk
+    assert even_chunk(10, 4) == 2 and even_chunk(7, 3) == 3  # 7 is prime: padded chunks
     r = np.random.default_rng(7)
     h = jnp.asarray(r.normal(size=(2, 5, 4)))
     w = jnp.asarray(r.normal(size=(7, 4) if weight_layout == "CH" else (4, 7)))

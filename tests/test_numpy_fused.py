@@ -1,4 +1,4 @@
-"""NumPy's value_and_grad kernel (xseqloss/backends/numpy.py): the gradient is formed chunk by
+"""NumPy's value_and_grad kernel (xseqloss/backends/numpy/kernels.py): the gradient is formed chunk by
 chunk straight into one output buffer in the logits' dtype. Chunks are made tiny here so every
 case crosses chunk boundaries; every path is checked against the float64 reference."""
 
@@ -24,11 +24,10 @@ REDUCTIONS = ["mean", "sum", "none", "per_sequence", "sequence_mean", "per_posit
 
 @pytest.fixture
 def small_chunks():
-    from xseqloss import _engine
-    from xseqloss.backends import numpy as nb
+    from xseqloss.internals import engine as _engine
 
     with _engine.use("numpy", chunk_elements=16):  # 2 rows of 7 classes per chunk
-        yield nb
+        yield
 
 
 @pytest.mark.parametrize("layout", ["NTC", "NCT", "TNC"])
@@ -90,7 +89,7 @@ def test_one_buffer_no_logits_sized_temporaries(xsl, rng):
     """The kernel allocates the gradient and token-sized arrays; nothing else logits-sized."""
     import tracemalloc
 
-    from xseqloss import _engine
+    from xseqloss.internals import engine as _engine
 
     with _engine.use("numpy", chunk_elements=4096 * 8):  # 8 rows per chunk
         _one_buffer(xsl, rng, tracemalloc)
@@ -112,12 +111,12 @@ def _one_buffer(xsl, rng, tracemalloc):
 @pytest.fixture
 def native_calls(monkeypatch):
     """Records each result of NumPy's default-call kernel (None: it handed over to the general path)."""
-    from xseqloss.backends import numpy as nb
+    from xseqloss.internals import backend
 
     seen = []
-    real = nb._native_default_loss
-    monkeypatch.setattr(nb.NumpyBackend, "native_default_loss",
-                        lambda self, *a: seen.append(real(self, *a)) or seen[-1])
+    cls = type(backend("numpy"))
+    real = cls.default_token_loss
+    monkeypatch.setattr(cls, "default_token_loss", lambda self, *a: seen.append(real(self, *a)) or seen[-1])
     return seen
 
 

@@ -1,4 +1,4 @@
-"""TensorFlow's XLA kernel (xseqloss/backends/tensorflow.py, ``fused_token_loss``): on large logits
+"""TensorFlow's XLA kernel (xseqloss/backends/tensorflow/xla.py, ``fused_token_loss``): on large logits
 plain cross-entropy is formed by an XLA-compiled kernel that also forms the gradient, already
 multiplied by the upstream gradient backward expects; backward returns it as it is when that is what
 arrives, and rescales or forms it again otherwise. Large inputs are simulated by lowering the size
@@ -23,7 +23,7 @@ REDUCTIONS = ["mean", "sum", "none", "per_sequence", "sequence_mean", "per_posit
 @pytest.fixture
 def tf():
     require_or_skip("tensorflow")
-    from xseqloss import _engine
+    from xseqloss.internals import engine as _engine
 
     # the XLA kernel at every size (the engine is part of the plan: traces made for another
     # kernel are never reused)
@@ -35,20 +35,21 @@ def tf():
 def rescales(tf, monkeypatch):
     """Counts the backward passes that had to rescale or form the gradient again (run time, not
     trace time: the counter sits inside the branch)."""
-    from xseqloss.backends import tensorflow as tfb
+    from xseqloss.internals import backend, part
 
+    xla = part("tensorflow", "xla")
     seen = []
-    real = tfb._rescaled
+    real = xla.rescaled
 
     def wrapped(*args):
         tick = tf.py_function(lambda: seen.append(1) or 0, [], tf.int32)
         with tf.control_dependencies([tick]):
             return tf.identity(real(*args))
 
-    monkeypatch.setattr(tfb, "_rescaled", wrapped)
+    monkeypatch.setattr(xla, "rescaled", wrapped)
     # traces made before the counter was in place must not be reused, nor these leak into others
-    monkeypatch.setattr(tfb.BACKEND, "_functions", {})
-    monkeypatch.setattr(tfb.BACKEND, "_concrete", {})
+    monkeypatch.setattr(backend("tensorflow"), "_functions", {})
+    monkeypatch.setattr(backend("tensorflow"), "_concrete", {})
     return seen
 
 
@@ -95,16 +96,17 @@ def test_a_scaled_loss_or_a_cotangent_rescales(xsl, tf, rescales, rng, reduction
 def test_a_row_folded_to_zero_is_formed_again(tf, rng):
     """Through the public API an upstream gradient is always proportional to the fold; the rule
     for a row the fold zeroed that now needs a value is checked on the helper itself."""
-    from xseqloss.backends import tensorflow as tfb
+    from xseqloss.internals import backend, part
 
+    xla = part("tensorflow", "xla")
     z = rng.normal(size=(4, 6))
     y = np.array([0, 5, 2, 3])
     hint = np.array([0.5, 0.0, 0.25, 0.0])
     dl = np.array([1.0, 2.0, 0.5, 0.0])
     keep = tf.zeros([], tf.bool)
     zt, yt, ht = tf.constant(z), tf.constant(y), tf.constant(hint)
-    _, g = tfb._xla_kernel(2, 1, True, False)(zt, yt, keep, ht)
-    out = tfb._rescaled(zt, yt, keep, g, tf.constant(dl), ht, 1, False, 0).numpy()
+    _, g = xla._xla_kernel(2, 1, True, False)(zt, yt, keep, ht)
+    out = xla.rescaled(backend("tensorflow"), zt, yt, keep, None, g, tf.constant(dl), ht, 1, False, 0).numpy()
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     expected = (p - np.eye(6)[y]) * dl[:, None]
@@ -162,7 +164,7 @@ def test_bad_label_without_validation_gives_a_nan_row(xsl, tf, rng):
 def test_inside_a_tf_function_with_known_and_unknown_shapes(xsl, tf, monkeypatch, rng):
     """Inside the caller's tf.function the kernel is chosen at trace time when the size is known,
     at run time (a tf.cond against the native kernel) when a dimension is not."""
-    from xseqloss import _engine
+    from xseqloss.internals import engine as _engine
 
     with _engine.use("tensorflow", "auto", xla_min_elements=100):
         _known_and_unknown(xsl, tf, rng)
@@ -203,16 +205,17 @@ def test_a_second_gradient_from_a_persistent_tape(xsl, tf, rng):
 
 
 def test_below_the_threshold_the_native_kernel_runs(xsl, tf, monkeypatch, rng):
-    from xseqloss.backends import tensorflow as tfb
+    from xseqloss.internals import part
 
+    xla = part("tensorflow", "xla")
     calls = []
-    real = tfb._xla_kernel
-    monkeypatch.setattr(tfb, "_xla_kernel", lambda *a: calls.append(a) or real(*a))
+    real = xla._xla_kernel
+    monkeypatch.setattr(xla, "_xla_kernel", lambda *a: calls.append(a) or real(*a))
     logits, targets, _ = make_case(rng, N=2, T=5, C=7)
     xsl.sequence_cross_entropy(tf.constant(logits), tf.constant(targets))
     assert calls, "the XLA kernel should run at threshold 0"
     calls.clear()
-    from xseqloss import _engine
+    from xseqloss.internals import engine as _engine
     with _engine.use("tensorflow", "auto", xla_min_elements=71):
         xsl.sequence_cross_entropy(tf.constant(logits), tf.constant(targets))
     assert not calls, "70 elements are below a threshold of 71"

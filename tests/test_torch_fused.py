@@ -1,4 +1,4 @@
-"""PyTorch's fused forward+backward (xseqloss/backends/torch.py): the gradient is formed during the
+"""PyTorch's fused forward+backward (xseqloss/backends/torch/fused.py): the gradient is formed during the
 forward pass already multiplied by the upstream gradient backward expects, so loss.backward() costs
 no pass at all; anything else is rescaled or recomputed. The reusable CPU gradient buffer is handed
 out again only when nothing references it. Every path is checked against the float64 reference."""
@@ -21,7 +21,7 @@ OPTION_SETS = {
 
 @pytest.fixture
 def torch():
-    from xseqloss import _engine
+    from xseqloss.internals import engine as _engine
 
     # small default calls run F.cross_entropy itself; here every call takes the fused path, as
     # large inputs do
@@ -31,18 +31,26 @@ def torch():
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records what each fused backward still had to multiply by (None: nothing)."""
-    from xseqloss.backends import torch as tb
+    """Records what each fused backward still had to do (core/backward.py's upstream rule): None
+    (the formed gradient was the answer), "scale" or "again"."""
+    from xseqloss.internals import core
 
     seen = []
-    real = tb._upstream_factor
+    real_formed, real_upstream = core.backward.is_formed, core.backward.upstream
 
-    def wrapped(dl, hint):
-        out = real(dl, hint)
-        seen.append(out)
+    def formed(*a, **k):
+        out = real_formed(*a, **k)
+        if bool(out):
+            seen.append(None)
         return out
 
-    monkeypatch.setattr(tb, "_upstream_factor", wrapped)
+    def upstream(*a, **k):
+        out = real_upstream(*a, **k)
+        seen.append("again" if bool(out.again) else "scale")
+        return out
+
+    monkeypatch.setattr(core.backward, "is_formed", formed)
+    monkeypatch.setattr(core.backward, "upstream", upstream)
     return seen
 
 
@@ -130,14 +138,13 @@ def test_bad_token_with_zero_weight_gets_a_nan_row(xsl, torch, rng):
 
 
 def _apply(torch, logits, targets, hint, inplace=False):
-    import xseqloss._loss as L
-    from xseqloss.backends import torch as tb
+    from xseqloss.internals import part, prepare_call
 
     x = torch.tensor(logits, requires_grad=True)
-    call = L._prepare(x, torch.tensor(targets), ignore_index=None, inplace_backward=inplace)
+    call = prepare_call(x, torch.tensor(targets), ignore_index=None, inplace_backward=inplace)
     z = x.clone() if inplace else x
-    out = tb._FusedTokenLoss.apply(z, call.y, None, None, None, call.st, torch.float64, call.be,
-                                   None if hint is None else torch.tensor(hint))
+    out = part("torch", "fused").FusedTokenLoss.apply(z, call.y, None, None, None, call.st, torch.float64, call.be,
+                                                     torch.tensor(hint))
     return x, z, out
 
 
@@ -159,8 +166,7 @@ def test_rows_the_fold_zeroed_are_recomputed(torch, spy, rng):
     (g,) = torch.autograd.grad(out, z, torch.tensor(dl))
     expect = _softmax_minus_onehot(logits, targets) * dl[..., None]
     np.testing.assert_allclose(g.numpy(), expect, rtol=1e-12, atol=1e-15)
-    from xseqloss.backends import torch as tb
-    assert spy == [tb._RECOMPUTE]
+    assert spy == ["again"]
     x, z, out = _apply(torch, logits, targets, hint, inplace=True)
     with pytest.raises(RuntimeError, match="inplace_backward=True"):
         torch.autograd.grad(out, z, torch.tensor(dl))
@@ -170,13 +176,14 @@ def test_rows_the_fold_zeroed_are_recomputed(torch, spy, rng):
 
 @pytest.fixture
 def small_cache(torch):
-    from xseqloss import _engine
-    from xseqloss.backends import torch as tb
+    from xseqloss.internals import engine as _engine
+    from xseqloss.internals import part
 
-    tb.empty_cache()
+    buffers = part("torch", "buffers")
+    buffers.empty_cache()
     with _engine.use("torch", buffer_min_bytes=0):
-        yield tb
-    tb.empty_cache()
+        yield buffers
+    buffers.empty_cache()
 
 
 def _step(xsl, torch, x, targets):
@@ -226,12 +233,12 @@ def test_small_default_calls_run_the_native_loss(xsl, monkeypatch, rng):
     ignore value, none, an empty mean, C at dim 1, and a bad label (still our error)."""
     be = get_backend("torch")
     torch = be.torch
-    from xseqloss.backends import torch as tb
+    from xseqloss.internals import backend
 
     calls = []
-    real = tb._native_default_loss
-    monkeypatch.setattr(tb.TorchBackend, "native_default_loss",
-                        lambda self, *a: calls.append(1) or real(self, *a))
+    cls = type(backend("torch"))
+    real = cls.default_token_loss
+    monkeypatch.setattr(cls, "default_token_loss", lambda self, *a: calls.append(1) or real(self, *a))
     logits, targets, _ = _case("plain", rng)
     targets[0, :2] = -100
     for reduction in ("mean", "sum", "none"):
@@ -283,12 +290,12 @@ def test_small_default_calls_hand_bad_labels_to_the_general_path(xsl, monkeypatc
     """F.cross_entropy's own bound check (CPU) is the label check of the shortcut: a bad label gives
     None there, and the general path raises our error, or marks the token NaN with validate=False."""
     torch = get_backend("torch").torch
-    from xseqloss.backends import torch as tb
+    from xseqloss.internals import backend
 
     seen = []
-    real = tb._native_default_loss
-    monkeypatch.setattr(tb.TorchBackend, "native_default_loss",
-                        lambda self, *a: seen.append(real(self, *a)) or seen[-1])
+    cls = type(backend("torch"))
+    real = cls.default_token_loss
+    monkeypatch.setattr(cls, "default_token_loss", lambda self, *a: seen.append(real(self, *a)) or seen[-1])
     logits, targets, _ = _case("plain", rng)
     ignore = None if bad == -100 else -100  # with no ignore value, -100 is just out of range
     good = xsl.sequence_cross_entropy(torch.tensor(logits), torch.tensor(targets), ignore_index=ignore,

@@ -32,7 +32,7 @@ def _child(code: str, timeout: int = 420) -> dict:
 SPY = """
 import json, sys
 sys.path.insert(0, ".")
-from xseqloss.backends import torch_triton
+from xseqloss.internals import part; torch_triton = part("torch", "triton")
 calls = [0]
 _orig = torch_triton.token_loss_triton
 def _spy(*a, **k):
@@ -71,7 +71,7 @@ def test_public_calls_run_the_kernel_and_bump_the_version_counter():
     _require_triton()
     out = _child(SPY + """
     import torch, xseqloss as xsl
-    from xseqloss import _engine
+    from xseqloss.internals import engine as _engine
     torch.manual_seed(0)
     x = torch.randn(2, 3, 70, requires_grad=True)
     y = torch.randint(0, 70, (2, 3))

@@ -1,4 +1,4 @@
-"""The Triton kernel for PyTorch CUDA (xseqloss/backends/torch_triton.py, issue 15), checked on CPU.
+"""The Triton kernel for PyTorch CUDA (xseqloss/backends/torch/triton.py, issue 15), checked on CPU.
 
 The checks live in _triton_kernel_check.py and run in two subprocesses, one each:
 * "interpret": with TRITON_INTERPRET=1 set before Triton is imported, the kernel runs on CPU tensors

@@ -14,10 +14,10 @@ from typing import Any
 
 from ._dispatch import set_backend, use_backend
 from ._errors import XSeqLossError, XSeqLossTypeError
-from ._loss import segment_count, sequence_cross_entropy, token_count, value_and_grad
-from ._pool import pool
 from .distributed import ddp_normalizer, global_segment_count, global_sequence_count, global_token_count
 from .linear import linear_cross_entropy, linear_value_and_grad
+from .loss import segment_count, sequence_cross_entropy, token_count, value_and_grad
+from .pool import pool
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,6 @@
 """Backend selection: from the array's type (without importing frameworks), the default backend
-(``set_backend``, ``use_backend``, ``XSEQLOSS_BACKEND``), and conversion of side arrays.
+(``set_backend``, ``use_backend``, ``XSEQLOSS_BACKEND``); the only module that imports the backend
+packages (``load``).
 
 einops-style: a backend is recognised only among frameworks already in ``sys.modules``, so
 ``import xseqloss`` and a NumPy call never import a framework.
@@ -10,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import sys
 from typing import Any, Iterator
 
 from ._errors import XSeqLossError, XSeqLossTypeError
+from .core.sides import _TYPE_NAME, convert_hint, framework_of, side  # noqa: F401  (side: api/)
 
 BACKENDS = ("numpy", "torch", "tensorflow", "jax")
 _FRAMEWORK = {"numpy": "numpy", "torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
@@ -88,37 +89,6 @@ def default_backend() -> str:
     return "numpy"
 
 
-def framework_of(x: Any) -> str | None:
-    """The framework that owns ``x`` (None for NumPy arrays and Python values); never imports one."""
-    mods = sys.modules
-    torch = mods.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        return "torch"
-    jax = mods.get("jax")
-    if jax is not None and isinstance(x, (jax.Array, jax.core.Tracer)):
-        return "jax"
-    tf = mods.get("tensorflow")
-    if tf is not None and hasattr(tf, "Tensor") and isinstance(x, (tf.Tensor, tf.Variable)):
-        return "tensorflow"
-    return None
-
-
-_TYPE_NAME = {"torch": "a torch.Tensor", "jax": "a jax.Array", "tensorflow": "a tf.Tensor"}
-_HOW_TO = {
-    "numpy": "np.asarray(x)",
-    "torch": "torch.as_tensor(np.asarray(x), device=logits.device)",
-    "tensorflow": "tf.convert_to_tensor(np.asarray(x))",
-    "jax": "jnp.asarray(np.asarray(x))",
-}
-_TO_NUMPY = {"torch": "x.detach().cpu().numpy()", "jax": "np.asarray(x)", "tensorflow": "x.numpy()"}
-
-
-def convert_hint(target: str, owner: str, argument: str) -> str:
-    """How to turn ``owner``'s array named ``argument`` into ``target``'s, as code."""
-    host = _TO_NUMPY[owner].replace("x", argument)
-    return _HOW_TO[target].replace("np.asarray(x)", host) if target != "numpy" else host
-
-
 def resolve(logits: Any, backend: str | None) -> tuple[Any, Any]:
     """The backend for this call and the logits as that backend's array."""
     owner = framework_of(logits)
@@ -134,15 +104,9 @@ def resolve(logits: Any, backend: str | None) -> tuple[Any, Any]:
     return be, (logits if owner == name else be.convert(logits, "logits"))
 
 
-def side(be: Any, x: Any, argument: str, like: Any) -> Any:
-    """A side argument as ``be``'s array on the logits' device; another framework's array is a TypeError."""
-    if x is None:
-        return None
-    owner = framework_of(x)
-    if owner is not None and owner != be.name:
-        raise XSeqLossTypeError(
-            f"{argument} is {_TYPE_NAME[owner]} but logits are {be.type_name}: convert it first, "
-            f"e.g. {argument} = {convert_hint(be.name, owner, argument)}")
-    if owner == be.name:
-        return be.to_device(x, like)
-    return be.convert(x, argument, like=like)
+def backend_part(name: str, part: str) -> Any:
+    """One part (module) of a backend package, e.g. ("torch", "fused"): for the tests that check a
+    part or plant a bug in it (``xseqloss.internals.part``)."""
+    import importlib
+    load(name)
+    return importlib.import_module(f"{__package__}.backends.{check_backend_name(name)}.{part}")

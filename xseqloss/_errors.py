@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import sys
-from typing import Any, Callable, TypeVar
-
-__all__ = ["XSeqLossError", "XSeqLossTypeError"]
-
-F = TypeVar("F", bound=Callable[..., Any])
+__all__ = ["XSeqLossError", "XSeqLossTypeError", "CompiledXSeqLossError", "CompiledXSeqLossTypeError"]
 
 
 class XSeqLossError(ValueError):
@@ -23,24 +17,12 @@ class XSeqLossTypeError(TypeError):
     ag_pass_through = True
 
 
-def keep_type_when_compiled(fn: F) -> F:
-    """A public function whose static errors keep their type under ``torch.compile(fullgraph=True)``.
+# Static errors under torch.compile (api/compiled.py): dynamo re-raises AssertionError from
+# compilation unchanged; these subclasses are our classes first, so ``except XSeqLossError`` and
+# the message behave as in eager mode (decisions.md item 23).
+class CompiledXSeqLossError(XSeqLossError, AssertionError):
+    """XSeqLossError raised while torch.compile traces the call."""
 
-    Dynamo traces ``raise`` symbolically and reports any exception a compiled frame does not catch
-    as ``torch._dynamo.exc.Unsupported``, which hides the argument, the value and the valid range
-    from the user. Under compilation the error is raised again at trace time, by a function dynamo
-    runs for real (backends/torch.py ``raise_at_trace_time``), as a subclass of the same class that
-    dynamo lets through unchanged (decisions.md item 23). Eager calls and other frameworks are
-    untouched.
-    """
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (XSeqLossError, XSeqLossTypeError) as exc:
-            torch = sys.modules.get("torch")
-            if torch is not None and torch.compiler.is_compiling():
-                from .backends.torch import raise_at_trace_time
-                raise_at_trace_time(type(exc).__name__, exc.args[0] if exc.args else "")
-            raise
-    return wrapper  # type: ignore[return-value]
+
+class CompiledXSeqLossTypeError(XSeqLossTypeError, AssertionError):
+    """XSeqLossTypeError raised while torch.compile traces the call."""

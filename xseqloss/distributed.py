@@ -69,9 +69,11 @@ from typing import Any
 
 import numpy as np
 
-from . import _dispatch, _ragged
-from ._errors import XSeqLossError, XSeqLossTypeError
-from ._loss import _token_call, segment_count, token_count
+from . import _dispatch
+from ._errors import XSeqLossTypeError
+from .api import ragged as _ragged
+from .core.sides import framework_of
+from .loss import _token_call, segment_count, token_count
 
 __all__ = ["global_token_count", "global_segment_count", "global_sequence_count", "ddp_normalizer"]
 
@@ -167,19 +169,9 @@ def ddp_normalizer(targets: Any, *, group: Any = None, axis_name: Any = None, **
     name = _collective_backend("ddp_normalizer", targets, token_count_options.get("backend"), group, axis_name)
     count = _reduce_local(name, "ddp_normalizer", lambda: token_count(targets, **token_count_options),
                           targets, group, axis_name, token_count_options.get("validate", True))
-    world = _world_size(name, group, axis_name)
-    if name == "numpy":
-        return np.asarray(count, dtype=np.float64) / world
-    if name == "torch":
-        import torch
-        return count.to(torch.float64 if count.dtype == torch.float64 else torch.get_default_dtype()) / world
-    if name == "tensorflow":
-        import tensorflow as tf
-        dt = tf.float64 if count.dtype == tf.float64 else tf.float32
-        return tf.cast(count, dt) / tf.cast(world, dt)
-    import jax.numpy as jnp
-    dt = jnp.float64 if count.dtype == jnp.float64 else jnp.float32
-    return count.astype(dt) / world
+    be = _dispatch.load(name)
+    world = be.worker_count(group, axis_name)
+    return be.cast(count, be.acc_dtype(count)) / world
 
 
 def global_segment_count(segment_ids: Any, *, group: Any = None, axis_name: Any = None, layout: str = "NTC",
@@ -250,11 +242,11 @@ def _framework_of_targets(targets: Any) -> str | None:
         return "tensorflow"
     if isinstance(targets, (list, tuple)):
         for v in targets:
-            owner = _dispatch.framework_of(v)
+            owner = framework_of(v)
             if owner is not None:
                 return owner
         return None
-    return _dispatch.framework_of(targets)
+    return framework_of(targets)
 
 
 def _collective_backend(fn: str, targets: Any, backend: Any, group: Any, axis_name: Any) -> str:
@@ -278,131 +270,14 @@ def _collective_backend(fn: str, targets: Any, backend: Any, group: Any, axis_na
                                    if name == "tensorflow" else
                                    "; NumPy runs in one process and has no collective: use xsl.token_count"))
     if name == "torch":
-        _torch_dist(fn, group)
+        _dispatch.load("torch").check_workers(fn, group)
     if name == "jax" and axis_name is not None and not isinstance(axis_name, (str, tuple, list)):
         raise XSeqLossTypeError(f"{fn}: axis_name must be a mesh axis name (a string) or a tuple of names, "
                                 f"got {axis_name!r}")
     return name
 
 
-def _torch_dist(fn: str, group: Any) -> Any:
-    import torch
-    dist = torch.distributed
-    if not dist.is_available() or not dist.is_initialized():
-        raise XSeqLossError(
-            f"{fn}: torch.distributed is not initialised, so there are no other workers to sum the count over; "
-            f"call torch.distributed.init_process_group(...) first (torchrun sets its environment), or use "
-            f"xsl.token_count(...) in a single process")
-    return dist
-
-
-def _torch_device(targets: Any, group: Any) -> Any:
-    """Where the count lives when the local computation failed: the targets' device, or the
-    process group's device (CUDA for NCCL)."""
-    import torch
-    x = targets
-    if _ragged.kind_of(x) == "packed":
-        x = x.data
-    if isinstance(x, (list, tuple)):
-        x = next((v for v in x if isinstance(v, torch.Tensor)), None)
-    if isinstance(x, torch.Tensor):
-        return x.device
-    try:
-        if torch.distributed.get_backend(group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-    except Exception:  # pragma: no cover - exotic groups
-        pass
-    return torch.device("cpu")
-
-
 def _reduce_local(name: str, fn: str, local: Any, targets: Any, group: Any, axis_name: Any, validate: bool) -> Any:
-    """local() summed over the workers with one scalar all-reduce (see the module docstring)."""
-    if name == "torch":
-        return _torch_sum(fn, local, targets, group, validate)
-    count = local()
-    if name == "numpy":
-        return count
-    if name == "jax":
-        return _jax_sum(fn, count, axis_name)
-    return _tf_sum(count)
-
-
-def _torch_sum(fn: str, local: Any, targets: Any, group: Any, validate: bool) -> Any:
-    import torch
-    dist = torch.distributed
-    compiling = torch.compiler.is_compiling()
-    try:
-        count = local()
-        failure = None
-    except Exception as exc:  # take part in the collective anyway (NaN), then raise: nobody hangs
-        if compiling:
-            raise
-        count, failure = None, exc
-    if failure is None:
-        buf = count.detach().to(torch.float64)  # exact for integer counts below 2**53, any dtype alike
-    else:
-        buf = torch.full((), float("nan"), dtype=torch.float64, device=_torch_device(targets, group))
-    buf = buf.clone()  # all_reduce works in place: never on the caller's tensor
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-    if failure is not None:
-        raise failure
-    if validate and not compiling and not bool(torch.isfinite(buf)):
-        raise XSeqLossError(
-            f"{fn}: the count summed over the process group is not finite: another rank's local check failed "
-            f"(that rank raised the error that names the argument); every rank raises so that none waits in "
-            f"the all-reduce")
-    return buf.to(count.dtype)
-
-
-def _named_axes() -> tuple[Any, ...]:
-    """The named axes bound where JAX is tracing now (shard_map, pmap, named vmap), or () when
-    that cannot be told (a private API: its absence disables only the check, never the count)."""
-    try:
-        from jax._src import core
-        return tuple(core.get_axis_env().axis_sizes)
-    except Exception:  # pragma: no cover - other JAX versions
-        return ()
-
-
-def _jax_sum(fn: str, count: Any, axis_name: Any) -> Any:
-    import jax
-    if axis_name is None:
-        if isinstance(count, jax.core.Tracer):
-            axes = _named_axes()
-            if axes:
-                raise XSeqLossError(
-                    f"{fn}: the targets are traced inside a named map over the axes {axes} (shard_map / pmap): "
-                    f"pass axis_name= (e.g. axis_name={axes[0]!r}) to sum the count over the workers, or "
-                    f"axis_name=() to count this shard only. Under plain jax.jit with sharded global arrays no "
-                    f"axis_name is needed")
-        return count
-    names = tuple(axis_name) if isinstance(axis_name, list) else axis_name
-    try:
-        return jax.lax.psum(count, names)
-    except NameError as exc:
-        raise XSeqLossError(
-            f"{fn}: axis_name={axis_name!r} is not bound here: call it inside jax.shard_map / jax.pmap over that "
-            f"mesh axis; under plain jax.jit with sharded global arrays leave axis_name=None (the count of a "
-            f"global array is already global)") from exc
-
-
-def _tf_sum(count: Any) -> Any:
-    import tensorflow as tf
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return count  # cross-replica context (the global batch) or no strategy: the count is complete
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, count)
-
-
-def _world_size(name: str, group: Any, axis_name: Any) -> Any:
-    if name == "torch":
-        return _torch_dist("ddp_normalizer", group).get_world_size(group)
-    if name == "tensorflow":
-        import tensorflow as tf
-        ctx = tf.distribute.get_replica_context()
-        return 1 if ctx is None else ctx.num_replicas_in_sync
-    if name == "jax" and axis_name is not None:
-        import jax
-        names = tuple(axis_name) if isinstance(axis_name, list) else axis_name
-        return jax.lax.psum(1, names)
-    return 1
+    """local() summed over the workers with one scalar all-reduce (see the module docstring): the
+    backend's collective (``Backend.sum_over_workers``)."""
+    return _dispatch.load(name).sum_over_workers(fn, local, targets, group, axis_name, validate)

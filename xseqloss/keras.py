@@ -30,9 +30,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from . import _checks
 from ._errors import XSeqLossError, XSeqLossTypeError
-from ._loss import sequence_cross_entropy
+from .loss import sequence_cross_entropy
+from .plan.options import normalizer_reduction, number, parse_layout, parse_options, plain_ignore
+from .plan.messages import fmt_shape
 
 __all__ = ["SequenceCrossEntropy"]
 
@@ -101,7 +102,7 @@ class SequenceCrossEntropy(keras.losses.Loss):
                  denominator: str = "weights", normalizer: float | str | None = None, empty: str = "zero",
                  num_classes: int | None = None, validate: bool = True, name: str = "sequence_cross_entropy",
                  dtype: Any = None, shift: int = 0, segments_in_targets: bool = False) -> None:
-        opts = _checks.parse_options(layout=layout, ignore_index=ignore_index, inputs=inputs,
+        opts = parse_options(layout=layout, ignore_index=ignore_index, inputs=inputs,
                                      label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
                                      logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
                                      empty=empty, num_classes=num_classes, validate=validate,
@@ -117,13 +118,13 @@ class SequenceCrossEntropy(keras.losses.Loss):
                                     f"reduction='mean', 'sequence_mean' or 'segment_mean' uses; got "
                                     f"reduction={opts.reduction!r}")
         elif normalizer is not None:
-            _checks.normalizer_reduction(opts.reduction)
-            normalizer = _checks.number(normalizer, "normalizer", 0.0)
+            normalizer_reduction(opts.reduction)
+            normalizer = number(normalizer, "normalizer", 0.0)
         # Keras's base class only knows its own reductions; ours is kept in self.reduction after it.
         super().__init__(name=name, reduction="none", dtype=dtype)
         self.reduction = reduction
         self.layout = layout
-        ig = _checks.plain_ignore(ignore_index)
+        ig = plain_ignore(ignore_index)
         self.ignore_index = list(ig) if isinstance(ig, tuple) else ig  # JSON-serialisable
         self.class_weights = _class_weights(class_weights, opts.num_classes)
         self.inputs = inputs
@@ -203,7 +204,7 @@ class SequenceCrossEntropy(keras.losses.Loss):
     def _token_weights(self, sw: Any, y_true: Any, y_pred: Any, soft: bool) -> Any:
         """sample_weight in the tokens' shape (Keras's rules for per-sample and temporal weights)."""
         if soft:  # tokens: the logits' axes minus C
-            k = _checks.parse_layout(self.layout).index("C")
+            k = parse_layout(self.layout).index("C")
             tok_shape = tuple(d for i, d in enumerate(ops.shape(y_pred)) if i != k)
         else:
             tok_shape = tuple(ops.shape(y_true))
@@ -215,8 +216,8 @@ class SequenceCrossEntropy(keras.losses.Loss):
             sw = ops.squeeze(sw, -1)
             rank -= 1
         if rank > len(tok_shape):
-            raise XSeqLossError(f"sample_weight has shape {_checks.fmt_shape(tuple(sw.shape))}, more axes than "
-                                f"the tokens' shape {_checks.fmt_shape(tuple(y_true.shape))}")
+            raise XSeqLossError(f"sample_weight has shape {fmt_shape(tuple(sw.shape))}, more axes than "
+                                f"the tokens' shape {fmt_shape(tuple(y_true.shape))}")
         if rank < len(tok_shape):  # per-sample weights: the same weight for every token of the sample
             for _ in range(len(tok_shape) - rank):
                 sw = ops.expand_dims(sw, -1)
@@ -253,8 +254,8 @@ class SequenceCrossEntropy(keras.losses.Loss):
 
 
 def _is_ragged(x: Any) -> bool:
-    from . import _ragged
-    return _ragged.kind_of(x) == "ragged"
+    from .api import ragged
+    return ragged.kind_of(x) == "ragged"
 
 
 def _class_weights(cw: Any, num_classes: int | None) -> list[float] | None:
@@ -268,7 +269,7 @@ def _class_weights(cw: Any, num_classes: int | None) -> list[float] | None:
         raise XSeqLossTypeError(f"class_weights must be numeric, got dtype {arr.dtype}")
     if arr.ndim != 1 or (num_classes is not None and arr.shape[0] != num_classes):
         want = "(C,)" if num_classes is None else f"(C={num_classes},)"
-        raise XSeqLossError(f"class_weights has shape {_checks.fmt_shape(arr.shape)} but must be {want}; "
+        raise XSeqLossError(f"class_weights has shape {fmt_shape(arr.shape)} but must be {want}; "
                             f"broadcasting is not allowed")
     arr = arr.astype(np.float64)
     bad = ~np.isfinite(arr) | (arr < 0)

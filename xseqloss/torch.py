@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _checks
+from . import _dispatch
 from ._errors import XSeqLossError, XSeqLossTypeError
-from ._loss import sequence_cross_entropy
-from .backends.torch import empty_cache
+from .loss import sequence_cross_entropy
+from .plan.messages import fmt_shape
+from .plan.options import choice, normalizer_reduction, number, parse_layout, parse_options, plain_ignore
 
 __all__ = ["SequenceCrossEntropyLoss", "LinearCrossEntropyLoss", "empty_cache"]
 
@@ -34,6 +35,11 @@ _DEFAULTS = dict(layout="NTC", ignore_index=-100, inputs="logits", label_smoothi
                  z_loss=0.0, logit_softcap=None, reduction="mean", denominator="weights", normalizer=None,
                  empty="zero", num_classes=None, validate=True, inplace_backward=False, shift=0,
                  class_parallel=None)
+
+
+def empty_cache() -> None:
+    """Release the reusable CPU gradient buffer (it is reallocated on the next large backward)."""
+    _dispatch.load("torch").empty_cache()
 
 
 class SequenceCrossEntropyLoss(nn.Module):
@@ -72,17 +78,17 @@ class SequenceCrossEntropyLoss(nn.Module):
                  shift: int = 0, class_parallel: Any = None) -> None:
         super().__init__()
         # the same checks (and messages) as the function's, once, at construction
-        opts = _checks.parse_options(layout=layout, ignore_index=ignore_index, inputs=inputs,
+        opts = parse_options(layout=layout, ignore_index=ignore_index, inputs=inputs,
                                      label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
                                      logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
                                      empty=empty, num_classes=num_classes, validate=validate,
                                      inplace_backward=inplace_backward, shift=shift)
         if normalizer is not None:
-            _checks.normalizer_reduction(opts.reduction)
+            normalizer_reduction(opts.reduction)
             if not isinstance(normalizer, torch.Tensor):
-                _checks.number(normalizer, "normalizer", 0.0)
+                number(normalizer, "normalizer", 0.0)
         self.layout = layout
-        self.ignore_index = _checks.plain_ignore(ignore_index)
+        self.ignore_index = plain_ignore(ignore_index)
         self.inputs = inputs
         self.label_smoothing = float(label_smoothing)
         self.smoothing = smoothing
@@ -140,7 +146,7 @@ def _class_weights(cw: Any, num_classes: int | None) -> torch.Tensor | None:
         t = t.to(torch.get_default_dtype())  # a buffer that .to(dtype) follows, like nn.CrossEntropyLoss.weight
     if t.ndim != 1 or (num_classes is not None and t.shape[0] != num_classes):
         want = "(C,)" if num_classes is None else f"(C={num_classes},)"
-        raise XSeqLossError(f"class_weights has shape {_checks.fmt_shape(tuple(t.shape))} but must be {want}; "
+        raise XSeqLossError(f"class_weights has shape {fmt_shape(tuple(t.shape))} but must be {want}; "
                             f"broadcasting is not allowed")
     bad = ~torch.isfinite(t) | (t < 0)
     if bool(bad.any()):
@@ -177,20 +183,20 @@ class LinearCrossEntropyLoss(nn.Module):
                  empty: str = "zero", num_classes: int | None = None, validate: bool = True, shift: int = 0,
                  class_parallel: Any = None) -> None:
         super().__init__()
-        opts = _checks.parse_options(layout=_checks.parse_layout(layout, "layout", "NTH", "H").replace("H", "C"),
+        opts = parse_options(layout=parse_layout(layout, "layout", "NTH", "H").replace("H", "C"),
                                      ignore_index=ignore_index, inputs="logits", label_smoothing=label_smoothing,
                                      smoothing=smoothing, z_loss=z_loss, logit_softcap=logit_softcap,
                                      reduction=reduction, denominator=denominator, empty=empty,
                                      num_classes=num_classes, validate=validate, inplace_backward=False, shift=shift)
-        _checks.choice(weight_layout, "weight_layout", ("CH", "HC"))
+        choice(weight_layout, "weight_layout", ("CH", "HC"))
         if chunk_size is not None:
-            _checks.number(chunk_size, "chunk_size", 1, integer=True)
+            number(chunk_size, "chunk_size", 1, integer=True)
         if normalizer is not None:
-            _checks.normalizer_reduction(opts.reduction)
+            normalizer_reduction(opts.reduction)
             if not isinstance(normalizer, torch.Tensor):
-                _checks.number(normalizer, "normalizer", 0.0)
+                number(normalizer, "normalizer", 0.0)
         self.options = dict(layout=layout, weight_layout=weight_layout, chunk_size=chunk_size,
-                            ignore_index=_checks.plain_ignore(ignore_index), label_smoothing=float(label_smoothing),
+                            ignore_index=plain_ignore(ignore_index), label_smoothing=float(label_smoothing),
                             smoothing=smoothing, z_loss=float(z_loss),
                             logit_softcap=None if logit_softcap is None else float(logit_softcap),
                             reduction=reduction, denominator=denominator, empty=empty, num_classes=opts.num_classes,

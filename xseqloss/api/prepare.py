@@ -1,0 +1,210 @@
+"""Preparation of one call: options, backend, shapes and dtypes of the logits and every side
+array, all static checks (``prepare_call`` -> ``Call``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import _dispatch
+from .._errors import XSeqLossError, XSeqLossTypeError
+from ..core import sides
+from ..plan import engine, messages, options
+from ..plan.call_plan import CallPlan, make_plan
+from ..plan.messages import fmt_shape, shape_error
+from ..plan.options import Options
+
+
+@dataclass
+class Call:
+    """One prepared call. ``shape`` is the logits' shape; values are checked when ``st.mark_nan``
+    is false (eager with validate=True)."""
+    be: Any
+    st: CallPlan
+    z: Any
+    y: Any
+    t: Any
+    mask: Any
+    lengths: Any
+    weights: Any
+    cw: Any
+    normalizer: Any
+    shape: tuple[Any, ...] = ()
+    tracing: bool = False
+    raw: dict | None = None        # labels / lengths before their index cast, for messages
+    check_sides: bool = False      # traced logits but concrete side arrays: check those (JAX grad)
+    segs: Any = None               # segment_ids
+    rows: Any = None               # ragged rows: z is (R, C), the token arrays padded (ragged.py)
+    tok_shape: tuple[Any, ...] = ()  # the token arrays' shape (padded for rows)
+
+    @property
+    def arrays(self) -> tuple[Any, ...]:
+        return (self.z, self.y, self.t, self.mask, self.lengths, self.weights, self.cw, self.normalizer,
+                self.segs, self.rows)
+
+
+def prepare_call(logits: Any, targets: Any, *, layout: Any = "NTC", mask: Any = None, lengths: Any = None,
+             ignore_index: Any = -100, weights: Any = None, class_weights: Any = None,
+             inputs: Any = "logits", label_smoothing: Any = 0.0, smoothing: Any = "uniform",
+             z_loss: Any = 0.0, logit_softcap: Any = None, reduction: Any = "mean",
+             denominator: Any = "weights", normalizer: Any = None, empty: Any = "zero",
+             num_classes: Any = None, validate: Any = True, backend: Any = None,
+             inplace_backward: Any = False, shift: Any = 0, segment_ids: Any = None, rows: Any = None,
+             padded: tuple[int, int] | None = None) -> Call:
+    """``rows`` / ``padded`` come from the ragged edge (ragged.py): logits are (R, C) rows of the
+    padded (N, T) batch ``padded``, rows[r] the flat index of row r; the layout is then "NTC"."""
+    o = options.parse_options(layout=layout, ignore_index=ignore_index, inputs=inputs,
+                              label_smoothing=label_smoothing, smoothing=smoothing, z_loss=z_loss,
+                              logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
+                              empty=empty, num_classes=num_classes, validate=validate,
+                              inplace_backward=inplace_backward, shift=shift)
+    be, z = _dispatch.resolve(logits, backend)
+    if o.inplace and be.name != "torch":
+        raise XSeqLossError(f"inplace_backward=True is PyTorch only; backend {be.name!r} does not support it")
+    if o.inplace:
+        be.check_inplace(z)
+    kind = be.kind(z)
+    if kind != "f":
+        raise XSeqLossTypeError(f"logits must have a floating dtype, got {be.dtype_name(z)}; "
+                                f"integer logits are never cast for you")
+    shape = be.shape(z)
+    L = o.layout
+    if rows is not None:  # (R, C) rows of the padded (N, T, C) batch
+        shape = (*padded, shape[1])
+    if len(shape) != len(L):
+        raise XSeqLossError(f"logits have {len(shape)} axes, shape {fmt_shape(shape)}, but layout={L!r} names "
+                            f"{len(L)}; give one letter per axis")
+    C = shape[o.k]
+    if C is None:
+        raise XSeqLossError(f"the class axis of logits (axis {o.k}, 'C' in layout={L!r}) must have a static size")
+    if C == 0:
+        raise XSeqLossError(f"logits have C = 0 classes (axis {o.k}, shape {fmt_shape(shape, L)}): "
+                            f"at least one class is required, valid range [1, inf)")
+    return prepare_sides(be, o, z, shape, targets, mask=mask, lengths=lengths, weights=weights,
+                          class_weights=class_weights, normalizer=normalizer, segment_ids=segment_ids,
+                          rows=rows)
+
+
+def prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets: Any, *, mask: Any,
+                   lengths: Any, weights: Any, class_weights: Any, normalizer: Any,
+                   like: Any = None, segment_ids: Any = None, rows: Any = None) -> Call:
+    """Targets and side arrays against the logits' ``shape`` (``z`` is None for token_count)."""
+    like = z if like is None else like
+    L = o.layout
+    C = shape[o.k]
+    tok_shape = tuple(d for d, a in zip(shape, L) if a != "C")
+    tok = o.tok_layout
+    if o.num_classes is not None and C is not None and C != o.num_classes:
+        fits = messages.layouts_with_classes(shape, L, o.num_classes)
+        raise XSeqLossError(
+            f"logits have C = {C} along axis {o.k} ('C' in layout={L!r}, shape {fmt_shape(shape, L)}) but "
+            f"num_classes={o.num_classes}; a swapped layout is invisible in the shapes when T == C, which is "
+            f"what num_classes catches{messages.suggest(fits)}")
+
+    # targets: index (integer, tokens' shape) or soft (floating, logits' shape)
+    y = sides.side(be, targets, "targets", like)
+    tkind = be.kind(y)
+    tshape = be.shape(y)
+    if tkind == "b":
+        raise XSeqLossTypeError("targets have dtype bool; targets must be integer class ids (or floating "
+                                "probabilities with logits' shape); bool is never cast for you")
+    if tkind not in "fiu":
+        raise XSeqLossTypeError(f"targets must be integer class ids or floating probabilities, got {be.dtype_name(y)}")
+    soft = tkind == "f"
+    if soft and rows is not None:
+        if not messages.same_shape(tshape, be.shape(z)):
+            raise shape_error("targets", tshape, be.shape(z), "RC", " (soft targets of ragged logits are their rows)")
+    elif soft and not messages.same_shape(tshape, shape):
+        if messages.same_shape(tshape, tok_shape):
+            raise XSeqLossTypeError(
+                f"targets have a floating dtype ({be.dtype_name(y)}) and the tokens' shape {fmt_shape(tshape)}: "
+                f"class ids must be integers (floats are never truncated); use an integer dtype, or give soft "
+                f"targets with logits' shape {fmt_shape(shape, L)}")
+        raise shape_error("targets", tshape, shape, L, " (soft targets have logits' shape)"
+                          + messages.suggest(messages.fitting_layouts(shape, L, tshape, True)))
+    if not soft and not messages.same_shape(tshape, tok_shape):
+        extra = ""
+        if len(tshape) == len(tok_shape) + 1 and tshape[-1] == 1 and messages.same_shape(tshape[:-1], tok_shape):
+            extra = " - squeeze the trailing axis of size 1 (targets[..., 0])"
+        extra += messages.suggest(messages.fitting_layouts(shape, L, tshape, False))
+        raise shape_error("targets", tshape, tok_shape, tok, extra)
+    t = y if soft else None
+    raw = None if soft else {"targets": y}  # the message shows the value as given, not as cast
+    y = None if soft else be.index_dtype(y)
+
+    def token_side(x: Any, name: str, kinds: str) -> Any:
+        x = sides.side(be, x, name, like)
+        if x is None:
+            return None
+        if be.kind(x) not in kinds:
+            raise XSeqLossTypeError(f"{name} has dtype {be.dtype_name(x)}; it must be "
+                                    + ("bool or numeric" if "b" in kinds else "numeric (not bool)" if "f" in kinds
+                                       else "integer (not bool, not floating: ids are never rounded)"))
+        if not messages.same_shape(be.shape(x), tok_shape):
+            raise shape_error(name, be.shape(x), tok_shape, tok)
+        return x
+
+    mask = token_side(mask, "mask", "biuf")
+    weights = token_side(weights, "weights", "iuf")
+    segs = token_side(segment_ids, "segment_ids", "iu")
+    if segs is not None:
+        if "T" not in L:
+            raise XSeqLossError(f"segment_ids mark documents along the time axis (T), but layout={L!r} has none")
+        segs = be.index_dtype(segs)
+    if o.reduction in ("per_segment", "segment_mean") and segs is None:
+        raise XSeqLossError(f"reduction={o.reduction!r} averages over documents and needs segment_ids "
+                            f"(the targets' shape, integers; a negative id marks padding)")
+    if lengths is not None:
+        if "N" not in L or "T" not in L:
+            raise XSeqLossError(f"lengths needs both N and T in the layout, got layout={L!r}")
+        lengths = sides.side(be, lengths, "lengths", like)
+        if be.kind(lengths) not in "iu":
+            raise XSeqLossTypeError(f"lengths must have an integer dtype, got {be.dtype_name(lengths)}; "
+                                    f"non-integer lengths are never rounded for you")
+        n_shape = (shape[L.index("N")],)
+        if not messages.same_shape(be.shape(lengths), n_shape):
+            raise shape_error("lengths", be.shape(lengths), n_shape, "N")
+        raw = dict(raw or {}, lengths=lengths)
+        lengths = be.index_dtype(lengths)
+    cw = None
+    if class_weights is not None:
+        cw = sides.side(be, class_weights, "class_weights", like)
+        if be.kind(cw) not in "iuf":
+            raise XSeqLossTypeError(f"class_weights must be numeric, got {be.dtype_name(cw)}")
+        if C is None:
+            C = be.shape(cw)[0]
+        if not messages.same_shape(be.shape(cw), (C,)):
+            raise shape_error("class_weights", be.shape(cw), (C,), "C")
+    if normalizer is not None:
+        options.normalizer_reduction(o.reduction)
+        if sides.framework_of(normalizer) is None and np.ndim(normalizer) == 0 and not hasattr(normalizer, "dtype"):
+            options.number(normalizer, "normalizer", 0.0)
+        normalizer = sides.side(be, normalizer, "normalizer", like)
+        if be.shape(normalizer) != ():
+            raise XSeqLossError(f"normalizer must be a scalar, got shape {fmt_shape(be.shape(normalizer))}")
+    tracing = be.tracing(like)
+    check_values = o.validate and not tracing
+    limits = be.index_limits()
+    st = make_plan(o, None if C is None else int(C), soft, not check_values, mask is not None, lengths is not None,
+                 weights is not None, cw is not None, normalizer is not None,
+                 has_segments=segs is not None, rows=rows is not None,
+                 limits=limits,
+                 # under torch.compile inductor fuses the generic core whatever the kernel (and
+                 # dynamo cannot trace the ContextVar of engine.use)
+                 engine=engine.DEFAULT if tracing and be.name == "torch" else engine.current(be.name),
+                 store=not (tracing and be.name == "torch"))
+    call = Call(be, st, z, y, t, mask, lengths, weights, cw, normalizer, segs=segs, rows=rows,
+                 tok_shape=tok_shape)
+    call.shape = shape if rows is None else be.shape(z)
+    call.tracing = tracing
+    call.raw = raw
+    # jax.grad / jax.vjp / jax.vmap without jit trace the logits while targets and the other side
+    # arrays stay concrete: those are checked (and raise) as in eager mode (decisions.md item 24)
+    call.check_sides = (o.validate and tracing and z is not None
+                        and not any(be.tracing(a) for a in (y, t, mask, lengths, cw, normalizer, segs)
+                                    if a is not None))
+    return call
+
+

@@ -1,0 +1,114 @@
+"""NumPy's kernels: the plain kernel (``plain_ce``), the default call's per-token losses, and the
+analytic gradient formed chunk by chunk in one output buffer (``fused_value_and_grad``).
+
+value_and_grad's gradient is (softmax - onehot) times the per-token cotangent. Built from whole
+arrays it takes several logits-sized temporaries and passes; here it is formed chunk by chunk
+(~8 MB of logits, in cache) straight into one output buffer in the logits' dtype: max, exp in
+place, row sums, then one scaling pass and the target column. The general options run the core's
+``token_loss`` on each chunk, so the formula stays in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ...core.token_loss import token_loss
+
+
+class NumpyKernels:
+    def plain_ce(self, z: Any, y: Any, keep: Any, k: int, acc: Any, scale: Any = None,
+                 out: Any = None) -> tuple[Any, Any]:
+        """The plain kernel (plan/ops.py ``Backend.plain_ce``): max, exp in place, row sums, one
+        scaling pass and the target column."""
+        x = z if z.dtype == acc else z.astype(acc)
+        yk = np.expand_dims(y, k)
+        m = x.max(axis=k, keepdims=True)
+        m[m == -np.inf] = 0.0
+        xy = np.take_along_axis(x, yk, axis=k)
+        g = out if out is not None and out.dtype == acc and out.shape == x.shape else np.empty(x.shape, acc)
+        np.subtract(x, m, out=g)  # g may be x itself (the gradient in the logits' buffer)
+        np.exp(g, out=g)
+        s = g.sum(axis=k, keepdims=True)
+        l = (np.log(s) - (xy - m)).squeeze(k)  # the max-shifted frame: exact to float32 for logits near 1e4
+        drop = None if keep is None or keep.all() else ~keep
+        if drop is not None:
+            l[drop] = 0.0
+        if scale is None:
+            return l, None
+        sk = np.expand_dims(scale, k)
+        np.multiply(g, sk / s, out=g)
+        np.put_along_axis(g, yk, np.take_along_axis(g, yk, axis=k) - sk, axis=k)
+        if drop is not None:  # rows that do not count: exactly 0, whatever they hold
+            np.copyto(g, 0.0, where=np.expand_dims(drop, k))
+        return l, (g if g.dtype == z.dtype else g.astype(z.dtype))
+
+    def default_token_loss(self, st: Any, z: Any, y: Any) -> Any:
+        """The default call's per-token losses (plan/ops.py), with the label check first: a label out
+        of range gives None, and the general path raises or marks it NaN (decisions.md item 21)."""
+        if st.engine.kernel != "auto" or z.dtype not in (np.float32, np.float64) or z.size == 0:
+            return None
+        bad = (y < 0) | (y >= st.C)
+        keep = None
+        if st.ignore:
+            keep = y != st.ignore[0]
+            bad &= keep
+            y = np.where(keep, y, 0)
+        if bad.any():
+            return None
+        with np.errstate(all="ignore"):
+            return self.plain_ce(z, y, keep, st.opts.k, z.dtype)[0], keep
+
+    def fused_value_and_grad(self, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
+                             cotangent: Any) -> tuple[Any, Any]:
+        """(per-token loss, gradient) formed chunk by chunk, or (None, None) with the "native" kernel
+        (the core then runs token_loss on whole arrays)."""
+        if st.engine.kernel == "native":
+            return None, None
+        ct = cotangent()
+        k = st.opts.k
+        grad = np.empty_like(z)  # the logits' memory order, so both views below flatten alike
+        zv, gv = np.moveaxis(z, k, -1), np.moveaxis(grad, k, -1)
+        if zv.ndim > 2 and zv.flags.c_contiguous and gv.flags.c_contiguous:  # flatten without a copy
+            C = zv.shape[-1]
+            zv, gv = zv.reshape(-1, C), gv.reshape(-1, C)
+        tokens = zv.shape[:-1]
+        tv = None if t is None else np.moveaxis(t, k, -1).reshape(zv.shape)
+        yv = None if y is None else np.reshape(y, tokens)
+        kv = None if keep is None else np.reshape(keep, tokens)
+        cv = np.reshape(ct, tokens)
+        loss = np.empty(tokens, acc)
+        for idx in _row_blocks(zv, st.engine.chunk_elements):
+            x, g = zv[idx], gv[idx]  # (rows, C)
+            take = (lambda a: None if a is None else np.reshape(a[idx], x.shape[:1]))
+            yc, kc, cc = take(yv), take(kv), take(cv)
+            x = x if x.dtype == acc else x.astype(acc)
+            work = g if g.dtype == acc else np.empty(x.shape, acc)
+            if st.plain:
+                l, _ = self.plain_ce(x, yc, kc, 1, acc, cc, out=work)
+            else:
+                l, gc = token_loss(self, st, x, yc, None if tv is None else tv[idx].reshape(x.shape), None, cw, acc,
+                                   want_grad=True, k=-1)
+                np.multiply(gc, cc[:, None], out=work)
+                if kc is not None and not kc.all():  # rows that do not count: exactly 0, whatever they hold
+                    drop = ~kc
+                    work[drop] = 0.0
+                    l[drop] = 0.0
+            if work is not g:
+                g[...] = work
+            loss[idx] = l.reshape(loss[idx].shape)
+        return loss.reshape(np.shape(ct)), grad
+
+
+def _row_blocks(zv: np.ndarray, chunk_elements: int) -> Any:
+    """Index tuples of row blocks over ``zv`` (class axis last) such that each block is (rows, C)."""
+    C = zv.shape[-1]
+    rows = max(1, chunk_elements // max(C, 1))
+    if zv.ndim == 1:
+        yield (None,)  # one token
+        return
+    R = zv.shape[-2]
+    for lead in np.ndindex(*zv.shape[:-2]):
+        for i in range(0, R, rows):
+            yield lead + (slice(i, min(i + rows, R)),)

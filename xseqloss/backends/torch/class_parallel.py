@@ -1,0 +1,151 @@
+"""PyTorch's collectives for classes split across workers (API.md 9.2; the orchestration is
+xseqloss/_class_parallel.py): the core's reducer over a process group, the small all_gather every
+eager call makes, DTensor unwrapping, and the fused output layer with the weight sharded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..._errors import XSeqLossError, XSeqLossTypeError
+from ...core.linear import run_chunks
+from ...plan.split import Reducer
+from .linear import TorchChunks
+
+__all__ = ["TorchReducer", "TorchClassParallel"]
+
+
+class SumOverGroup(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is the identity: the sum is replicated, so every worker's
+    upstream gradient of it is already the whole one (Megatron's reduce-from-model-parallel)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any, group: Any) -> Any:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: Any) -> Any:
+        return g, None
+
+
+class TorchReducer(Reducer):
+    def max(self, v: Any) -> Any:
+        v = v.detach().clone()
+        dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.split.handle)
+        return v
+
+    def sums(self, vs: list) -> list:
+        dt = vs[0].dtype
+        for v in vs[1:]:
+            dt = torch.promote_types(dt, v.dtype)
+        flat = torch.cat([v.reshape(-1).to(dt) for v in vs])
+        out = SumOverGroup.apply(flat, self.split.handle)
+        pieces = torch.split(out, [v.numel() for v in vs])
+        return [p.reshape(v.shape).to(v.dtype) for p, v in zip(pieces, vs)]
+
+    def labels(self, y: Any) -> tuple[Any, Any]:
+        yl = y - self.split.lo
+        own = (yl >= 0) & (yl < self.split.local)
+        return torch.where(own, yl, 0), own
+
+    def _where(self, c: Any, a: Any, b: Any) -> Any:
+        return torch.where(c, a, b)
+
+
+class ClassParallelLinear(torch.autograd.Function):
+    """The fused layer with the weight sharded along C (a column-parallel output layer): the core's
+    chunk loop (core/linear.py) for the losses, its class sums combined over the group; the
+    backward runs the same loop again with the upstream gradient and sums d hidden over the group
+    in one all-reduce (d weight and d bias stay local). Each chunk's collectives pair up across
+    the ranks because every rank runs the same chunks (linear.py sizes them by the largest slice)."""
+
+    @staticmethod
+    def forward(ctx: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, plan: Any) -> Any:
+        be, rp, lay, acc = plan
+        l = run_chunks(be, rp, TorchChunks(lay, acc, h2, w, b, False), y, t, keep, cw, acc, None, False)[0]
+        ctx.save_for_backward(h2, w, b, y, t, keep, cw)
+        ctx.plan = plan
+        return l
+
+    @staticmethod
+    def backward(ctx: Any, dl: Any) -> Any:
+        h2, w, b, y, t, keep, cw = ctx.saved_tensors
+        be, rp, lay, acc = ctx.plan
+        # d hidden in float32 until it is summed over the group (each worker holds a share of it)
+        _, dh, dw, db = run_chunks(be, rp, TorchChunks(lay, acc, h2, w, b, True, dh_dtype=acc), y, t, keep, cw,
+                                   acc, dl.to(acc), True)
+        dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=rp.class_parallel.handle)  # every slice's share
+        return dh.to(h2.dtype), dw, db, None, None, None, None, None
+
+
+class TorchClassParallel:
+    def reducer(self, split: Any) -> TorchReducer:
+        return TorchReducer(split)
+
+    def check_split_handle(self, handle: Any) -> None:
+        if torch.compiler.is_compiling():  # every rank compiles alike: each raises at trace time
+            raise XSeqLossTypeError("class_parallel is not supported under torch.compile: its collectives "
+                                    "(torch.distributed, eager) would break the graph; call the loss outside "
+                                    "the compiled region, or use a DTensor with torch's own loss_parallel()")
+        if not isinstance(handle, dist.ProcessGroup):
+            raise XSeqLossTypeError(
+                f"class_parallel={handle!r}: expected a torch.distributed ProcessGroup (PyTorch; "
+                f"torch.distributed.group.WORLD for the default group) or a JAX mesh axis name (a str or a "
+                f"tuple of str, inside shard_map / pmap)")
+
+    def gather_ints(self, handle: Any, ints: list, like: Any, err: BaseException | None) -> tuple[list, int]:
+        if not dist.is_available() or not dist.is_initialized():
+            if err is not None:
+                raise err
+            raise XSeqLossError("class_parallel: torch.distributed is not initialised (call "
+                                "torch.distributed.init_process_group first, e.g. under torchrun)")
+        device = like.device if isinstance(like, torch.Tensor) and dist.get_backend(handle) != "gloo" else "cpu"
+        mine = torch.tensor(ints, dtype=torch.int64, device=device)
+        out = [torch.empty_like(mine) for _ in range(dist.get_world_size(handle))]
+        dist.all_gather(out, mine, group=handle)
+        return [o.tolist() for o in out], dist.get_rank(handle)
+
+    def is_dtensor(self, x: Any) -> bool:
+        import sys
+        if "torch.distributed.tensor" not in sys.modules:
+            return False
+        from torch.distributed.tensor import DTensor
+        return isinstance(x, DTensor)
+
+    def from_dtensor(self, logits: Any, kw: dict, class_axis: int, names: tuple) -> tuple[Any, dict]:
+        return from_dtensor(self, logits, kw, class_axis, names)
+
+    def linear_class_parallel(self, rp: Any, lay: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any,
+                              cw: Any, acc: Any) -> Any:
+        return ClassParallelLinear.apply(h2, w, b, y, t, keep, cw, (self, rp, lay, acc))
+
+
+def from_dtensor(be: Any, logits: Any, kw: dict, class_axis: int, names: tuple) -> tuple[Any, dict]:
+    """A DTensor of logits sharded along the class axis: its local slice, ``class_parallel`` set to
+    the mesh dimension's process group, and every other DTensor argument as its local part. The
+    other mesh dimensions must replicate the logits (a batch sharded over another mesh dimension
+    would make the loss a local mean: give that dimension's tokens a global normalizer instead)."""
+    from torch.distributed.tensor import Replicate, Shard
+    if kw.get("class_parallel") is not None:
+        raise XSeqLossTypeError("class_parallel: the logits are a DTensor, whose placement already says how the "
+                                "classes are split; pass class_parallel=None")
+    nd = logits.ndim
+    k = class_axis % nd
+    dims = [i for i, p in enumerate(logits.placements) if isinstance(p, Shard) and p.dim % nd == k]
+    others = [(i, p) for i, p in enumerate(logits.placements) if i not in dims and not isinstance(p, Replicate)]
+    if len(dims) != 1 or others:
+        raise XSeqLossError(f"logits are a DTensor with placements {tuple(logits.placements)} on mesh "
+                            f"{tuple(logits.device_mesh.mesh.shape)}: xseqloss takes a DTensor sharded along the "
+                            f"class axis (Shard({k})) on exactly one mesh dimension and replicated on the others; "
+                            f"redistribute it, or pass the local tensor with class_parallel=<group>")
+    group = logits.device_mesh.get_group(dims[0])
+    out = dict(kw, class_parallel=group)
+    for name in names:
+        v = kw.get(name)
+        if be.is_dtensor(v):
+            out[name] = v.to_local()
+    return logits.to_local(), out
