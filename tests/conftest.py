@@ -15,7 +15,7 @@
 import numpy as np
 import pytest
 
-from support import (ALL_BACKENDS, _framework_error, get_backend,
+from helpers.support import (ALL_BACKENDS, _framework_error, get_backend,
                      required_backends)
 
 

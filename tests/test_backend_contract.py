@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from support import get_backend, require_or_skip
+from helpers.support import get_backend, require_or_skip
 
 BACKENDS = ["numpy", "torch", "tensorflow", "jax"]
 

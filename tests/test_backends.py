@@ -1,7 +1,9 @@
 """Backend selection (API.md "Backends"): from the logits' type without
 importing frameworks, set_backend, use_backend (per thread and per asyncio
 task), XSEQLOSS_BACKEND, backend=, available_backends(), the not-installed
-error, and JAX without x64.  Subprocess tests start a fresh interpreter."""
+error, and JAX without x64.  Subprocess tests start a fresh interpreter.
+Also the kernel of each backend (xseqloss.internals.engine, XSEQLOSS_<BACKEND>_KERNEL) and the
+tests' own backend adapters (tests/helpers/support.py)."""
 
 import asyncio
 import os
@@ -13,7 +15,10 @@ import threading
 import numpy as np
 import pytest
 
-from support import ALL_BACKENDS, _framework_error, get_backend, require_or_skip
+from helpers.support import ALL_BACKENDS, _framework_error, get_backend, require_or_skip
+
+import xseqloss as xsl
+from xseqloss.internals import engine as _engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -257,7 +262,7 @@ def test_jax_without_x64_float32_works():
         import jax, jax.numpy as jnp, numpy as np
         assert not jax.config.jax_enable_x64
         import xseqloss as xsl
-        from reference import reference
+        from helpers.reference64 import reference
         rng = np.random.default_rng(0)
         x = rng.normal(size=(2, 3, 5)).astype(np.float32)
         y = rng.integers(0, 5, size=(2, 3))
@@ -288,3 +293,31 @@ def test_jax_without_x64_float32_works():
         print("ok")
     """, env={"JAX_ENABLE_X64": "0"})
     assert "ok" in out
+
+
+# -------------------------------------------------------- kernel selection (issue 11)
+
+def test_backend_objects_exist_for_every_kernel():
+    for name in ("numpy", "torch", "tensorflow", "jax"):
+        assert "auto" in _engine.KERNELS[name] and "native" in _engine.KERNELS[name]
+    with pytest.raises(xsl.XSeqLossError, match="valid kernels are"):
+        with _engine.use("torch", "cuda-magic"):
+            pass
+
+
+def test_environment_selects_the_kernel(monkeypatch):
+    monkeypatch.setenv("XSEQLOSS_NUMPY_KERNEL", "chunked")
+    assert _engine.current("numpy").kernel == "chunked"
+    monkeypatch.setenv("XSEQLOSS_NUMPY_KERNEL", "bogus")
+    with pytest.raises(xsl.XSeqLossError, match=r"XSEQLOSS_NUMPY_KERNEL='bogus' is not a numpy kernel"):
+        xsl.sequence_cross_entropy(np.zeros((1, 2, 3)), np.array([[0, 1]]))
+
+
+# ------------------------------------------- the tests' own adapters (helpers/support.py)
+
+def test_get_backend_is_importable():
+    assert get_backend("numpy").name == "numpy"
+
+
+def test_get_backend_round_trip():
+    assert get_backend("numpy").name == "numpy"

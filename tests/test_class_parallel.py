@@ -22,8 +22,8 @@ import os
 import numpy as np
 import pytest
 
-from _spawn import error_of, main, spawn, torch_launch
-from support import assert_close, require_or_skip
+from helpers.spawn import error_of, main, spawn, torch_launch
+from helpers.support import assert_close, require_or_skip
 
 TIMEOUT = 150
 TOL = 1e-9        # float64 against float64: only the order of the additions differs
@@ -586,7 +586,7 @@ def test_docs_torchrun_example_runs_on_two_ranks(tmp_path):
     import socket
     import subprocess
     import sys
-    from _spawn import env
+    from helpers.spawn import env
     script = tmp_path / "tp.py"
     script.write_text(_doc_block("# tp.py"))
     with socket.socket() as sock:
@@ -607,7 +607,7 @@ def test_docs_jax_example_runs(tmp_path):
     require_or_skip("jax")
     import subprocess
     import sys
-    from _spawn import env
+    from helpers.spawn import env
     script = tmp_path / "tp_jax.py"
     script.write_text(_doc_block("loss2 = jax.jit(lambda z: xsl.sequence_cross_entropy(z, y, label_smoothing=0.1))(zs)"))
     out = subprocess.run([sys.executable, str(script)], env=env(), capture_output=True, text=True, timeout=TIMEOUT)

@@ -1,5 +1,7 @@
 """Compiled and transformed calls give the eager result, value and gradient (API.md sections 2 and 3):
 jax.jit, jax.vmap, jax.grad; tf.function(jit_compile=True); torch.compile(fullgraph=True).
+Static errors keep their class and message under torch.compile(fullgraph=True), and a process
+whose first call is compiled loads the backend (issue 11).
 
 Option combinations: plain; smoothing + class weights + mask + lengths + weights; soft targets with a
 mask; reduction="per_sequence". Gradients of non-scalar results are those of their sum. Inputs are
@@ -9,7 +11,7 @@ float32, the dtype these paths run in practice, so the tolerance is float32's (A
 import numpy as np
 import pytest
 
-from support import assert_close, require_or_skip
+from helpers.support import assert_close, require_or_skip
 
 import xseqloss as xsl
 
@@ -212,3 +214,50 @@ def test_the_trace_time_raiser_is_marked_as_dynamo_marks_it():
     marks = {k for k in vars(probe)}
     assert marks == {"_dynamo_marked_constant"}, marks
     assert part("torch", "ops").raise_at_trace_time._dynamo_marked_constant is True
+
+
+# ------------------------------- PyTorch: static errors and the first call, compiled (issue 11)
+
+@pytest.fixture
+def torch_mod():
+    require_or_skip("torch")
+    import torch
+    return torch
+
+
+@pytest.mark.parametrize("kind, call", [
+    ("XSeqLossError", lambda xsl, x, y: xsl.sequence_cross_entropy(x, y, mask=x.new_ones(2, 4).bool())),
+    ("XSeqLossTypeError", lambda xsl, x, y: xsl.sequence_cross_entropy(x, y.float())),
+    ("XSeqLossError", lambda xsl, x, y: xsl.sequence_cross_entropy(x, y, reduction="bogus")),
+    ("XSeqLossError", lambda xsl, x, y: xsl.sequence_cross_entropy(x, y, label_smoothing=1.5)),
+    ("XSeqLossTypeError", lambda xsl, x, y: xsl.sequence_cross_entropy(x.long(), y)),
+    ("XSeqLossError", lambda xsl, x, y: xsl.pool(x, method="median")),
+], ids=["mask_shape", "float_targets", "unknown_reduction", "smoothing_range", "integer_logits", "pool_method"])
+def test_static_errors_keep_their_type_under_torch_compile(torch_mod, kind, call):
+    """torch.compile(fullgraph=True) used to report every static error as
+    torch._dynamo.exc.Unsupported; now it is our class, with our message."""
+    torch = torch_mod
+    want = getattr(xsl, kind)
+    x = torch.randn(2, 3, 4)
+    y = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(want) as eager:
+        call(xsl, x, y)
+    torch._dynamo.reset()
+    with pytest.raises(want) as compiled:
+        torch.compile(lambda x, y: call(xsl, x, y), fullgraph=True)(x, y)
+    assert str(eager.value).split("\n")[0] in str(compiled.value)
+
+
+def test_first_call_under_torch_compile_loads_the_backend():
+    """A fresh process whose very first call is compiled: loading the backend used a lock and
+    importlib, which dynamo cannot trace (fullgraph=True failed with 'Unsupported context manager')."""
+    require_or_skip("torch")
+    import subprocess
+    import sys
+    code = ("import torch, xseqloss as xsl\n"
+            "f = torch.compile(lambda x, y: xsl.sequence_cross_entropy(x, y), fullgraph=True)\n"
+            "x = torch.randn(2, 3, 4); y = torch.zeros(2, 3, dtype=torch.long)\n"
+            "v = f(x, y)\n"
+            "assert torch.allclose(v, xsl.sequence_cross_entropy(x, y)), v\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

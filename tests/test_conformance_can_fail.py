@@ -32,7 +32,7 @@ def _env() -> dict:
 
 
 def test_perturbed_torch_kernel_fails_torch_only(monkeypatch):
-    from support import require_or_skip
+    from helpers.support import require_or_skip
 
     require_or_skip("torch")  # an error, not a skip, when XSEQLOSS_REQUIRE_BACKENDS asks for torch
     import torch

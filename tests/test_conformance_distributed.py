@@ -16,7 +16,7 @@ import json
 import numpy as np
 import pytest
 
-from support import required_backends
+from helpers.support import required_backends
 
 # Small on purpose: C = 8 (NCT) and C = 12 divide by the 4 JAX devices, C = 6 (TNC) is uneven
 # everywhere (shard_map pads it to 8 with num_classes=6); smoothing both ways, z-loss, softcap, class weights, soft targets,

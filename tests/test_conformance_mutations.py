@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from support import require_or_skip
+from helpers.support import require_or_skip
 
 CASES = ["ntc", "mask", "weights", "garbage_ignored", "all_ignored_mean_nan"]
 

@@ -24,8 +24,8 @@ import os
 import numpy as np
 import pytest
 
-from _spawn import error_of, main, spawn as _spawn_script, torch_launch
-from support import assert_close, require_or_skip
+from helpers.spawn import error_of, main, spawn as _spawn_script, torch_launch
+from helpers.support import assert_close, require_or_skip
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

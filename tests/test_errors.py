@@ -1,13 +1,21 @@
 """The error catalogue (API.md section 2, decisions.md item 11) on every backend,
 eager: the exception class and regexes on the message (argument name, position,
-value, valid range; both shapes with axis letters; layout suggestions)."""
+value, valid range; both shapes with axis letters; layout suggestions).
+
+Then the errors that outside suites and adversarial hunts found missing or wrong (issues 11 and
+17), each with a test that fails on the old code: labels that wrapped (uint64 2**64 - 100 became
+-100, the ignore value), ignore_index as a float, a bool or an int outside int64, a negative or
+NaN NumPy normalizer, the options cache letting a rejected value through, and the soft-target
+message stating a rule other than the one enforced."""
 
 import re
 
 import numpy as np
 import pytest
 
-from support import ALL_BACKENDS, _framework_error, get_backend
+from helpers.support import ALL_BACKENDS, _framework_error, get_backend, require_or_skip
+
+import xseqloss as xsl
 
 N, T, C = 2, 3, 4
 
@@ -253,3 +261,96 @@ def test_foreign_framework_mentions_both(backend, xsl):
     names = {"numpy": r"(?i)numpy", "torch": r"(?i)torch", "tensorflow": r"(?i)tensorflow|tf\.",
              "jax": r"(?i)jax"}
     check_message(info, [names[other.name], names[backend.name]])
+
+
+# -------------------------------------------------- labels that wrap or slip through (issue 11)
+
+def test_uint64_label_past_int64_is_out_of_range_not_ignored(backend):
+    """2**64 - 100 cast to int64 is -100, the default ignore value: it was silently ignored. It
+    is checked before any cast, and the message shows the value as given."""
+    if backend.name == "jax":
+        import jax
+        if not jax.config.jax_enable_x64:
+            pytest.skip("JAX without x64 has no uint64")
+    z = np.zeros((1, 3, 4), np.float32)
+    y = np.array([[1, 2, 2 ** 64 - 100]], np.uint64)
+    with pytest.raises(xsl.XSeqLossError, match=r"targets\[0, 2\] = 18446744073709551516 is out of range"):
+        backend.loss(z, y)
+    out = backend.float_out(backend.loss(z, y, validate=False, reduction="none"))
+    assert np.isnan(out[0, 2]) and np.isfinite(out[0, :2]).all()
+
+
+def test_uint32_label_past_int32_under_jax_without_x64():
+    """Without x64 JAX's labels are int32: a uint32 label of 2**32 - 100 would become -100."""
+    require_or_skip("jax")
+    import subprocess
+    import sys
+    code = ("import numpy as np, jax.numpy as jnp, xseqloss as xsl\n"
+            "y = jnp.asarray(np.array([[1, 2**32 - 100]], np.uint32))\n"
+            "z = jnp.zeros((1, 2, 3))\n"
+            "out = xsl.sequence_cross_entropy(z, y, validate=False, reduction='none')\n"
+            "assert bool(jnp.isnan(out[0, 1])), out\n"
+            "try:\n    xsl.sequence_cross_entropy(z, y)\nexcept xsl.XSeqLossError as e:\n"
+            "    assert '4294967196' in str(e), e\nelse:\n    raise SystemExit('accepted')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------- ignore_index values (issue 11)
+
+@pytest.mark.parametrize("bad, kind, match", [
+    (np.array(1.0), xsl.XSeqLossTypeError, "ignore_index must be an int"),
+    (np.array(True), xsl.XSeqLossTypeError, "ignore_index must be an int"),
+    (2 ** 63, xsl.XSeqLossError, r"ignore_index=9223372036854775808 is out of range"),
+    ([1, -(2 ** 63) - 1], xsl.XSeqLossError, r"ignore_index\[1\]=-9223372036854775809 is out of range"),
+    ((1.0, 2.0), xsl.XSeqLossTypeError, r"ignore_index\[0\] = 1.0 is not an int"),
+])
+def test_bad_ignore_index_is_our_error_on_every_backend(backend, bad, kind, match):
+    z = np.zeros((1, 2, 3))
+    y = np.array([[1, 2]])
+    with pytest.raises(kind, match=match):
+        backend.loss(z, y, ignore_index=bad)
+
+
+def test_bad_tensor_ignore_index_is_our_error(backend):
+    if backend.name == "numpy":
+        pytest.skip("NumPy arrays: test_bad_ignore_index_is_our_error_on_every_backend")
+    with pytest.raises(xsl.XSeqLossTypeError, match="ignore_index must be an int"):
+        backend.loss(np.zeros((1, 2, 3)), np.array([[1, 2]]), ignore_index=backend.array(np.array(1.5)))
+
+
+# ---------------------------------------------------- the options cache (issue 17, hunt item 3)
+
+@pytest.mark.parametrize("bad", [(1.0, 2.0), (True, 2), (1, 2.0)])
+def test_options_cache_rejects_what_a_fresh_process_rejects(bad):
+    z, y = np.zeros((1, 2, 3)), np.array([[1, 2]])
+    xsl.sequence_cross_entropy(z, y, ignore_index=(1, 2))  # the good value first: it is cached
+    with pytest.raises(xsl.XSeqLossTypeError, match="ignore_index"):
+        xsl.sequence_cross_entropy(z, y, ignore_index=bad)
+    xsl.sequence_cross_entropy(z, y, label_smoothing=1)  # 1 == 1.0 == True: equal, not the same
+    with pytest.raises(xsl.XSeqLossTypeError, match="label_smoothing"):
+        xsl.sequence_cross_entropy(z, y, label_smoothing=True)
+
+
+# ----------------------------------------------------------------- normalizer values (issue 11)
+
+@pytest.mark.parametrize("value", [np.float64(-1.0), np.array(np.nan), np.array(-2.0, np.float32),
+                                   np.float32(np.inf)], ids=["np.float64(-1)", "0-d nan", "0-d -2", "inf"])
+def test_bad_normalizer_array_raises_on_every_backend(backend, value):
+    """A NumPy scalar or 0-d array normalizer that is negative or non-finite was accepted silently
+    on the NumPy backend (PyTorch raised): one rule everywhere. With validate=False: NaN."""
+    z = np.random.default_rng(1).normal(size=(1, 3, 4))
+    y = np.array([[1, 2, 3]])
+    with pytest.raises(xsl.XSeqLossError, match=r"normalizer = .* is out of range: valid range is \[0, inf\)"):
+        backend.loss(z, y, normalizer=value)
+    assert np.isnan(backend.float_out(backend.loss(z, y, normalizer=value, validate=False)))
+
+
+# ---------------------------------------------- the soft-target message (issue 17, hunt item 7)
+
+def test_soft_target_message_states_the_enforced_rule():
+    z = np.zeros((1, 1, 3))
+    ok = xsl.sequence_cross_entropy(z, np.array([[[2.0, 0.0, 0.0]]]))  # 2.0 is allowed: finite, >= 0
+    assert np.isfinite(ok)
+    with pytest.raises(xsl.XSeqLossError, match=r"finite and >= 0, i.e. in \[0, inf\)"):
+        xsl.sequence_cross_entropy(z, np.array([[[-0.5, 1.0, 0.5]]]))

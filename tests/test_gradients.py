@@ -5,8 +5,8 @@ xseqloss.value_and_grad), and the structure of the hard-target gradient."""
 import numpy as np
 import pytest
 
-from cases import make_case
-from support import get_backend
+from helpers.inputs import make_case
+from helpers.support import get_backend
 
 GRAD_CASES = {
     "mean_mask_lengths_cw_smooth": dict(kw=dict(mask=True, lengths=True, class_weights=True,
@@ -129,8 +129,8 @@ def test_hard_target_gradient_structure(backend, rng):
 def test_upstream_gradient_is_honoured(backend, reduction):
     """Backward with a random upstream gradient (not just ones): catches a
     fused backward that ignores or mis-scales grad_output."""
-    from reference import reference
-    from support import assert_close
+    from helpers.reference64 import reference
+    from helpers.support import assert_close
     if backend.name == "numpy":
         pytest.skip("value_and_grad returns the gradient of the sum only")
     rng = np.random.default_rng(8)

@@ -6,10 +6,12 @@ import warnings
 import numpy as np
 import pytest
 
-from cases import REDUCTIONS, make_case, softmax
-from checks import check_output_meta, expected_shape
-from reference import reference, reference_pool
-from support import assert_close, get_backend, reductions_for, round_to
+from helpers.compare import check_output_meta, expected_shape
+from helpers.inputs import REDUCTIONS, make_case, softmax
+from helpers.reference64 import reference, reference_pool
+from helpers.support import assert_close, get_backend, reductions_for, require_or_skip, round_to
+
+import xseqloss as xsl
 
 
 # ------------------------------------------------------------ value_and_grad
@@ -123,6 +125,22 @@ def test_token_count_large_is_exact_integer(backend, xsl):
     assert int(backend.to_numpy(n)) == n_tok
 
 
+# soft targets with class weights (issue 17, hunt item 2)
+def test_token_count_soft_targets_with_class_weights(backend, xsl):
+    """It returned array(None, dtype=object) on NumPy and crashed elsewhere; class weights do not
+    enter W for soft targets (decisions.md item 7), so it is the number of counted tokens."""
+    rng = np.random.default_rng(0)
+    q = rng.dirichlet(np.ones(4), size=(2, 3))
+    m = np.array([[1, 1, 0], [1, 0, 1]], bool)
+    cw = np.array([1.0, 2.0, 3.0, 0.5])
+    n = xsl.token_count(backend.array(q), mask=backend.array(m), class_weights=backend.array(cw))
+    assert float(backend.float_out(n)) == 4.0
+    z = rng.normal(size=(2, 3, 4))
+    mean = float(backend.float_out(backend.loss(z, q, mask=m, class_weights=cw)))
+    total = float(backend.float_out(backend.loss(z, q, mask=m, class_weights=cw, reduction="sum")))
+    assert_close(mean * 4.0, total)
+
+
 # ------------------------------------------------------------------- pool
 
 POOL_METHODS = ("last", "first", "mean", "max")
@@ -216,3 +234,17 @@ def test_torch_inplace_backward(xsl, reduction):
     assert_close(be.float_out(out), ref)
     out.sum().backward()
     assert_close(be.float_out(x.grad), gref, what="inplace gradient")
+
+
+# inplace_backward on a tensor whose elements share memory (issue 17, hunt item 5)
+def test_inplace_backward_on_overlapping_memory_is_our_error():
+    require_or_skip("torch")
+    import torch
+    base = torch.randn(1, 1, 5, requires_grad=True)
+    z = base.expand(2, 3, 5)  # stride 0: six rows share one row of memory
+    y = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(xsl.XSeqLossError, match=r"inplace_backward=True.*share memory"):
+        xsl.sequence_cross_entropy(z, y, inplace_backward=True)
+    loss = xsl.sequence_cross_entropy(z, y)  # without in place it is fine
+    loss.backward()
+    assert torch.isfinite(base.grad).all()

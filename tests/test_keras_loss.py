@@ -1,7 +1,7 @@
 """xseqloss.keras.SequenceCrossEntropy: a keras.losses.Loss for compile/fit (API.md section 3).
 
 The in-process tests use whatever Keras backend this interpreter has (TensorFlow unless KERAS_BACKEND
-says otherwise). ``test_fit_on_backend`` runs tests/_keras_fit_check.py in a fresh interpreter per
+says otherwise). ``test_fit_on_backend`` runs tests/helpers/keras_fit_script.py in a fresh interpreter per
 Keras backend, because Keras picks its backend once, at import.
 """
 
@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from support import assert_close, require_or_skip
+from helpers.support import assert_close, require_or_skip
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -169,7 +169,7 @@ def _run_fit_check(backend):
     env["KERAS_BACKEND"] = backend
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "_keras_fit_check.py")], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "helpers", "keras_fit_script.py")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

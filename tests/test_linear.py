@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from support import assert_close, require_or_skip
+from helpers.support import assert_close, require_or_skip
 
 import xseqloss as xsl
 
@@ -251,7 +251,7 @@ def test_tensorflow_d_weight_in_blocks(name, monkeypatch):
     block shorter) equals the materialised logits' gradient, with a bias, eager and traced."""
     require_or_skip("tensorflow")
     from xseqloss import internals
-    from support import get_backend
+    from helpers.support import get_backend
     backend = get_backend("tensorflow")
     monkeypatch.setattr(internals.part("tensorflow", "linear"), "DW_BLOCK_BYTES", 4 * 8 * 5)  # float64, H = 5: 4 classes or 3 hidden units
     monkeypatch.setattr(internals.backend("tensorflow"), "_functions", {})  # no trace made with whole terms is reused

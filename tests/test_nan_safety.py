@@ -1,14 +1,15 @@
 """Positions that do not count give exactly 0 loss and exactly 0 gradient even
 when their logits are NaN or +-inf (API.md "Which tokens count"), on every
 backend, for mask, lengths and ignore_index, with every option that touches the
-logits (smoothing, z-loss, softcap, class weights, soft targets, inputs)."""
+logits (smoothing, z-loss, softcap, class weights, soft targets, inputs).
+Likewise a class with zero target mass adds exactly 0 at a -inf logit (0 log 0 = 0; issue 17)."""
 
 import numpy as np
 import pytest
 
-from cases import make_case
-from reference import reference
-from support import assert_close
+from helpers.inputs import make_case
+from helpers.reference64 import reference
+from helpers.support import assert_close
 
 N, T, C = 3, 5, 4
 
@@ -119,3 +120,25 @@ def test_all_dead_mean_has_zero_gradient(backend, rng):
         v = backend.float_out(out)
         assert (np.isnan(v) if empty == "nan" else v == 0)
         assert np.all(backend.float_out(g) == 0)
+
+
+# 0 log 0 at -inf logits (issue 17, hunt item 6)
+def test_zero_mass_at_minus_inf_logit_is_exactly_zero(backend):
+    """optax's safe_softmax_cross_entropy rule: a class with exactly zero target mass adds
+    exactly 0 to the loss and the gradient, even at a -inf logit (torch and plain optax give NaN)."""
+    z = np.array([[[1.0, -np.inf, 0.0], [-np.inf, 2.0, 0.5]]])
+    q = np.array([[[0.5, 0.0, 0.5], [0.0, 0.25, 0.75]]])
+    v, g = backend.loss_and_grad(z, q, reduction="none")
+    v, g = backend.float_out(v), backend.float_out(g)
+    lse0 = np.log(np.exp(1.0) + 1.0)
+    lse1 = np.log(np.exp(2.0) + np.exp(0.5))
+    assert_close(v, [[lse0 - 0.5, lse1 - (0.5 + 0.375)]])
+    assert g[0, 0, 1] == 0.0 and g[0, 1, 0] == 0.0 and np.isfinite(g).all()
+    # a class weight of 0 at a -inf logit, the target's too
+    cw = np.array([0.0, 1.0, 1.0])
+    v2, g2 = backend.loss_and_grad(np.array([[[-np.inf, 1.0, 0.0]]]), np.array([[0]]), class_weights=cw,
+                                   reduction="sum")
+    assert float(backend.float_out(v2)) == 0.0 and np.all(backend.float_out(g2) == 0.0)
+    # with smoothing every class has mass: +inf, as documented
+    v3 = backend.float_out(backend.loss(z, np.array([[0, 1]]), label_smoothing=0.1, reduction="none"))
+    assert np.isposinf(v3).all()

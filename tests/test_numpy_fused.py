@@ -5,9 +5,9 @@ case crosses chunk boundaries; every path is checked against the float64 referen
 import numpy as np
 import pytest
 
-from cases import make_case
-from reference import reference
-from support import assert_close
+from helpers.inputs import make_case
+from helpers.reference64 import reference
+from helpers.support import assert_close
 
 OPTION_SETS = {
     "plain": dict(),

@@ -1,14 +1,16 @@
-"""Every option on every backend against the float64 reference (tests/reference.py):
+"""Every option on every backend against the float64 reference (tests/helpers/reference64.py):
 value, gradient of the summed output, return type, dtype and shape."""
 
 import numpy as np
 import pytest
 
-from cases import (ALL_LAYOUTS, DENOMINATORS, REDUCTIONS, from_nt, make_case,
-                   valid_reductions)
-from checks import check_case
-from reference import reference
-from support import assert_close, reductions_for
+from helpers.compare import check_case
+from helpers.inputs import (ALL_LAYOUTS, DENOMINATORS, REDUCTIONS, from_nt, make_case,
+                            valid_reductions)
+from helpers.reference64 import reference
+from helpers.support import assert_close, reductions_for
+
+import xseqloss as xsl
 
 # id -> make_case keyword arguments (N=2, T=4, C=5, layout NTC unless given)
 OPTION_CASES = {
@@ -274,7 +276,7 @@ def test_token_weights_scale_none_output(backend, rng):
 @pytest.mark.parametrize("name", ["numpy", "torch"])
 def test_non_contiguous_views(name, xsl, rng):
     """Strided views (a permuted NTC buffer read as "NCT", every other step)."""
-    from support import get_backend
+    from helpers.support import get_backend
     backend = get_backend(name)
     logits, targets, opts = make_case(rng, N=2, T=6, C=5, mask=True, weights=True)
     base = backend.array(logits)
@@ -306,3 +308,20 @@ def test_integer_target_dtypes_with_ignore_index(backend, rng, tdtype, ignore):
     logits, targets, opts = make_case(rng, ignore=ignore, ignore_index=ignore)
     for reduction in ("none", "mean"):
         check_case(backend, logits, targets.astype(tdtype), reduction=reduction, **opts)
+
+
+# ignore_index given as a 0-d array or a framework scalar (issue 11)
+def _scalar(backend, value):
+    """value as a 0-d integer array of the backend's own framework (NumPy for numpy)."""
+    return backend.array(np.array(value, np.int64))
+
+
+def test_ignore_index_as_0d_array_or_tensor(backend):
+    z = np.random.default_rng(0).normal(size=(1, 3, 4))
+    y = np.array([[1, 2, -3]])
+    want = xsl.sequence_cross_entropy(z, y, ignore_index=-3)
+    for ig in (np.array(-3), np.int32(-3), _scalar(backend, -3)):
+        got = backend.float_out(backend.loss(z, y, ignore_index=ig))
+        assert_close(got, want, what=f"ignore_index={ig!r}")
+    got = backend.float_out(backend.loss(z, y, ignore_index=[np.int64(-3), _scalar(backend, 7)]))
+    assert_close(got, want)

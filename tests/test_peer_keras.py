@@ -13,7 +13,7 @@ keras-team/keras at commit 3422977a5e38fb2f7709aaa9a08e47f0c43d0f60 (2026-08-21;
 * ``keras/src/testing/test_case.py``: the peer's tolerances. ``assertAlmostEqual`` defaults to
   ``decimal=3`` (|x - want| < 1.5e-3: the expected numbers are printed with 3-5 digits) and
   ``assertAllClose`` to ``atol=rtol=1e-6``; each case uses the tolerance its Keras test uses, and where
-  the number has a closed form we also check it with our own float32 tolerance (TOL, support.py).
+  the number has a closed form we also check it with our own float32 tolerance (TOL, helpers/support.py).
 
 How a Keras call maps to xseqloss: ``SparseCategoricalCrossentropy(from_logits=f, ignore_class=k,
 reduction=r)(y, p, sample_weight=s)`` is ``dict(presets.KERAS, ignore_index=k, reduction=...)`` with
@@ -47,7 +47,7 @@ Left out, with the reason:
 import numpy as np
 import pytest
 
-from support import ALL_BACKENDS, TOL, assert_close, required_backends, round_to
+from helpers.support import ALL_BACKENDS, TOL, assert_close, required_backends, round_to
 
 from xseqloss import XSeqLossError, presets
 

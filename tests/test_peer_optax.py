@@ -17,7 +17,7 @@ targets q with ``label_smoothing=a``. Every case runs on NumPy, PyTorch, TensorF
 ``backend`` fixture), in the peer's float32 (float64 for test_axis, whose random inputs are float64).
 optax's expected numbers are printed to 6-7 digits and asserted with ``atol=1e-4`` (``rtol=1e-6`` for
 the integer-label consistency tests): each case uses the peer's tolerance against the peer's number,
-and our own (TOL, support.py) against our closed form.
+and our own (TOL, helpers/support.py) against our closed form.
 
 Left out, with the reason:
 * ``test_per_logit_mask`` (both classes) and ``SoftmaxCrossEntropyTest.test_mask``: a ``where`` of the
@@ -35,7 +35,7 @@ Left out, with the reason:
 import numpy as np
 import pytest
 
-from support import assert_close
+from helpers.support import assert_close
 
 from xseqloss import presets
 

@@ -62,7 +62,7 @@ import zlib
 import numpy as np
 import pytest
 
-from support import assert_close, required_backends, round_to
+from helpers.support import assert_close, required_backends, round_to
 
 from xseqloss import XSeqLossError, XSeqLossTypeError, presets
 
@@ -80,7 +80,7 @@ def _pick(backend, items, key, k=1, k_tf=None):
     """The cells of a test's inner loop that run on ``backend``: all of them on NumPy and PyTorch; on JAX
     (a compile per shape and option set, ~0.15 s each here) ``k`` of them and on TensorFlow (~0.04 s)
     ``k_tf`` (default ``k``), starting at ``key`` (an int: that offset; anything else: its hash), as
-    support.reductions_for does. Every test (every peer case) runs on every backend; the cells left
+    helpers.support.reductions_for does. Every test (every peer case) runs on every backend; the cells left
     out on JAX/TensorFlow are repeats of the same case (another k-dimensional shape, the other eps value,
     another reduction), and the ModuleInfo grid rotates them so that each shape and reduction runs there."""
     items = list(items)

@@ -7,9 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from checks import check_case, check_output_meta
-from reference import reference
-from support import assert_close, round_to
+from helpers.compare import check_case, check_output_meta
+from helpers.reference64 import reference
+from helpers.support import assert_close, round_to
+
+import xseqloss as xsl
+from xseqloss.internals import engine as _engine
 
 LN2 = math.log(2.0)
 
@@ -116,3 +119,39 @@ def test_bfloat16_sum_does_not_stall(backend):
     out = backend.float_out(backend.loss(logits, targets, "bfloat16", reduction="sum"))
     ref = reference(round_to(logits, "bfloat16"), targets, reduction="sum")
     assert_close(out, ref, "bfloat16")
+
+
+# -------------------------------------------------------- large logits, every kernel (issue 11)
+
+EXACT = math.log1p(math.exp(-1.0))  # [10000, 9999, -10000], target 0: log(1 + e^-1)
+
+
+def _kernels(name):
+    return _engine.KERNELS[name if name != "tf" else "tensorflow"]
+
+
+def _forced(backend, kernel):
+    sizes = dict(chunk_elements=6) if kernel == "chunked" else {}
+    return _engine.use(backend.name, kernel, **sizes)
+
+
+@pytest.mark.parametrize("opts", [{}, dict(label_smoothing=0.1), dict(class_weights=[1.0, 2.0, 0.5]),
+                                  dict(z_loss=1e-9), dict(reduction="sum", weights=[[2.0, 0.5]])],
+                         ids=["plain", "smoothing", "class_weights", "z_loss", "weights"])
+def test_large_logits_are_exact_to_float32(backend, opts):
+    """float32 logits near 1e4 and 3e4 with the target at (or next to) the maximum: lse and z[y]
+    each rounded at ulp(1e4) ~ 1e-3 before the subtraction gave an error far above float32's
+    tolerance on every backend; in the max-shifted frame it is exact. Every kernel of the backend."""
+    z = np.array([[[10000, 9999, -10000], [30000, 29999.5, 29998]]])
+    y = np.array([[0, 1]])
+    ref = xsl.sequence_cross_entropy(z, y, reduction="none", **{k: v for k, v in opts.items() if k != "reduction"})
+    assert abs(float(ref[0, 0]) / (opts.get("class_weights", [1.0])[0]) - EXACT) < 1e-12 or opts
+    ref_all = {r: xsl.value_and_grad(z, y, **dict(opts, reduction=r)) for r in ("none", opts.get("reduction", "mean"))}
+    for kernel in _kernels(backend.name):
+        if kernel == "triton":
+            continue  # tests/test_triton_kernel.py (interpreter mode runs in a subprocess)
+        with _forced(backend, kernel):
+            for red, (rv, rg) in ref_all.items():
+                v, g = backend.loss_and_grad(z, y, dtype="float32", **dict(opts, reduction=red))
+                assert_close(backend.float_out(v), rv, "float32", what=f"{kernel} {red} value")
+                assert_close(backend.float_out(g), rg, "float32", what=f"{kernel} {red} gradient")

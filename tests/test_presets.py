@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 
-from support import assert_close, require_or_skip
+from helpers.support import assert_close, require_or_skip
 
 import xseqloss as xsl
 from xseqloss import presets

@@ -1,6 +1,6 @@
 """Property-based invariants (bad-inputs.md section 5) under hypothesis, on every
 backend.  Shapes: N in [1, 3], T in [1, 5], C in [1, 7]; float64 unless said.
-Example counts per backend are in support.HYP_EXAMPLES (TF eager is slow)."""
+Example counts per backend are in helpers.support.HYP_EXAMPLES (TF eager is slow)."""
 
 import math
 import os
@@ -11,9 +11,9 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cases import from_ntc, from_nt
-from reference import reference
-from support import HYP_EXAMPLES, assert_close, reductions_for, rel_err
+from helpers.inputs import from_ntc, from_nt
+from helpers.reference64 import reference
+from helpers.support import HYP_EXAMPLES, assert_close, reductions_for, rel_err
 
 # drawn logits can look like probability rows (e.g. all zeros and ones) and
 # trigger the "did you pass softmax outputs?" warning; it is not under test here

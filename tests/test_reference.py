@@ -1,4 +1,4 @@
-"""Checks of the test reference itself (tests/reference.py): hand-computed
+"""Checks of the test reference itself (tests/helpers/reference64.py): hand-computed
 values, its analytic gradient against finite differences, and PyTorch's own
 cross_entropy where the semantics overlap.  No xseqloss here."""
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from cases import make_case
-from reference import _smoothed_target, reference, reference_pool
+from helpers.inputs import make_case
+from helpers.reference64 import _smoothed_target, reference, reference_pool
 
 
 def test_hand_computed_values():

@@ -7,9 +7,9 @@ threshold, so every case here runs the kernel; each is checked against the float
 import numpy as np
 import pytest
 
-from cases import make_case
-from reference import reference
-from support import assert_close, get_backend, require_or_skip
+from helpers.inputs import make_case
+from helpers.reference64 import reference
+from helpers.support import assert_close, get_backend, require_or_skip
 
 OPTION_SETS = {
     "plain": dict(),

@@ -6,9 +6,9 @@ out again only when nothing references it. Every path is checked against the flo
 import numpy as np
 import pytest
 
-from cases import make_case
-from reference import reference
-from support import assert_close, get_backend
+from helpers.inputs import make_case
+from helpers.reference64 import reference
+from helpers.support import assert_close, get_backend
 
 OPTION_SETS = {
     "plain": dict(),

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from support import assert_close, require_or_skip
+from helpers.support import assert_close, require_or_skip
 
 require_or_skip("torch")
 

@@ -1,6 +1,6 @@
 """The Triton kernel for PyTorch CUDA (xseqloss/backends/torch/triton.py, issue 15), checked on CPU.
 
-The checks live in _triton_kernel_check.py and run in two subprocesses, one each:
+The checks live in helpers/triton_kernel_script.py and run in two subprocesses, one each:
 * "interpret": with TRITON_INTERPRET=1 set before Triton is imported, the kernel runs on CPU tensors
   through Triton's interpreter and is compared with a float64 NumPy implementation of its formula
   (every option, float32/float16/bfloat16, block boundaries, p(y) -> 1 in bfloat16, logits near
@@ -23,10 +23,10 @@ import sys
 
 import pytest
 
-from support import require_or_skip, required_backends
+from helpers.support import require_or_skip, required_backends
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.path.join(HERE, "_triton_kernel_check.py")
+SCRIPT = os.path.join(HERE, "helpers", "triton_kernel_script.py")
 
 INTERPRET_CHECKS = [
     "available", "shapes_float32", "options_float32", "options_bfloat16", "options_float16",

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from support import assert_close, require_or_skip
+from helpers.support import assert_close, require_or_skip
 from test_properties import run_property, vg
 
 import xseqloss as xsl

@@ -1,6 +1,6 @@
 """Test support shared by the test modules: backend adapters, tolerances,
 rounding helpers and the XSEQLOSS_REQUIRE_BACKENDS rule.  (Kept out of
-conftest.py so that modules can import it by name.)
+conftest.py so that modules can import it: ``from helpers.support import ...``.)
 """
 
 import importlib

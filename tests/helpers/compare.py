@@ -4,8 +4,8 @@ return type, dtype and shape."""
 
 import numpy as np
 
-from reference import reference
-from support import OUT_DTYPE, assert_close, round_to
+from .reference64 import reference
+from .support import OUT_DTYPE, assert_close, round_to
 
 FLOAT_SIDE = ("weights", "class_weights")
 

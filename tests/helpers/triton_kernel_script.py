@@ -1,8 +1,8 @@
 """Checks of the Triton kernel (xseqloss/backends/torch/triton.py), run by test_triton_kernel.py in a
 subprocess so that the pytest process never imports Triton in interpreter mode.
 
-    python tests/_triton_kernel_check.py interpret   # TRITON_INTERPRET=1 must be set: numeric checks
-    python tests/_triton_kernel_check.py compile     # TRITON_INTERPRET unset: ahead-of-time compile for sm_90
+    python tests/helpers/triton_kernel_script.py interpret   # TRITON_INTERPRET=1 must be set: numeric checks
+    python tests/helpers/triton_kernel_script.py compile     # TRITON_INTERPRET unset: ahead-of-time compile for sm_90
 
 Prints one JSON object {check name: {"ok": bool, "detail": str}} as the last line of stdout. Every
 check runs even when an earlier one fails; a check that raises is reported as failed with its
@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 # tolerances on |x - ref| / (1 + |ref|), API.md section 6

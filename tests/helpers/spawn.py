@@ -12,13 +12,15 @@ import traceback
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(TESTS)
 
 
 def env():
+    """The workers' environment: the repository and tests/ on the path (``import xseqloss``,
+    ``from helpers.spawn import ...``), one thread per framework, no backend preset."""
     e = dict(os.environ)
-    e["PYTHONPATH"] = ROOT + os.pathsep + HERE + os.pathsep + e.get("PYTHONPATH", "")
+    e["PYTHONPATH"] = ROOT + os.pathsep + TESTS + os.pathsep + e.get("PYTHONPATH", "")
     e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3", TF_NUM_INTEROP_THREADS="1",
              TF_NUM_INTRAOP_THREADS="1")
     e.pop("XSEQLOSS_BACKEND", None)
