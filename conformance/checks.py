@@ -22,7 +22,8 @@ from .cases import TOLERANCE, Case
 from .natives import native
 from .reference import reference
 
-CHECKS = ("value", "grad", "upstream", "held", "native", "compiled", "deterministic", "errors", "pool", "linear")
+CHECKS = ("value", "grad", "upstream", "held", "native", "compiled", "deterministic", "errors", "pool", "linear",
+          "stats", "stats_vjp", "stats_errors", "stats_compiled")
 
 
 def metric(got: Any, ref: Any) -> float:

@@ -21,6 +21,8 @@ from .adapters import ADAPTERS
 from .checks import check_case, check_errors, reference_of
 from .linear import check_linear
 from .pooling import check_pooling
+from .stats_cases import expand_linear_stats, expand_stats
+from .stats_checks import run_stats
 
 BACKENDS = ("numpy", "torch", "tensorflow", "jax")
 
@@ -28,6 +30,7 @@ BACKENDS = ("numpy", "torch", "tensorflow", "jax")
 # cases that still touch every check kind.
 QUICK_CASES = ("ntc", "nct", "mix_uniform", "soft", "red_per_sequence_weights", "garbage_masked")
 QUICK_ERRORS = ("target_ge_C", "lengths_gt_T", "mask_shape", "unknown_reduction")
+QUICK_STATS = ("st_ntc", "st_temp_token_shift", "st_bad_target", "lst_plain_t15")  # token_stats: a few of stats_cases
 
 # Every kernel of a backend is forced and checked (xseqloss/plan/engine.py), not only the one "auto"
 # picks for the suite's small inputs: the chunked kernels with chunks of a few rows (every case
@@ -276,6 +279,11 @@ def _run_here(names: list[str], devices: Iterable[str] | None, progress: Callabl
                 results += check_pooling(b, dev)
                 say(f"[{b}/{dev}] the fused output layer")
                 results += check_linear(b, dev)
+                stats = expand_stats() + expand_linear_stats()
+                if quick:
+                    stats = [c for c in stats if c.name.split("/")[0] in QUICK_STATS]
+                say(f"[{b}/{dev}] token_stats: {len(stats)} cases")
+                results += run_stats(adapter, dev, stats, compiled=compiled)
             timings[f"{b}/{dev}"] = round(time.perf_counter() - tb, 1)
             fails = sum(1 for r in results if r["backend"] == b and r["device"] == dev and not r["passed"])
             say(f"[{b}/{dev}] done in {timings[f'{b}/{dev}']}s, {fails} failing")

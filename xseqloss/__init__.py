@@ -18,6 +18,7 @@ from .distributed import ddp_normalizer, global_segment_count, global_sequence_c
 from .linear import linear_cross_entropy, linear_value_and_grad
 from .loss import segment_count, sequence_cross_entropy, token_count, value_and_grad
 from .pool import pool
+from .stats import TokenStats, linear_token_stats, linear_token_stats_vjp, token_stats, token_stats_vjp
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "linear_cross_entropy", "linear_value_and_grad", "set_backend", "use_backend",
     "available_backends", "XSeqLossError", "XSeqLossTypeError", "presets", "__version__",
     "global_token_count", "global_segment_count", "global_sequence_count", "ddp_normalizer",
+    "token_stats", "token_stats_vjp", "TokenStats", "linear_token_stats", "linear_token_stats_vjp",
 ]
 
 

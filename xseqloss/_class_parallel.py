@@ -183,3 +183,41 @@ def unwrap_dtensor(logits: Any, kw: dict, class_axis: int, names: tuple) -> tupl
     if not be.is_dtensor(logits):
         return logits, kw
     return be.from_dtensor(logits, kw, class_axis, names)
+
+
+def check_with(call: Any, local_check: Callable[[], None]) -> None:
+    """A class-parallel call's eager value checks by ``local_check`` (which raises the error of the
+    first bad value), made an error on every rank (torch: one small all_gather of the outcome)."""
+    if call.st.mark_nan:
+        if call.check_sides:
+            check_concrete_sides(call)
+        return
+    err = None
+    try:
+        local_check()
+    except XSeqLossError as exc:
+        err = exc
+    split = call.st.class_parallel
+    if split.engine != "torch":
+        if err is not None:
+            raise err
+        return
+    rows, _ = call.be.gather_ints(split.handle, [int(err is not None)], None, None)
+    bad = [r for r, o in enumerate(rows) if o[0]]
+    if err is not None:
+        raise XSeqLossError(f"{err} [{split.describe()}]") from None
+    if bad:
+        raise XSeqLossError(f"class_parallel: the value checks failed on rank(s) {bad} (each raises the error with "
+                            f"its argument, position and value); nothing was computed on rank {split.rank}")
+
+
+def fix_chunks(call: Any, user_chunk: Any) -> None:
+    """The fused layer under a torch class split: every worker runs the same chunks (sized by the
+    largest slice), so that each chunk's collectives pair up across the ranks."""
+    split, lay = call.st.class_parallel, call.st.linear
+    if user_chunk is None and split.sizes:
+        tokens = 1
+        for d in call.tok_shape:
+            tokens *= int(d)
+        chunk = max(1, min(call.be.linear_chunk_bytes // (16 * max(split.sizes)), max(tokens, 1)))
+        call.st = replace(call.st, linear=replace(lay, chunk=chunk))

@@ -14,7 +14,7 @@ import os
 from typing import Any, Iterator
 
 from ._errors import XSeqLossError, XSeqLossTypeError
-from .core.sides import _TYPE_NAME, convert_hint, framework_of, side  # noqa: F401  (side: api/)
+from .core.sides import _TYPE_NAME, convert_hint, framework_of
 
 BACKENDS = ("numpy", "torch", "tensorflow", "jax")
 _FRAMEWORK = {"numpy": "numpy", "torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}

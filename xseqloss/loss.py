@@ -19,6 +19,7 @@ from ._errors import XSeqLossError, XSeqLossTypeError
 from .api.compiled import keep_type_when_compiled
 from .api import ragged as _ragged
 from .api.prepare import Call, prepare_call, prepare_sides
+from .api.stats_call import metrics_plan
 from .api.validate import act_on_flags, check_concrete_sides, check_values, raise_value_error
 from .core import reduction, tokens
 from .core.checks import compute_checked, compute_flagged
@@ -26,6 +27,7 @@ from .core.compute import compute
 from .plan.call_plan import CallPlan, make_plan
 from .plan.messages import fmt_shape
 from .plan.options import parse_layout, parse_options
+from .plan.outputs import as_stats
 
 __all__ = ["sequence_cross_entropy", "value_and_grad", "token_count", "segment_count"]
 
@@ -38,7 +40,7 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
                            reduction: str = "mean", denominator: str = "weights", normalizer: Any = None,
                            empty: str = "zero", num_classes: int | None = None, validate: bool = True,
                            backend: str | None = None, inplace_backward: bool = False, shift: int = 0,
-                           segment_ids: Any = None, class_parallel: Any = None) -> Any:
+                           segment_ids: Any = None, class_parallel: Any = None, return_stats: Any = None) -> Any:
     """Cross-entropy of a sequence model's outputs, with one meaning on NumPy, PyTorch, TensorFlow and JAX.
 
     Per counted token (after ``logit_softcap``), with lse = logsumexp(z), eps = ``label_smoothing`` and
@@ -66,9 +68,13 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
         segment_ids: packed documents (targets' token shape; a negative id is padding).
         class_parallel: classes split across workers (API.md 9.2): a torch ProcessGroup or a JAX
             mesh axis name; logits, soft targets and class_weights are this worker's slice of C.
+        return_stats: names of per-token outputs of ``token_stats`` ("log_prob", "entropy", "lse",
+            "argmax", "correct") to return beside the loss, at temperature 1 after the softcap,
+            from the same pass over the logits, as metrics (no gradient); logits inputs only.
 
     Returns:
-        The loss in the backend's array type on the logits' device (float32 for float16/bfloat16 input).
+        The loss in the backend's array type on the logits' device (float32 for float16/bfloat16 input);
+        with ``return_stats``, ``(loss, xsl.TokenStats)``.
 
     >>> import numpy as np, xseqloss as xsl
     >>> logits = np.zeros((1, 2, 4)); targets = np.array([[1, -100]])
@@ -82,6 +88,8 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
               inplace_backward=inplace_backward, shift=shift, segment_ids=segment_ids)
     if class_parallel is not None:
         kw["class_parallel"] = class_parallel
+    if return_stats is not None:
+        kw["stats"] = metrics_plan(return_stats, inputs)
     if type(logits).__name__ == "DTensor":  # torch.distributed.tensor: the placement says the class split
         logits, kw = _class_parallel.unwrap_dtensor(logits, dict(kw, targets=targets), parse_layout(layout).index("C"),
                                                     ("targets", "mask", "lengths", "weights", "class_weights",
@@ -93,7 +101,8 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
         cv = _ragged.convert(logits, targets, layout=layout, lengths=lengths, sides=sides, reduction=reduction,
                              backend=backend)
         kw.update(cv.sides, layout=cv.layout, rows=cv.rows, padded=cv.padded)
-        return cv.restore(_loss(cv.logits, cv.targets, kw))
+        out = _loss(cv.logits, cv.targets, kw)
+        return (cv.restore(out[0]), out[1]) if return_stats is not None else cv.restore(out)
     return _loss(logits, targets, kw)
 
 
@@ -108,10 +117,15 @@ def _loss(logits: Any, targets: Any, kw: dict) -> Any:
     if call.st.mark_nan:
         if call.check_sides:
             check_concrete_sides(call)
-        return call.be.run(compute, call.st, *call.arrays)
+        return _with_stats(call, call.be.run(compute, call.st, *call.arrays))
     result, flags = call.be.run(compute_checked, call.st, *call.arrays)
     act_on_flags(call, flags)
-    return result
+    return _with_stats(call, result)
+
+
+def _with_stats(call: Call, result: Any) -> Any:
+    """(loss, TokenStats) for a call with return_stats, else the loss as it is."""
+    return result if call.st.stats is None else (result[0], as_stats(result[1]))
 
 
 def _default_call(call: Call) -> Any:
@@ -169,7 +183,7 @@ def _class_parallel_loss(logits: Any, targets: Any, kw: dict, grad: bool) -> Any
     _class_parallel.check(call)
     if grad:
         return call.be.value_and_grad(compute, call.st, *call.arrays)
-    return call.be.run(compute, call.st, *call.arrays)
+    return _with_stats(call, call.be.run(compute, call.st, *call.arrays))
 
 
 def _value_and_grad(logits: Any, targets: Any, options: dict) -> tuple[Any, Any]:

@@ -38,6 +38,8 @@ class Call:
     segs: Any = None               # segment_ids
     rows: Any = None               # ragged rows: z is (R, C), the token arrays padded (ragged.py)
     tok_shape: tuple[Any, ...] = ()  # the token arrays' shape (padded for rows)
+    ids: Any = None                # token_stats: ids (the targets' token shape + k), and
+    temp: Any = None               # a temperature array (api/stats_call.py)
 
     @property
     def arrays(self) -> tuple[Any, ...]:
@@ -52,7 +54,7 @@ def prepare_call(logits: Any, targets: Any, *, layout: Any = "NTC", mask: Any = 
              denominator: Any = "weights", normalizer: Any = None, empty: Any = "zero",
              num_classes: Any = None, validate: Any = True, backend: Any = None,
              inplace_backward: Any = False, shift: Any = 0, segment_ids: Any = None, rows: Any = None,
-             padded: tuple[int, int] | None = None) -> Call:
+             padded: tuple[int, int] | None = None, stats: Any = None) -> Call:
     """``rows`` / ``padded`` come from the ragged edge (ragged.py): logits are (R, C) rows of the
     padded (N, T) batch ``padded``, rows[r] the flat index of row r; the layout is then "NTC"."""
     o = options.parse_options(layout=layout, ignore_index=ignore_index, inputs=inputs,
@@ -65,13 +67,21 @@ def prepare_call(logits: Any, targets: Any, *, layout: Any = "NTC", mask: Any = 
         raise XSeqLossError(f"inplace_backward=True is PyTorch only; backend {be.name!r} does not support it")
     if o.inplace:
         be.check_inplace(z)
-    kind = be.kind(z)
-    if kind != "f":
+    shape = logits_shape(be, o, z, padded if rows is not None else None)
+    return prepare_sides(be, o, z, shape, targets, mask=mask, lengths=lengths, weights=weights,
+                         class_weights=class_weights, normalizer=normalizer, segment_ids=segment_ids,
+                         rows=rows, stats=stats)
+
+
+def logits_shape(be: Any, o: Options, z: Any, padded: tuple | None = None) -> tuple[Any, ...]:
+    """The logits' shape (``padded``: (N, T) of ragged rows, whose data is (R, C)), checked: a
+    floating dtype, one axis per layout letter, a static C of at least 1."""
+    if be.kind(z) != "f":
         raise XSeqLossTypeError(f"logits must have a floating dtype, got {be.dtype_name(z)}; "
                                 f"integer logits are never cast for you")
     shape = be.shape(z)
     L = o.layout
-    if rows is not None:  # (R, C) rows of the padded (N, T, C) batch
+    if padded is not None:  # (R, C) rows of the padded (N, T, C) batch
         shape = (*padded, shape[1])
     if len(shape) != len(L):
         raise XSeqLossError(f"logits have {len(shape)} axes, shape {fmt_shape(shape)}, but layout={L!r} names "
@@ -82,15 +92,14 @@ def prepare_call(logits: Any, targets: Any, *, layout: Any = "NTC", mask: Any = 
     if C == 0:
         raise XSeqLossError(f"logits have C = 0 classes (axis {o.k}, shape {fmt_shape(shape, L)}): "
                             f"at least one class is required, valid range [1, inf)")
-    return prepare_sides(be, o, z, shape, targets, mask=mask, lengths=lengths, weights=weights,
-                          class_weights=class_weights, normalizer=normalizer, segment_ids=segment_ids,
-                          rows=rows)
+    return shape
 
 
 def prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets: Any, *, mask: Any,
                    lengths: Any, weights: Any, class_weights: Any, normalizer: Any,
-                   like: Any = None, segment_ids: Any = None, rows: Any = None) -> Call:
-    """Targets and side arrays against the logits' ``shape`` (``z`` is None for token_count)."""
+                   like: Any = None, segment_ids: Any = None, rows: Any = None, stats: Any = None) -> Call:
+    """Targets and side arrays against the logits' ``shape`` (``z`` is None for token_count;
+    ``targets`` may be None for token_stats, which passes its ``StatsPlan`` as ``stats``)."""
     like = z if like is None else like
     L = o.layout
     C = shape[o.k]
@@ -105,8 +114,14 @@ def prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets: 
 
     # targets: index (integer, tokens' shape) or soft (floating, logits' shape)
     y = sides.side(be, targets, "targets", like)
-    tkind = be.kind(y)
-    tshape = be.shape(y)
+    tkind = "i" if y is None else be.kind(y)
+    tshape = tok_shape if y is None else be.shape(y)
+    if stats is not None and tkind == "f" and not stats.metrics:
+        raise XSeqLossTypeError(f"targets have a floating dtype ({be.dtype_name(y)}): token_stats takes class ids "
+                                f"(integers of the tokens' shape {fmt_shape(tok_shape, tok)}), not soft targets")
+    if stats is not None and tkind == "f" and ({"log_prob", "correct"} & set(stats.outputs)):
+        raise XSeqLossError(f"return_stats={stats.outputs!r}: 'log_prob' and 'correct' need index targets (class ids), "
+                            f"but the targets are soft (probabilities)")
     if tkind == "b":
         raise XSeqLossTypeError("targets have dtype bool; targets must be integer class ids (or floating "
                                 "probabilities with logits' shape); bool is never cast for you")
@@ -131,8 +146,8 @@ def prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets: 
         extra += messages.suggest(messages.fitting_layouts(shape, L, tshape, False))
         raise shape_error("targets", tshape, tok_shape, tok, extra)
     t = y if soft else None
-    raw = None if soft else {"targets": y}  # the message shows the value as given, not as cast
-    y = None if soft else be.index_dtype(y)
+    raw = None if soft or y is None else {"targets": y}  # the message shows the value as given, not as cast
+    y = None if soft or y is None else be.index_dtype(y)
 
     def token_side(x: Any, name: str, kinds: str) -> Any:
         x = sides.side(be, x, name, like)
@@ -194,7 +209,7 @@ def prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets: 
                  # under torch.compile inductor fuses the generic core whatever the kernel (and
                  # dynamo cannot trace the ContextVar of engine.use)
                  engine=engine.DEFAULT if tracing and be.name == "torch" else engine.current(be.name),
-                 store=not (tracing and be.name == "torch"))
+                 store=not (tracing and be.name == "torch"), stats=stats)
     call = Call(be, st, z, y, t, mask, lengths, weights, cw, normalizer, segs=segs, rows=rows,
                  tok_shape=tok_shape)
     call.shape = shape if rows is None else be.shape(z)

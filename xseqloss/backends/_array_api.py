@@ -120,6 +120,9 @@ class ArrayApiOps:
     def reshape_rows(self, x: Any) -> Any:
         return self.xp.reshape(x, (-1, self.xp.shape(x)[-1]))
 
+    def argmax(self, x: Any, k: int) -> Any:
+        return self.xp.argmax(x, axis=k)  # the first maximal index (NumPy and JAX both)
+
     def pick_step(self, h: Any, idx: Any) -> Any:
         return h[self.xp.arange(h.shape[0]), idx]
 

@@ -28,26 +28,28 @@ def counted_rows(ops: Any, h: Any, keep: Any) -> Any:
 
 
 def chunk_loss(ops: Any, rp: CallPlan, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
-               rows_zeroed: bool = False) -> Any:
-    """A chunk's per-token losses (no gradient formed), from its (rows, C) logits."""
-    if ops.row_kernel is not None:
+               rows_zeroed: bool = False, collect: dict | None = None) -> Any:
+    """A chunk's per-token losses (no gradient formed), from its (rows, C) logits; ``collect``:
+    a loss's return_stats from the same pass (token_loss's ``collect``)."""
+    if ops.row_kernel is not None and collect is None:
         out = ops.row_kernel(rp, z, y, t, keep, cw, acc, None)
         if out is not None:
             return out[0]
-    return token_loss(ops, rp, z, y, t, keep, cw, acc, False, k=1, rows_zeroed=rows_zeroed)[0]
+    return token_loss(ops, rp, z, y, t, keep, cw, acc, False, k=1, rows_zeroed=rows_zeroed, collect=collect)[0]
 
 
 def chunk_grad(ops: Any, rp: CallPlan, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any, scale: Any,
-               rows_zeroed: bool = False) -> tuple[Any, Any]:
+               rows_zeroed: bool = False, collect: dict | None = None) -> tuple[Any, Any]:
     """A chunk's per-token losses and d/dz times ``scale`` (per row), from its (rows, C) logits in
     ``acc``: the backend's row kernel where it covers the plan (PyTorch's Triton kernel), the plain
     kernel for plain cross-entropy (its gradient may take the chunk's own buffer), else the core's
-    formula. The gradient may be written into ``z``: the chunk's logits are not read afterwards."""
-    if ops.row_kernel is not None:
+    formula. The gradient may be written into ``z``: the chunk's logits are not read afterwards.
+    ``collect``: a loss's return_stats from the same pass (token_loss's ``collect``)."""
+    if ops.row_kernel is not None and collect is None:
         out = ops.row_kernel(rp, z, y, t, keep, cw, acc, scale)
         if out is not None:
             return out
     if rp.plain:
         return ops.plain_ce(z, y, keep, 1, acc, scale, out=z)
-    l, g = token_loss(ops, rp, z, y, t, keep, cw, acc, want_grad=True, k=1, rows_zeroed=rows_zeroed)
+    l, g = token_loss(ops, rp, z, y, t, keep, cw, acc, want_grad=True, k=1, rows_zeroed=rows_zeroed, collect=collect)
     return l, g * ops.expand(scale, 1)

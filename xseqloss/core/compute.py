@@ -147,6 +147,9 @@ def compute(ops: Any, st: CallPlan, z: Any, y: Any, t: Any, mask: Any, lengths: 
     the real tokens; rows[r] is row r's flat index into it. The per-token loss is computed on the
     rows (``st.row_plan``, class axis 1) and scattered into the padded token array, so every rule
     below is the padded batch's.
+
+    With ``st.stats`` (a loss's ``return_stats``, API.md 11.5) the result is ``(result, stats)``:
+    the per-token outputs named there, from the same pass over the logits as the loss.
     """
     o = st.opts
     k = st.row_plan.opts.k  # the class axis of z as given
@@ -177,6 +180,7 @@ def compute(ops: Any, st: CallPlan, z: Any, y: Any, t: Any, mask: Any, lengths: 
     expected_dl = lambda: to_kernel(p.expected_dl())  # noqa: E731
     cotangent = lambda: to_kernel(p.cotangent())  # noqa: E731
     l = g = grad = None
+    collect = None if st.stats is None else {}
     if st.class_parallel is not None and not (ops.fused_class_parallel and not want_grad):
         pass  # classes split across workers: the generic formula with its sums combined (token_loss)
     elif want_grad:  # without autodiff (NumPy): a backend's kernel forms the scaled gradient itself
@@ -184,14 +188,39 @@ def compute(ops: Any, st: CallPlan, z: Any, y: Any, t: Any, mask: Any, lengths: 
             l, grad = ops.fused_value_and_grad(rp, z, yk, tk, ck, p.cw, acc, cotangent)
     else:
         # a backend's own forward+backward kernel, if any
-        l = None if ops.fused_token_loss is None else ops.fused_token_loss(rp, z, yk, tk, ck, p.cw, acc, expected_dl)
+        l = None if ops.fused_token_loss is None else ops.fused_token_loss(rp, z, yk, tk, ck, p.cw, acc, expected_dl,
+                                                                           collect)
     if l is None:
-        l, g = token_loss(ops, rp, z, yk, tk, ck, p.cw, acc, want_grad)
+        l, g = token_loss(ops, rp, z, yk, tk, ck, p.cw, acc, want_grad, collect=collect)
     if rows is not None:
         l = scatter_rows(ops, l, rows, like)
     result = p.finish(p.combine(l))
+    if collect is not None:
+        result = (result, metrics(ops, collect, p, rows, like))
     if not want_grad:
         return result
     if grad is None:
         grad = g * ops.expand(cotangent(), k)
     return result, grad
+
+
+def metrics(ops: Any, collect: dict, p: TokenRules, rows: Any, like: Any) -> dict:
+    """A loss's per-token outputs (``return_stats``) in the token shape: scattered from ragged rows,
+    NaN at bad tokens (correct False), and ``counted``."""
+    from .stats import apply_marks
+    out = {}
+    for name, v in collect.items():
+        if rows is not None:
+            fill = -1 if name == "argmax" else False if name == "correct" else 0.0
+            v = _scatter_filled(ops, v, rows, like, fill)
+        out[name] = v
+    return apply_marks(ops, out, p.bad, p.counted, like)
+
+
+def _scatter_filled(ops: Any, v: Any, rows: Any, like: Any, fill: Any) -> Any:
+    """Per-row values into the padded token array, ``fill`` where no row is."""
+    placed = scatter_rows(ops, v, rows, like)
+    if isinstance(fill, float) and fill == 0.0 or fill is False:
+        return placed
+    there = scatter_rows(ops, ops.true_like(v), rows, like)
+    return ops.where(there, placed, fill)

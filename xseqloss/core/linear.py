@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from ..plan.call_plan import CallPlan
 from .chunks import chunk_grad, chunk_loss, counted_rows
-from .compute import token_rules
+from .compute import metrics, token_rules
 
 
 class ChunkLoop:
@@ -59,6 +59,8 @@ class ChunkLoop:
         raise NotImplementedError
 
     def put_loss(self, state: Any, i: Any, l: Any) -> Any:
+        """Chunk i's per-row outputs into the outputs' buffer: (rows,), or (rows, width) when the
+        loop was made with a ``width`` (token_stats packs its outputs as columns)."""
         raise NotImplementedError
 
     def put_dh(self, state: Any, i: Any, g: Any) -> Any:
@@ -80,20 +82,58 @@ class ChunkLoop:
 
 def run_chunks(ops: Any, rp: CallPlan, loop: ChunkLoop, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
                scale: Any, grads: bool) -> tuple[Any, Any, Any, Any]:
-    """The fused layer's chunk loop: per-token losses (R,) and, with ``grads``, the gradients of
-    sum(scale * l) for hidden, weight and bias. ``rp``: the per-row plan ("NC" rows); ``y``, ``t``,
-    ``keep``, ``scale``: the flattened token arrays (R rows)."""
-    y, t, keep, scale = loop.tokens(y, 0), loop.tokens(t, 0), loop.tokens(keep, False), loop.tokens(scale, 0)
+    """The fused layer's chunk loop for the loss: per-token losses (R,) and, with ``grads``, the
+    gradients of sum(scale * l) for hidden, weight and bias. ``rp``: the per-row plan ("NC" rows);
+    ``y``, ``t``, ``keep``, ``scale``: the flattened token arrays (R rows). With a loss's
+    return_stats (``rp.stats``) the losses come as column 0 of (R, ``loss_width(rp)``) rows whose
+    other columns are the per-token outputs from the same pass (the loop must have that width)."""
+    def kernel(z: Any, tc: dict) -> tuple[Any, Any]:
+        part = None if rp.stats is None else {}
+        if not grads:
+            l, g = chunk_loss(ops, rp, z, tc["y"], tc["t"], tc["keep"], cw, acc, rows_zeroed=True, collect=part), None
+        else:
+            l, g = chunk_grad(ops, rp, z, tc["y"], tc["t"], tc["keep"], cw, acc, tc["scale"], rows_zeroed=True,
+                              collect=part)
+        if part is not None:
+            l = ops.concat([ops.expand(l, 1)] + [ops.expand(ops.cast(part[n], acc), 1) for n in rp.stats.outputs], 1)
+        return l, g
+    return run_kernel(ops, loop, dict(y=y, t=t, keep=keep, scale=scale), kernel, grads)
+
+
+def loss_width(rp: CallPlan) -> int:
+    """The columns of the loss loop's per-row outputs: 0 (a vector of losses), or 1 + one per
+    return_stats output."""
+    return 0 if rp.stats is None else 1 + len(rp.stats.outputs)
+
+
+def split_losses(ops: Any, rp: CallPlan, l2: Any) -> tuple[Any, dict]:
+    """(the losses, the return_stats outputs by name) of the loss loop's per-row outputs."""
+    if rp.stats is None:
+        return l2, {}
+    out = {}
+    for j, name in enumerate(rp.stats.outputs):
+        v = l2[:, 1 + j]
+        out[name] = ops.as_index(v) if name == "argmax" else (v > 0.5) if name == "correct" else v
+    return l2[:, 0], out
+
+
+def run_kernel(ops: Any, loop: ChunkLoop, token_arrays: dict, kernel: Callable[[Any, dict], tuple[Any, Any]],
+               grads: bool) -> tuple[Any, Any, Any, Any]:
+    """The chunk loop itself, for any per-chunk kernel: ``kernel(z, rows)`` gets a chunk's logits
+    (rows, C) and its rows of every token array (``rows["keep"]``: the rows that count) and gives
+    the chunk's per-row outputs and, with ``grads``, d/dz of the chunk (its d hidden, d weight and
+    d bias follow here). The loss (``run_chunks``) and token_stats (core/linear_stats.py) are its
+    two kernels."""
+    arrays = {n: loop.tokens(a, False if n == "keep" else 0) for n, a in token_arrays.items()}
 
     def step(i: Any, state: Any) -> Any:
-        kc = loop.rows(keep, i)
-        hc = counted_rows(ops, loop.hidden(state, i), kc)
+        tc = {n: loop.rows(a, i) for n, a in arrays.items()}
+        hc = counted_rows(ops, loop.hidden(state, i), tc.get("keep"))
         z = loop.logits(hc, state)
-        yc, tc = loop.rows(y, i), loop.rows(t, i)
+        out, g = kernel(z, tc)
+        state = loop.put_loss(state, i, out)
         if not grads:
-            return loop.put_loss(state, i, chunk_loss(ops, rp, z, yc, tc, kc, cw, acc, rows_zeroed=True))
-        l, g = chunk_grad(ops, rp, z, yc, tc, kc, cw, acc, loop.rows(scale, i), rows_zeroed=True)
-        state = loop.put_loss(state, i, l)
+            return state
         state = loop.put_dh(state, i, g)
         state = loop.add_dw(state, i, g, hc)
         return loop.add_db(state, g)
@@ -121,9 +161,11 @@ def linear_core(ops: Any, st: CallPlan, h: Any, w: Any, b: Any, y: Any, t: Any, 
         scale = p.cotangent if want_grad else p.expected_dl
         res = ops.linear_token_loss(st.row_plan, lay, h2, w, b, flat(p.y), t2, flat(p.counted), p.cw, acc,
                                     lambda: flat(scale()), want_grad)
-    l2 = res[0] if want_grad else res
+    l2, stats = split_losses(ops, st.row_plan, res[0] if want_grad else res)
     out = p.combine(ops.reshape_like(l2, like))
     result = p.finish(out)
+    if st.stats is not None:
+        result = (result, metrics(ops, {n: ops.reshape_like(v, like) for n, v in stats.items()}, p, None, like))
     if not want_grad:
         return result
     dh2, dw, db = res[1]

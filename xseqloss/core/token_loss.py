@@ -11,7 +11,8 @@ from ..plan.call_plan import CallPlan
 from ..plan.options import PROB_EPS
 
 def token_loss(ops: Any, st: CallPlan, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
-               want_grad: bool = False, k: int | None = None, rows_zeroed: bool = False) -> tuple[Any, Any]:
+               want_grad: bool = False, k: int | None = None, rows_zeroed: bool = False,
+               collect: dict | None = None) -> tuple[Any, Any]:
     """Per-token loss l (acc dtype, token shape) and, if ``want_grad``, dl/dz (acc dtype, logits' shape).
 
     With x the transformed inputs (softcap; log of clamped probabilities), the target distribution
@@ -37,12 +38,16 @@ def token_loss(ops: Any, st: CallPlan, z: Any, y: Any, t: Any, keep: Any, cw: An
     this worker's slice of the class axis and C is the global count. The formula is the same; its
     class sums (the max m, sum(exp), the target logit x[y] and weight cw[y], the smoothing sum,
     sum(q) and q . x) are the local partial sums combined over the workers: one all-reduce of the
-    max and one of the stacked token-sized partial sums (``class_parallel.reducer``).
+    max and one of the stacked token-sized partial sums (the backend's ``reducer``, plan/split.py).
+
+    ``collect`` (a loss's ``return_stats``, API.md 11.5; ``st.stats`` names them): a dict that
+    receives the per-token outputs of core/stats.py at temperature 1 from this same pass (the
+    same max, exponentials and sums), as metrics without gradient.
     """
     o, C, eps = st.opts, st.C, st.eps
     k = o.k if k is None else k
     red = None if st.class_parallel is None else ops.reducer(st.class_parallel)
-    if st.plain and not want_grad:
+    if st.plain and not want_grad and collect is None:
         return ops.nll(z, y, keep, k, acc, st), None
     keep_c = None if keep is None else ops.expand(keep, k)
     x = ops.cast(z, acc)
@@ -71,6 +76,9 @@ def token_loss(ops: Any, st: CallPlan, z: Any, y: Any, t: Any, keep: Any, cw: An
         x = x - ops.expand(m, k)  # the max-shifted frame; softmax = e / s, not exp(x - lse)
         e = ops.exp(x)
         s = ops.sum(e, k)
+    want = () if collect is None else st.stats.outputs
+    eus = None if "entropy" not in want else \
+        ops.sum(ops.where(e == 0, 0.0, ops.stop_gradient(e) * ops.stop_gradient(x)), k)  # 0 log 0 = 0
     cw_b = None if cw is None else ops.reshape_class(cw, k, ops.ndim(x))
     w_z = 1.0
     yk = y
@@ -89,7 +97,10 @@ def token_loss(ops: Any, st: CallPlan, z: Any, y: Any, t: Any, keep: Any, cw: An
         sumq = ops.sum(q, k)
         qx = ops.sum(_times(ops, q, x), k)
         if red is not None:
-            s, sumq, qx = red.sums([s, sumq, qx]) if s is not None else [None, *red.sums([sumq, qx])]
+            parts = red.sums([p for p in (s, sumq, qx, eus) if p is not None])
+            s = parts.pop(0) if s is not None else None
+            sumq, qx = parts[0], parts[1]
+            eus = parts[2] if eus is not None else None
         l = -qx
     else:
         xy = ops.take_class(x, yk, k)
@@ -103,12 +114,13 @@ def token_loss(ops: Any, st: CallPlan, z: Any, y: Any, t: Any, keep: Any, cw: An
             xy = ops.where(own, xy, 0.0)
             if cw is not None:
                 w_y = ops.where(own, w_y, 0.0)
-            parts = [p for p in (s, xy, w_y if cw is not None else None, smooth, sum_cw) if p is not None]
+            parts = [p for p in (s, xy, w_y if cw is not None else None, smooth, sum_cw, eus) if p is not None]
             it = iter(red.sums(parts))
             s, xy = (next(it) if s is not None else None), next(it)
             w_y = next(it) if cw is not None else w_y
             smooth = next(it) if smooth is not None else None
             sum_cw = next(it) if sum_cw is not None else None
+            eus = next(it) if eus is not None else None
         if cw is not None:
             w_z = w_y
         a = (1.0 - eps) * w_y
@@ -127,6 +139,8 @@ def token_loss(ops: Any, st: CallPlan, z: Any, y: Any, t: Any, keep: Any, cw: An
             l = l + (o.z_loss * lse * lse) * w_z
     if keep is not None:
         l = ops.where(keep, l, 0.0)
+    if collect is not None:
+        _metrics(ops, st, red, collect, x, m, s, eus, None if st.soft else xy, y, keep, k)
     if not want_grad:
         return l, None
     # dl/dx = (sum(q) + 2 z_loss w_z lse) softmax(x) - q, then the chain rule through softcap / log-clamp.
@@ -161,3 +175,44 @@ def _times(ops: Any, mass: Any, x: Any) -> Any:
     if isinstance(mass, float):
         return 0.0 if mass == 0.0 else mass * x
     return ops.where(mass == 0, 0.0, mass * x)
+
+
+def _metrics(ops: Any, st: CallPlan, red: Any, collect: dict, xs: Any, m: Any, s: Any, eus: Any, xy: Any, y: Any,
+             keep: Any, k: int) -> None:
+    """The loss pass's per-token outputs at temperature 1 (core/stats.py's meaning, API.md 11.5):
+    ``xs`` the max-shifted logits after the softcap, ``m`` the max, ``s`` sum(exp(xs)), ``eus``
+    sum(exp(xs) xs), ``xy`` the target's shifted logit (all combined over workers already)."""
+    sg = ops.stop_gradient
+    ls = ops.log(sg(s))
+    want = st.stats.outputs
+    out = {}
+    if "log_prob" in want:
+        out["log_prob"] = sg(xy) - ls
+    if "entropy" in want:
+        out["entropy"] = ls - eus / sg(s)
+    if "lse" in want:
+        out["lse"] = ls + sg(m)
+    if "argmax" in want or "correct" in want:
+        am = argmax_of(ops, red, sg(xs), k)
+        if "argmax" in want:
+            out["argmax"] = am
+        if "correct" in want:
+            out["correct"] = am == y
+    for name, v in out.items():
+        if keep is not None:
+            v = ops.where(keep, v, -1) if name == "argmax" else (v & keep) if name == "correct" else \
+                ops.where(keep, v, 0.0)
+        collect[name] = v
+
+
+def argmax_of(ops: Any, red: Any, x: Any, k: int) -> Any:
+    """The index of the largest logit (after the softcap), the lowest on ties; global indices when
+    classes are split across workers (the lowest index among the workers holding the maximum)."""
+    idx = ops.argmax(x, k)
+    if red is None:
+        return idx
+    mx = ops.max(x, k)
+    gmx = red.max(mx)
+    glob = idx + red.offset(idx)
+    big = ops.full_like(glob, np.iinfo(np.int32).max)
+    return -red.max(-ops.where(mx == gmx, glob, big))

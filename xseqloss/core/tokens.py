@@ -111,7 +111,7 @@ def counted(ops: Any, st: CallPlan, y: Any, mask: Any, lengths: Any, pos: Any, l
             inside = inside | seq_bad
             bad = seq_bad if pos is None else (seq_bad & pos)
         out = inside if out is None else (out & inside)
-    if not st.soft and st.ignore:
+    if y is not None and not st.soft and st.ignore:  # token_stats may have no targets
         if len(st.ignore) == 1:
             kept = y != st.ignore[0]
         else:

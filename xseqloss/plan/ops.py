@@ -68,6 +68,8 @@ ARRAY_OPS = {
     "reshape_like": "(x, like)", "reshape_rows": "(x) -> (-1, last axis) rows",
     "pad_stack": "(items, T, fill) -> per-sequence arrays (length, ...) as one (N, T, ...), fill past each length",
     "zeros_shape": "(shape, like)", "pick_step": "(h, idx) -> h[n, idx[n]] for (N, T, H) h",
+    "argmax": "(x, k) -> the index of the largest value along k, the lowest on ties, in the index dtype",
+    "as_index": "(x) -> an array of whole numbers (a float array) in the index dtype",
 }
 
 
@@ -148,6 +150,20 @@ class Backend:
         as ``plain_ce``'s l, and its gradient exactly 0 on rows where ``keep`` is false."""
         raise NotImplementedError
 
+    @_required
+    def token_stats_rows(self, st: Any, z: Any, y: Any, ids: Any, keep: Any, temp: Any, acc: Any) -> dict:
+        """The per-token outputs of ``core.stats.stats_rows`` (a dict by name), differentiable for
+        the logits by the framework's autodiff through a custom gradient whose backward is
+        ``core.stats.stats_vjp`` (NumPy: the forward only; ``token_stats_vjp`` is analytic)."""
+        raise NotImplementedError
+
+    @_required
+    def stats_vjp(self, fwd: Callable, vjp: Callable, st: Any, arrays: tuple, cts: dict) -> Any:
+        """d logits of sum over outputs of sum(cts[name] * output) for ``fwd`` (core.stats.compute_stats)
+        over ``arrays`` (logits first): the framework's autodiff, or ``vjp`` (compute_stats_vjp,
+        analytic) on a backend without one."""
+        raise NotImplementedError
+
     # ----------------------------------------------------------------- optional kernel hooks
     default_token_loss: Any = None
     """``(st, z, y) -> (l, keep) | None``, eager only: the default call's per-token losses (index
@@ -156,10 +172,11 @@ class Backend:
     path runs and raises or marks NaN). The reduction is the core's (``reduction.default``)."""
 
     fused_token_loss: Any = None
-    """``(st, z, y, t, keep, cw, acc, expected_dl) -> l | None``: per-token losses whose gradient
+    """``(st, z, y, t, keep, cw, acc, expected_dl, collect) -> l | None``: per-token losses whose gradient
     the backend forms during the forward pass for the upstream ``expected_dl()`` and matches to
     the real one with ``core.backward.upstream`` (PyTorch's chunked function, TensorFlow's XLA
-    kernel); None: the core's generic formula under the framework's autodiff."""
+    kernel); None: the core's generic formula under the framework's autodiff. ``collect``: a dict
+    to fill with a loss's return_stats from the same pass (token_loss's ``collect``), or None."""
 
     row_kernel: Any = None
     """``(rp, z, y, t, keep, cw, acc, scale) -> (l, g) | None``: a kernel for (R, C) rows of logits
@@ -184,7 +201,7 @@ class Backend:
         return 1
 
     @_required
-    def chunk_loop(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool) -> Any:
+    def chunk_loop(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool, width: int = 0) -> Any:
         """The fused layer's native loop and buffers for ``core.linear.run_chunks`` (a
         ``core.linear.ChunkLoop``): a Python loop with in-place accumulation (NumPy, PyTorch), a
         ``lax.scan`` (JAX), a ``tf.while_loop`` (TensorFlow)."""
@@ -201,6 +218,21 @@ class Backend:
     @_required
     def linear_value_and_grad(self, fn: Callable, st: Any, h: Any, w: Any, b: Any, *arrays: Any) -> Any:
         """``fn``'s value and the gradients of its sum for (hidden, weight, bias or None)."""
+        raise NotImplementedError
+
+    @_required
+    def linear_token_stats(self, rp: Any, lay: Any, h2: Any, w: Any, b: Any, y: Any, ids: Any, keep: Any,
+                           temp: Any, acc: Any) -> Any:
+        """The fused layer's token_stats as packed (tokens, width) rows (core/linear_stats.py),
+        differentiable for hidden, weight and bias by the framework's autodiff: a custom gradient
+        whose backward runs the chunk loop again under the cotangents (NumPy: the forward only)."""
+        raise NotImplementedError
+
+    @_required
+    def linear_stats_vjp(self, fwd: Callable, vjp: Callable, st: Any, arrays: tuple, cts: dict) -> Any:
+        """(d hidden, d weight, d bias or None) of sum over outputs of sum(cts[name] * output) for
+        ``fwd`` (core/linear_stats.linear_stats_core): the framework's autodiff, or ``vjp``
+        (analytic) on a backend without one."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------- many workers (API.md 9)
@@ -234,6 +266,12 @@ class Backend:
                               cw: Any, acc: Any) -> Any:
         """The fused layer with the weight sharded along C (its chunks' collectives paired across
         the workers, d hidden summed over them)."""
+        raise XSeqLossTypeError(f"class_parallel is for PyTorch and JAX: backend {self.name!r} has no tensor "
+                                f"parallelism")
+
+    def linear_stats_class_parallel(self, rp: Any, lay: Any, h2: Any, w: Any, b: Any, y: Any, ids: Any, keep: Any,
+                                    temp: Any, acc: Any) -> Any:
+        """``linear_token_stats`` with the weight sharded along C (d hidden summed over the workers)."""
         raise XSeqLossTypeError(f"class_parallel is for PyTorch and JAX: backend {self.name!r} has no tensor "
                                 f"parallelism")
 

@@ -212,3 +212,44 @@ def normalizer_reduction(reduction: str) -> None:
     if reduction not in ("mean", "sequence_mean", "segment_mean"):
         raise XSeqLossError(f"normalizer replaces the denominator of reduction='mean', 'sequence_mean' or 'segment_mean'; "
                             f"it has no meaning with reduction={reduction!r}")
+
+
+
+STAT_OUTPUTS = ("log_prob", "entropy", "lse", "argmax", "correct", "ids_log_prob")
+
+
+def parse_outputs(outputs: Any, argument: str, *, has_targets: bool, has_ids: bool | None) -> tuple[str, ...]:
+    """The per-token outputs asked for (API.md 11), in the order of ``STAT_OUTPUTS``; checked:
+    known names, "log_prob" and "correct" need targets, "ids_log_prob" exactly when ids are given
+    (``has_ids=None``: ids are not an option here, as for a loss's return_stats)."""
+    names = (outputs,) if isinstance(outputs, str) else outputs
+    if not isinstance(names, (tuple, list)) or not names or not all(isinstance(n, str) for n in names):
+        raise XSeqLossTypeError(f"{argument} must be a name or a tuple of names out of {list(STAT_OUTPUTS)}, "
+                                f"got {outputs!r}")
+    for n in names:
+        if n not in STAT_OUTPUTS or (has_ids is None and n == "ids_log_prob"):
+            valid = [v for v in STAT_OUTPUTS if has_ids is not None or v != "ids_log_prob"]
+            raise XSeqLossError(f"{argument} names {n!r}, which is not an output; valid names are {valid}")
+    if not has_targets:
+        for n in ("log_prob", "correct"):
+            if n in names:
+                raise XSeqLossError(f"{argument} asks for {n!r}, which needs targets (the class whose "
+                                    f"{'log-probability' if n == 'log_prob' else 'prediction'} it is); targets=None")
+    if has_ids is not None and has_ids != ("ids_log_prob" in names):
+        raise XSeqLossError("ids gives the classes of 'ids_log_prob', and 'ids_log_prob' is in outputs exactly when "
+                            f"ids is given: got ids={'an array' if has_ids else 'None'} with outputs={tuple(names)!r}")
+    return tuple(n for n in STAT_OUTPUTS if n in names)
+
+
+def parse_temperature(temperature: Any) -> float | None:
+    """A Python number (a finite temperature > 0, folded into the program), or None for an array
+    (checked by shape and, eagerly, by value where it is given)."""
+    if isinstance(temperature, bool):
+        raise XSeqLossTypeError(f"temperature must be a number or an array, got {temperature!r}")
+    if isinstance(temperature, numbers.Real):
+        v = float(temperature)
+        if not math.isfinite(v) or v <= 0:
+            raise XSeqLossError(f"temperature={temperature!r} is out of range: it must be finite and > 0, "
+                                f"valid range (0, inf)")
+        return v
+    return None

@@ -46,7 +46,8 @@ class Reducer:
       identity, since the sums are replicated);
     * ``labels(y)``: this worker's column of each global label, and whether this worker holds it;
     * ``valid(x, k)``: JAX only, the columns (along axis k) that are real classes, not padding;
-    * ``take(vec, y)``: vec[y] of a class-sharded vector, from the worker that holds y.
+    * ``take(vec, y)``: vec[y] of a class-sharded vector, from the worker that holds y;
+    * ``offset(like)``: this worker's first global class (an int, or a traced scalar).
     """
 
     def __init__(self, split: Split) -> None:
@@ -62,6 +63,9 @@ class Reducer:
         raise NotImplementedError
 
     def valid(self, x: Any, k: int) -> Any:
+        raise NotImplementedError
+
+    def offset(self, like: Any) -> Any:
         raise NotImplementedError
 
     def _where(self, c: Any, a: Any, b: Any) -> Any:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from ...core import backward
 from ...core.chunks import even_chunk
-from ...core.linear import ChunkLoop, run_chunks
+from ...core.linear import ChunkLoop, loss_width, run_chunks
 from ...plan.call_plan import LinearLayout
 
 # contracting dimensions, never a transposed copy of the weight (XLA hoists w.T out of the loop as
@@ -39,13 +39,15 @@ CLASS_BLOCK = 4096
 
 class JaxChunks(ChunkLoop):
     """``trips``/``init`` (the backward's second pass): run that many chunks (0 or all) starting from
-    the given (d hidden, d weight, d bias). ``outputs``: the losses as the scan's stacked output
+    the given (d hidden, d weight, d bias). ``vary``: the mesh axes (inside shard_map) along which
+    the weight is sharded, so that the gradients' buffers vary along them from the start. ``outputs``: the losses as the scan's stacked output
     instead of a carried buffer, and each step rematerialised (the autodiff path of classes split
     across workers: reverse mode keeps no chunk's logits and no per-step copy of a loss buffer)."""
 
     def __init__(self, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool, trips: Any = None,
-                 init: Any = None, outputs: bool = False) -> None:
-        self.acc, self.w, self.b, self.grads = acc, w, b, grads
+                 init: Any = None, outputs: bool = False, width: int = 0, vary: Any = None) -> None:
+        self.acc, self.w, self.b, self.grads, self.width = acc, w, b, grads, width
+        self.vary = None if vary is None else (vary if isinstance(vary, tuple) else (vary,))
         self.R, self.H = h2.shape
         self.chunk = lay.chunk
         self.ch = lay.weight_layout == "CH"
@@ -65,7 +67,7 @@ class JaxChunks(ChunkLoop):
     def start(self) -> dict:
         st: dict = {}
         if not self.outputs:
-            st["l"] = jnp.zeros((self.n * self.chunk,), self.acc)
+            st["l"] = jnp.zeros((self.n * self.chunk, self.width) if self.width else (self.n * self.chunk,), self.acc)
         if self.grads:
             if self.init is not None:
                 st["dh"], st["dw"], st["db"] = self.init
@@ -73,6 +75,9 @@ class JaxChunks(ChunkLoop):
                 st["dh"] = jnp.zeros((self.n * self.chunk, self.H), self.h2.dtype)
                 st["dw"] = jnp.zeros(self.w.shape, self.acc)
                 st["db"] = None if self.b is None else jnp.zeros(self.b.shape, self.acc)
+            if self.vary is not None:  # inside shard_map with a sharded weight the gradients vary per device
+                st.update({k: None if st[k] is None else jax.lax.pcast(st[k], self.vary, to="varying")
+                           for k in ("dh", "dw", "db")})
         return st
 
     def run(self, step: Any, state: Any) -> Any:
@@ -81,7 +86,7 @@ class JaxChunks(ChunkLoop):
                 carry = step(i, carry)
                 return carry, self._l
             state, ls = jax.lax.scan(jax.checkpoint(body), state, jnp.arange(self.n, dtype=jnp.int32))
-            return dict(state, l=ls.reshape(-1))
+            return dict(state, l=ls.reshape((-1, self.width) if self.width else (-1,)))
         if self.trips is None:
             return jax.lax.fori_loop(0, self.n, step, state)
         return jax.lax.while_loop(lambda c: c[0] < self.trips, lambda c: (c[0] + 1, step(c[0], c[1])),
@@ -146,7 +151,7 @@ class JaxChunks(ChunkLoop):
 @functools.lru_cache(maxsize=256)
 def _custom_vjp(ops: Any, rp: Any, acc: str, lay: LinearLayout) -> Any:
     def loop(h2: Any, w: Any, b: Any, grads: bool, **kw: Any) -> JaxChunks:
-        return JaxChunks(lay, jnp.dtype(acc), h2, w, b, grads, **kw)
+        return JaxChunks(lay, jnp.dtype(acc), h2, w, b, grads, width=loss_width(rp), **kw)
 
     @jax.custom_vjp
     def f(h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, formed: Any) -> Any:
@@ -159,6 +164,8 @@ def _custom_vjp(ops: Any, rp: Any, acc: str, lay: LinearLayout) -> Any:
     def bwd(res: Any, ct: Any) -> Any:
         dh, dw, db, inputs = res
         h2, w, b, y, t, keep, cw, formed = inputs
+        if ct.ndim == 2:  # return_stats: the losses are column 0, the metrics carry no gradient
+            ct = ct[:, 0]
         m = backward.upstream(ops, ct, formed, keep, per_row=False)
         # uniform: the formed gradients times r (a scaled loss, the expected upstream); otherwise
         # zeros and every chunk again with the upstream gradient (reduction="none" with a cotangent)
@@ -178,8 +185,9 @@ def _custom_vjp(ops: Any, rp: Any, acc: str, lay: LinearLayout) -> Any:
 
 
 class JaxLinear:
-    def chunk_loop(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool) -> JaxChunks:
-        return JaxChunks(lay, acc, h2, w, b, grads)
+    def chunk_loop(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool,
+                   width: int = 0) -> JaxChunks:
+        return JaxChunks(lay, acc, h2, w, b, grads, width=width)
 
     def linear_token_loss(self, rp: Any, lay: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any,
                           acc: Any, scale_fn: Any, want_grad: bool) -> Any:

@@ -197,6 +197,9 @@ class JaxOps(ArrayApiOps):
         return jnp.stack([jnp.pad(v, [(0, T - v.shape[0])] + [(0, 0)] * (v.ndim - 1), constant_values=fill)
                           for v in items])
 
+    def as_index(self, x: Any) -> Any:
+        return x.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+
     def zeros_shape(self, shape: Any, like: Any) -> Any:
         return jnp.zeros(shape)
 
@@ -207,33 +210,6 @@ class JaxOps(ArrayApiOps):
     @staticmethod
     def devices() -> list[str]:
         return [f"{d.platform}:{d.id}" for d in jax.devices()]
-
-
-def _nll_and_grad(z: Any, y: Any, keep: Any, k: int, acc: str) -> tuple[Any, Any]:
-    x = z.astype(acc)
-    m = jax.lax.stop_gradient(jnp.max(x, axis=k, keepdims=True))
-    m = jnp.where(m == -jnp.inf, 0.0, m)
-    e = jnp.exp(x - m)
-    s = jnp.sum(e, axis=k, keepdims=True)
-    xy = jnp.take_along_axis(x, jnp.expand_dims(y, k), axis=k)
-    l = jnp.squeeze(jnp.log(s) - (xy - m), k)  # the max-shifted frame (exact near 1e4)
-    classes = jax.lax.broadcasted_iota(y.dtype, x.shape, k)
-    onehot = classes == jnp.expand_dims(y, k)  # fused into the elementwise pass, never materialised
-    g = e / s - onehot.astype(x.dtype)
-    keep_c = jnp.expand_dims(keep, k)
-    return jnp.where(keep, l, 0.0), jnp.where(keep_c, g, 0.0)  # exact 0 where rows do not count
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _fused_nll(z: Any, y: Any, keep: Any, k: int, acc: str) -> Any:
-    return _nll_and_grad(z, y, keep, k, acc)[0]
-
-
-@_fused_nll.defjvp
-def _fused_nll_jvp(k: int, acc: str, primals: Any, tangents: Any) -> Any:
-    z, y, keep = primals
-    l, g = _nll_and_grad(z, y, keep, k, acc)
-    return l, jnp.sum(g * tangents[0].astype(acc), axis=k)
 
 
 def _nll_and_grad(z: Any, y: Any, keep: Any, k: int, acc: str) -> tuple[Any, Any]:

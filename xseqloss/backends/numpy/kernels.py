@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ...core.stats import stats_rows
 from ...core.token_loss import token_loss
 
 
@@ -43,6 +44,15 @@ class NumpyKernels:
         if drop is not None:  # rows that do not count: exactly 0, whatever they hold
             np.copyto(g, 0.0, where=np.expand_dims(drop, k))
         return l, (g if g.dtype == z.dtype else g.astype(z.dtype))
+
+    def token_stats_rows(self, st: Any, z: Any, y: Any, ids: Any, keep: Any, temp: Any, acc: Any) -> dict:
+        """The forward of core.stats (NumPy has no autodiff: ``stats_vjp`` is analytic)."""
+        return stats_rows(self, st, z, y, ids, keep, temp, acc)[0]
+
+    def stats_vjp(self, fwd: Any, vjp: Any, st: Any, arrays: tuple, cts: dict) -> Any:
+        z = arrays[0]
+        with np.errstate(all="ignore"):
+            return np.asarray(vjp(self, st, *arrays, cts)).astype(z.dtype, copy=False)
 
     def default_token_loss(self, st: Any, z: Any, y: Any) -> Any:
         """The default call's per-token losses (plan/ops.py), with the label check first: a label out

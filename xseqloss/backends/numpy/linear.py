@@ -10,12 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from ...core.linear import ChunkLoop, run_chunks
+from ...core import linear_stats
+from ...core.linear import ChunkLoop, loss_width, run_chunks
 
 
 class NumpyChunks(ChunkLoop):
-    def __init__(self, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool) -> None:
-        self.h2, self.w, self.b, self.acc, self.grads = h2, w, b, acc, grads
+    def __init__(self, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool, width: int = 0) -> None:
+        self.h2, self.w, self.b, self.acc, self.grads, self.width = h2, w, b, acc, grads, width
         self.R, self.H = h2.shape
         self.chunk, self.ch = lay.chunk, lay.weight_layout == "CH"
         self.wa = w if w.dtype == acc else w.astype(acc)
@@ -24,7 +25,7 @@ class NumpyChunks(ChunkLoop):
         self.block = max(1, (1 << 21) // max(self.H, 1))  # classes per d-weight update: a small temporary
 
     def start(self) -> dict:
-        st = {"l": np.empty(self.R, self.acc)}
+        st = {"l": np.empty((self.R, self.width) if self.width else self.R, self.acc)}
         if self.grads:
             st["dh"] = np.empty(self.h2.shape, self.h2.dtype)
             st["dw"] = np.zeros(self.wa.shape, self.acc)
@@ -84,12 +85,13 @@ class NumpyChunks(ChunkLoop):
 
 
 class NumpyLinear:
-    def chunk_loop(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool) -> NumpyChunks:
-        return NumpyChunks(lay, acc, h2, w, b, grads)
+    def chunk_loop(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool,
+                   width: int = 0) -> NumpyChunks:
+        return NumpyChunks(lay, acc, h2, w, b, grads, width)
 
     def linear_token_loss(self, rp: Any, lay: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any,
                           acc: Any, scale_fn: Any, want_grad: bool) -> Any:
-        loop = self.chunk_loop(rp, lay, acc, h2, w, b, want_grad)
+        loop = self.chunk_loop(rp, lay, acc, h2, w, b, want_grad, width=loss_width(rp))
         l, dh, dw, db = run_chunks(self, rp, loop, y, t, keep, cw, acc, scale_fn() if want_grad else None,
                                    want_grad)
         return (l, (dh, dw, db)) if want_grad else l
@@ -98,3 +100,12 @@ class NumpyLinear:
         with np.errstate(all="ignore"):
             value, grads = fn(self, st, *arrays, want_grad=True)
         return np.asarray(value), grads
+
+    def linear_token_stats(self, rp: Any, lay: Any, h2: Any, w: Any, b: Any, y: Any, ids: Any, keep: Any, temp: Any,
+                           acc: Any) -> Any:
+        loop = self.chunk_loop(rp, lay, acc, h2, w, b, False, width=linear_stats.width(rp))
+        return linear_stats.forward(self, rp, loop, linear_stats.token_arrays(y, ids, keep, temp), acc)
+
+    def linear_stats_vjp(self, fwd: Any, vjp: Any, st: Any, arrays: tuple, cts: dict) -> Any:
+        with np.errstate(all="ignore"):
+            return vjp(self, st, *arrays, cts)

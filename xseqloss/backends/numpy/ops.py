@@ -119,6 +119,9 @@ class NumpyOps(ArrayApiOps):
             out[i, :len(v)] = v
         return out
 
+    def as_index(self, x: Any) -> Any:
+        return np.asarray(x).astype(np.int64)
+
     def zeros_shape(self, shape: Any, like: Any) -> Any:
         return np.zeros(shape, np.float32)
 

@@ -25,7 +25,7 @@ from tensorflow.python.eager import record as _record  # could_possibly_record: 
 
 from ...core import backward
 from ...core.chunks import even_chunk
-from ...core.linear import ChunkLoop, run_chunks
+from ...core.linear import ChunkLoop, loss_width, run_chunks
 from .xla import in_xla
 
 DW_BLOCK_BYTES: int | None = None  # None: each d weight block as below; an int: that many bytes
@@ -36,8 +36,8 @@ DW_IN_PLACE_SHARE = 32  # beside an in-place gradient, a block and its slice: 1/
 
 
 class TfChunks(ChunkLoop):
-    def __init__(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool) -> None:
-        self.acc, self.h2, self.w, self.b, self.grads = acc, h2, w, b, grads
+    def __init__(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool, width: int = 0) -> None:
+        self.acc, self.h2, self.w, self.b, self.grads, self.width = acc, h2, w, b, grads, width
         self.ch = lay.weight_layout == "CH"
         chunk = lay.chunk
         static_R = h2.shape[0]
@@ -146,7 +146,7 @@ class TfChunks(ChunkLoop):
 
     def finish(self, state: Any) -> tuple[Any, Any, Any, Any]:
         ls, dhs, dw, db = state
-        l = ls.concat()[:self.R]
+        l = tf.reshape(ls.concat(), [-1, self.width] if self.width else [-1])[:self.R]  # a known rank
         if not self.grads:
             return l, None, None, None
         dh = dhs.concat() if self.xla else dhs
@@ -188,15 +188,17 @@ class TensorflowLinear:
         forms in place."""
         return 1 if in_xla() else 2
 
-    def chunk_loop(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool) -> TfChunks:
-        return TfChunks(rp, lay, acc, h2, w, b, grads)
+    def chunk_loop(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool,
+                   width: int = 0) -> TfChunks:
+        return TfChunks(rp, lay, acc, h2, w, b, grads, width)
 
     def linear_token_loss(self, rp: Any, lay: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any,
                           acc: Any, scale_fn: Any, want_grad: bool) -> Any:
         ops = self
 
         def loop(hh: Any, ww: Any, bb: Any, scale: Any, grads: bool) -> Any:
-            return run_chunks(ops, rp, TfChunks(rp, lay, acc, hh, ww, bb, grads), y, t, keep, cw, acc, scale, grads)
+            return run_chunks(ops, rp, TfChunks(rp, lay, acc, hh, ww, bb, grads, width=loss_width(rp)), y, t, keep, cw,
+                              acc, scale, grads)
 
         if not (self._grad_possible or _record.could_possibly_record()):  # nothing records: losses only
             return loop(h2, w, b, None, False)[0]
@@ -208,7 +210,8 @@ class TensorflowLinear:
             l, dh, dw, db = loop(hh, ww, bb, formed, True)
 
             def grad(dl: Any) -> Any:
-                dl = tf.reshape(dl, [-1])  # per token (its rank may be unknown in the tape's graph)
+                w_ = loss_width(rp)  # return_stats: the losses are column 0, the metrics carry no gradient
+                dl = tf.reshape(dl, [-1, w_])[:, 0] if w_ else tf.reshape(dl, [-1])  # per token (rank may be unknown)
                 m = backward.upstream(ops, dl, formed, keep, per_row=False)
 
                 def as_formed() -> Any:  # the upstream is the expected one: the gradients as formed, no copy

@@ -258,6 +258,18 @@ class TensorflowOps:
     def dtype(self, x: Any) -> Any:
         return x.dtype
 
+    def as_index(self, x: Any) -> Any:
+        return tf.cast(x, tf.int64)
+
+    def argmax(self, x: Any, k: int) -> Any:
+        """The lowest index of the maximum (tf.argmax does not promise which on ties)."""
+        m = tf.reduce_max(x, axis=k, keepdims=True)
+        shape = [1] * len(x.shape)
+        shape[k] = -1
+        idx = tf.reshape(tf.range(tf.shape(x, out_type=tf.int64)[k]), shape)
+        big = tf.cast(tf.shape(x)[k], tf.int64)
+        return tf.reduce_min(tf.where(tf.equal(x, m), idx, big), axis=k)
+
     def pick_step(self, h: Any, idx: Any) -> Any:
         return tf.gather(h, idx, batch_dims=1)
 

@@ -166,8 +166,9 @@ class TensorflowXla:
         return plain_ce(z, y, keep, k, acc, scale, out)
 
     def fused_token_loss(self, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
-                         expected_dl: Any = None) -> Any:
-        """Plain cross-entropy per token through the XLA kernel, or None (the generic path runs)."""
+                         expected_dl: Any = None, collect: dict | None = None) -> Any:
+        """Plain cross-entropy per token through the XLA kernel, or None (the generic path runs;
+        a loss's return_stats makes a call not plain)."""
         kernel = st.engine.kernel
         if not st.plain or expected_dl is None or z.shape.rank is None or kernel == "native":
             return None

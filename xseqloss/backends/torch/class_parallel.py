@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from ..._errors import XSeqLossError, XSeqLossTypeError
-from ...core.linear import run_chunks
+from ...core import linear_stats
+from ...core.linear import loss_width, run_chunks
 from ...plan.split import Reducer
 from .linear import TorchChunks
 
@@ -47,6 +48,9 @@ class TorchReducer(Reducer):
         pieces = torch.split(out, [v.numel() for v in vs])
         return [p.reshape(v.shape).to(v.dtype) for p, v in zip(pieces, vs)]
 
+    def offset(self, like: Any) -> Any:
+        return self.split.lo
+
     def labels(self, y: Any) -> tuple[Any, Any]:
         yl = y - self.split.lo
         own = (yl >= 0) & (yl < self.split.local)
@@ -66,7 +70,8 @@ class ClassParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, plan: Any) -> Any:
         be, rp, lay, acc = plan
-        l = run_chunks(be, rp, TorchChunks(lay, acc, h2, w, b, False), y, t, keep, cw, acc, None, False)[0]
+        l = run_chunks(be, rp, TorchChunks(lay, acc, h2, w, b, False, width=loss_width(rp)), y, t, keep, cw, acc, None,
+                       False)[0]
         ctx.save_for_backward(h2, w, b, y, t, keep, cw)
         ctx.plan = plan
         return l
@@ -75,9 +80,37 @@ class ClassParallelLinear(torch.autograd.Function):
     def backward(ctx: Any, dl: Any) -> Any:
         h2, w, b, y, t, keep, cw = ctx.saved_tensors
         be, rp, lay, acc = ctx.plan
+        if dl.ndim == 2:  # return_stats: the losses are column 0, the metrics carry no gradient
+            dl = dl[:, 0]
         # d hidden in float32 until it is summed over the group (each worker holds a share of it)
         _, dh, dw, db = run_chunks(be, rp, TorchChunks(lay, acc, h2, w, b, True, dh_dtype=acc), y, t, keep, cw,
                                    acc, dl.to(acc), True)
+        dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=rp.class_parallel.handle)  # every slice's share
+        return dh.to(h2.dtype), dw, db, None, None, None, None, None
+
+
+class ClassParallelLinearStats(torch.autograd.Function):
+    """linear_token_stats with the weight sharded along C: the core's chunk loop for the packed
+    outputs (core/linear_stats.py), its class sums combined over the group; the backward runs the
+    loop again under the cotangents and sums d hidden over the group."""
+
+    @staticmethod
+    def forward(ctx: Any, h2: Any, w: Any, b: Any, y: Any, ids: Any, keep: Any, temp: Any, plan: Any) -> Any:
+        be, rp, lay, acc = plan
+        tokens = linear_stats.token_arrays(y, ids, keep, temp)
+        packed = linear_stats.forward(be, rp, TorchChunks(lay, acc, h2, w, b, False, width=linear_stats.width(rp)),
+                                      tokens, acc)
+        ctx.save_for_backward(h2, w, b, y, ids, keep, temp, packed)
+        ctx.plan = plan
+        return packed
+
+    @staticmethod
+    def backward(ctx: Any, dpacked: Any) -> Any:
+        h2, w, b, y, ids, keep, temp, packed = ctx.saved_tensors
+        be, rp, lay, acc = ctx.plan
+        loop = TorchChunks(lay, acc, h2, w, b, True, dh_dtype=acc)
+        dh, dw, db = linear_stats.backward(be, rp, loop, linear_stats.token_arrays(y, ids, keep, temp), packed,
+                                           dpacked.to(acc), acc)
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=rp.class_parallel.handle)  # every slice's share
         return dh.to(h2.dtype), dw, db, None, None, None, None, None
 
@@ -122,6 +155,11 @@ class TorchClassParallel:
     def linear_class_parallel(self, rp: Any, lay: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any,
                               cw: Any, acc: Any) -> Any:
         return ClassParallelLinear.apply(h2, w, b, y, t, keep, cw, (self, rp, lay, acc))
+
+    def linear_stats_class_parallel(self, rp: Any, lay: Any, h2: Any, w: Any, b: Any, y: Any, ids: Any, keep: Any,
+                                    temp: Any, acc: Any) -> Any:
+        tt = None if temp is None or isinstance(temp, float) else temp.detach()
+        return ClassParallelLinearStats.apply(h2, w, b, y, ids, keep, tt, (self, rp, lay, acc))
 
 
 def from_dtensor(be: Any, logits: Any, kw: dict, class_axis: int, names: tuple) -> tuple[Any, dict]:

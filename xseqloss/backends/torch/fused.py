@@ -48,10 +48,11 @@ def _tok_index(idx: tuple, k: int) -> tuple:
 
 
 def run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
-               gbuf: Any, scale: Any = None) -> Any:
+               gbuf: Any, scale: Any = None, collect: dict | None = None) -> Any:
     """Per-token losses (acc dtype); with gbuf, dl/dz times ``scale`` (token-shaped, acc dtype, or
-    None for 1) written into it (gbuf may be z itself)."""
-    if st.engine.kernel == "triton":
+    None for 1) written into it (gbuf may be z itself). ``collect``: the per-token outputs of a
+    loss's return_stats, filled chunk by chunk from the same pass (token_loss's ``collect``)."""
+    if st.engine.kernel == "triton" and collect is None:
         from .triton_route import covers, run_triton
         if covers(st, z, t, gbuf):
             return run_triton(st, z, y, keep, cw, acc, gbuf, scale)
@@ -90,9 +91,14 @@ def run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc
             if gf is not None and g is not gf[idx] and gf.dtype != acc:
                 gf[idx].copy_(g)
         else:
+            part = None if collect is None else {}
             l, g = token_loss(be, st, zc, None if yf is None else yf[ti], None if tf_ is None else tf_[idx],
-                              kc, cw, acc, want_grad, k=kk)
+                              kc, cw, acc, want_grad, k=kk, collect=part)
             of[ti] = l
+            for name, v in (part or {}).items():
+                if name not in collect:
+                    collect[name] = torch.empty(tok_shape, dtype=v.dtype, device=z.device)
+                (collect[name].reshape(-1) if rows else collect[name])[ti] = v
             if gf is not None:
                 if sc is None:
                     gf[idx].copy_(g)
@@ -111,9 +117,9 @@ class FusedTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, st: Any, acc: Any, be: Any,
-                formed: Any) -> Any:
+                formed: Any, collect: Any = None) -> Any:
         gbuf = z.detach() if st.opts.inplace else gradient_buffer(z, st)
-        out = run_chunks(be, st, z.detach(), y, t, keep, cw, acc, gbuf, formed)
+        out = run_chunks(be, st, z.detach(), y, t, keep, cw, acc, gbuf, formed, collect)
         ctx.gbuf, ctx.k, ctx.formed, ctx.keep, ctx.be = gbuf, st.opts.k, formed, keep, be
         # kept only to recompute the gradient for a second backward (retain_graph=True, gradcheck)
         ctx.again = None if st.opts.inplace else (z.detach(), y, t, keep, cw, st, acc, be)
@@ -134,7 +140,7 @@ class FusedTokenLoss(torch.autograd.Function):
                 g = _recompute(ctx, dl)
             else:
                 g.mul_(m.factor.unsqueeze(ctx.k).to(g.dtype))
-        return g, None, None, None, None, None, None, None, None
+        return g, None, None, None, None, None, None, None, None, None
 
 
 def _recompute(ctx: Any, scale: Any) -> Any:
@@ -152,7 +158,7 @@ class TorchFused:
     fused_class_parallel = True  # its chunks pair up across workers (_chunks' C_rows)
 
     def fused_token_loss(self, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
-                         expected_dl: Any = None) -> Any:
+                         expected_dl: Any = None, collect: dict | None = None) -> Any:
         if compiling() or z.numel() == 0 or st.engine.kernel == "native":
             return None  # inductor fuses the generic path itself; the chunk loop would unroll
         needs_grad = torch.is_grad_enabled() and z.requires_grad
@@ -163,6 +169,6 @@ class TorchFused:
                 formed = None if expected_dl is None else expected_dl()
             if formed is None:
                 return None
-            return FusedTokenLoss.apply(z, y, t, keep, cw, st, acc, self, formed)
+            return FusedTokenLoss.apply(z, y, t, keep, cw, st, acc, self, formed, collect)
         with torch.no_grad():  # forward only: no gradient buffer at all
-            return run_chunks(self, st, z, y, t, keep, cw, acc, None)
+            return run_chunks(self, st, z, y, t, keep, cw, acc, None, collect=collect)

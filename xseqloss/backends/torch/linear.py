@@ -17,8 +17,8 @@ from typing import Any, Optional
 import torch
 
 from ...core import backward
-from ...core.linear import ChunkLoop, run_chunks
-from ...plan.call_plan import CallPlan, LinearLayout
+from ...core.linear import ChunkLoop, loss_width, run_chunks
+from ...plan.call_plan import CallPlan, LinearLayout, StatsPlan
 from ...plan.options import Options
 
 _BACKEND: Any = None  # the composed backend (its ops), bound by the package's __init__ (``bind``)
@@ -30,8 +30,9 @@ def bind(backend: Any) -> None:
 
 
 class TorchChunks(ChunkLoop):
-    def __init__(self, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool, dh_dtype: Any = None) -> None:
-        self.h2, self.w, self.b, self.acc, self.grads = h2, w, b, acc, grads
+    def __init__(self, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool, dh_dtype: Any = None,
+                 width: int = 0) -> None:
+        self.h2, self.w, self.b, self.acc, self.grads, self.width = h2, w, b, acc, grads, width
         self.dh_dtype = h2.dtype if dh_dtype is None else dh_dtype
         self.R, self.chunk, self.ch = h2.shape[0], lay.chunk, lay.weight_layout == "CH"
         self.wa = w if w.dtype == acc else w.to(acc)  # 16-bit: read once in float32 (logits in float32)
@@ -39,7 +40,8 @@ class TorchChunks(ChunkLoop):
         self.C = w.shape[0] if self.ch else w.shape[1]
 
     def start(self) -> dict:
-        st: dict = {"l": torch.empty(self.R, dtype=self.acc, device=self.h2.device)}
+        st: dict = {"l": torch.empty((self.R, self.width) if self.width else (self.R,), dtype=self.acc,
+                                     device=self.h2.device)}
         st["z"] = torch.empty((min(self.chunk, self.R), self.C), dtype=self.acc, device=self.h2.device)
         if self.grads:
             st["dh"] = torch.empty_like(self.h2, dtype=self.dh_dtype)
@@ -101,17 +103,19 @@ class TorchChunks(ChunkLoop):
 
 
 @functools.lru_cache(maxsize=256)
-def row_plan(C: int, soft: bool, eps: float, z_loss: float, cap: float, has_cw: bool) -> CallPlan:
+def row_plan(C: int, soft: bool, eps: float, z_loss: float, cap: float, has_cw: bool, stats: str) -> CallPlan:
     """The per-row plan from the primitives a custom op can carry (torch.compile bakes them into its
-    graph): "NC" rows, the smoothing already in the uniform convention."""
+    graph): "NC" rows, the smoothing already in the uniform convention, the return_stats names."""
     o = Options("NC", (), "logits", eps, "uniform", z_loss, cap if cap > 0 else None, "none", "weights", "zero",
                 None, False, False)
-    return CallPlan(o, C, soft, eps, False, False, False, False, has_cw, False)
+    sp = StatsPlan(tuple(stats.split(",")), 1.0, "", 0, True) if stats else None
+    return CallPlan(o, C, soft, eps, False, False, False, False, has_cw, False, stats=sp)
 
 
 def _plan_args(rp: CallPlan) -> tuple:
     o = rp.opts
-    return rp.C, rp.soft, float(rp.eps), float(o.z_loss), float(o.cap or 0.0), bool(rp.has_cw)
+    return (rp.C, rp.soft, float(rp.eps), float(o.z_loss), float(o.cap or 0.0), bool(rp.has_cw),
+            "" if rp.stats is None else ",".join(rp.stats.outputs))
 
 
 def _loop(args: tuple, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any, scale: Any,
@@ -119,7 +123,7 @@ def _loop(args: tuple, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: A
     *pargs, chunk, wl = args
     rp = row_plan(*pargs)
     acc = torch.float64 if h2.dtype == torch.float64 else torch.float32
-    loop = TorchChunks(LinearLayout(1, wl, chunk), acc, h2, w, b, grads)
+    loop = TorchChunks(LinearLayout(1, wl, chunk), acc, h2, w, b, grads, width=loss_width(rp))
     l, dh, dw, db = run_chunks(_BACKEND, rp, loop, y, t, keep, cw, acc, scale if grads else None, grads)
     if not grads:
         return l, h2.new_empty(0), w.new_empty(0), w.new_empty(0)
@@ -130,14 +134,16 @@ def _loop(args: tuple, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: A
 def _linear_ce(h2: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: Optional[torch.Tensor],
                t: Optional[torch.Tensor], keep: Optional[torch.Tensor], cw: Optional[torch.Tensor],
                scale: torch.Tensor, C: int, soft: bool, eps: float, z_loss: float, cap: float, has_cw: bool,
-               chunk: int, wl: str, grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _loop((C, soft, eps, z_loss, cap, has_cw, chunk, wl), h2, w, b, y, t, keep, cw, scale, grads)
+               stats: str, chunk: int, wl: str,
+               grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _loop((C, soft, eps, z_loss, cap, has_cw, stats, chunk, wl), h2, w, b, y, t, keep, cw, scale, grads)
 
 
 @_linear_ce.register_fake
-def _(h2, w, b, y, t, keep, cw, scale, C, soft, eps, z_loss, cap, has_cw, chunk, wl, grads):
+def _(h2, w, b, y, t, keep, cw, scale, C, soft, eps, z_loss, cap, has_cw, stats, chunk, wl, grads):
     acc = torch.float64 if h2.dtype == torch.float64 else torch.float32
-    l = h2.new_empty(h2.shape[0], dtype=acc)
+    cols = 1 + len(stats.split(",")) if stats else 0
+    l = h2.new_empty((h2.shape[0], cols) if cols else (h2.shape[0],), dtype=acc)
     if not grads:
         return l, h2.new_empty(0), w.new_empty(0), w.new_empty(0)
     return l, torch.empty_like(h2), torch.empty_like(w), (w.new_empty(0) if b is None else torch.empty_like(b))
@@ -147,7 +153,7 @@ def _(h2, w, b, y, t, keep, cw, scale, C, soft, eps, z_loss, cap, has_cw, chunk,
 def _linear_ce_match(dl: torch.Tensor, formed: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor, db: torch.Tensor,
                      h2: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: Optional[torch.Tensor],
                      t: Optional[torch.Tensor], keep: Optional[torch.Tensor], cw: Optional[torch.Tensor],
-                     C: int, soft: bool, eps: float, z_loss: float, cap: float, has_cw: bool, chunk: int,
+                     C: int, soft: bool, eps: float, z_loss: float, cap: float, has_cw: bool, stats: str, chunk: int,
                      wl: str) -> None:
     """Make the gradients formed for the per-token upstream ``formed`` those of ``dl``, in place
     (core/backward.py, uniform: d weight sums over the tokens, so only a common multiple scales)."""
@@ -160,7 +166,7 @@ def _linear_ce_match(dl: torch.Tensor, formed: torch.Tensor, dh: torch.Tensor, d
             if g.numel():
                 g.mul_(m.factor.to(g.dtype))
         return
-    args = (C, soft, eps, z_loss, cap, has_cw, chunk, wl)
+    args = (C, soft, eps, z_loss, cap, has_cw, stats, chunk, wl)
     _, dh2, dw2, db2 = _loop(args, h2, w, b, y, t, keep, cw, dl, True)  # a cotangent: the chunks again
     dh.copy_(dh2)
     dw.copy_(dw2)
@@ -169,7 +175,7 @@ def _linear_ce_match(dl: torch.Tensor, formed: torch.Tensor, dh: torch.Tensor, d
 
 
 @_linear_ce_match.register_fake
-def _(dl, formed, dh, dw, db, h2, w, b, y, t, keep, cw, C, soft, eps, z_loss, cap, has_cw, chunk, wl):
+def _(dl, formed, dh, dw, db, h2, w, b, y, t, keep, cw, C, soft, eps, z_loss, cap, has_cw, stats, chunk, wl):
     return None
 
 
@@ -186,6 +192,8 @@ def _backward(ctx: Any, dl: Any, *_: Any) -> Any:
     h2, w, b, y, t, keep, cw, scale, *args, grads = ctx.inputs
     if dl is None:  # no gradient reached the losses (gradcheck of another output, a detached use)
         dl = torch.zeros_like(scale) if scale.numel() else h2.new_zeros(h2.shape[0])
+    elif dl.ndim == 2:  # return_stats: the losses are column 0, the metrics carry no gradient
+        dl = dl[:, 0].contiguous()
     if ctx.grads is None:  # a second backward (retain_graph): the first handed its buffers out
         _, dh, dw, db = torch.ops.xseqloss.linear_ce(h2, w, b, y, t, keep, cw, dl, *args, True)
     else:
@@ -194,15 +202,16 @@ def _backward(ctx: Any, dl: Any, *_: Any) -> Any:
     # handed over, not kept: a gradient still referenced here would be copied by autograd's
     # accumulation into .grad (a second d weight and d hidden at the peak)
     ctx.grads = ctx.formed = None
-    return (dh, dw, (db if b is not None else None)) + (None,) * 14
+    return (dh, dw, (db if b is not None else None)) + (None,) * 15
 
 
 torch.library.register_autograd("xseqloss::linear_ce", _backward, setup_context=_setup)
 
 
 class TorchLinear:
-    def chunk_loop(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool) -> TorchChunks:
-        return TorchChunks(lay, acc, h2, w, b, grads)
+    def chunk_loop(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool,
+                   width: int = 0) -> TorchChunks:
+        return TorchChunks(lay, acc, h2, w, b, grads, width=width)
 
     def linear_token_loss(self, rp: Any, lay: Any, h2: Any, w: Any, b: Any, y: Any, t: Any, keep: Any, cw: Any,
                           acc: Any, scale_fn: Any, want_grad: bool) -> Any:

@@ -236,6 +236,12 @@ class TorchOps:
     def dtype(self, x: Any) -> Any:
         return x.dtype
 
+    def as_index(self, x: Any) -> Any:
+        return x.long()
+
+    def argmax(self, x: Any, k: int) -> Any:
+        return torch.argmax(x, dim=k)  # "the indices of the first maximal value"
+
     def pick_step(self, h: Any, idx: Any) -> Any:
         return h[torch.arange(h.shape[0], device=h.device), idx]
 

@@ -1,0 +1,54 @@
+"""TensorFlow's part of linear_token_stats (core/linear_stats.py): the fused layer's chunk loop for
+token_stats under a custom gradient: the forward packs the per-token outputs, the backward runs
+the loop again under the cotangents (d hidden, d weight, d bias)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.python.eager import record as _record  # could_possibly_record: is any tape active?
+
+from ...core import linear_stats
+from .linear import TfChunks
+
+
+class TensorflowLinearStats:
+    def linear_token_stats(self, rp: Any, lay: Any, h2: Any, w: Any, b: Any, y: Any, ids: Any, keep: Any, temp: Any,
+                           acc: Any) -> Any:
+        ops = self
+        t = None if temp is None or isinstance(temp, float) else tf.stop_gradient(temp)
+        tokens = linear_stats.token_arrays(y, ids, keep, t if t is not None else temp)
+
+        def forward(hh: Any, ww: Any, bb: Any) -> Any:
+            loop = TfChunks(rp, lay, acc, hh, ww, bb, False, width=linear_stats.width(rp))
+            return linear_stats.forward(ops, rp, loop, tokens, acc)
+
+        if not (self._grad_possible or _record.could_possibly_record()):  # nothing records: outputs only
+            return forward(h2, w, b)
+
+        def fwd(*params: Any) -> Any:
+            hh, ww = params[0], params[1]
+            bb = params[2] if len(params) > 2 else None
+            packed = forward(hh, ww, bb)
+
+            def grad(dp: Any) -> Any:
+                dp = tf.reshape(dp, [-1, linear_stats.width(rp)])  # its rank may be unknown in the tape's graph
+                loop = TfChunks(rp, lay, acc, hh, ww, bb, True)
+                dh, dw, db = linear_stats.backward(ops, rp, loop, tokens, packed, dp, acc)
+                return [dh, dw] + ([db] if bb is not None else [])
+            return packed, grad
+
+        params = (h2, w) if b is None else (h2, w, b)
+        return tf.custom_gradient(fwd)(*params)
+
+    def linear_stats_vjp(self, fwd: Any, vjp: Any, st: Any, arrays: tuple, cts: dict) -> Any:
+        h, w, b, *rest = arrays
+        watched = [a for a in (h, w, b) if a is not None]
+        with tf.GradientTape() as tape:
+            for a in watched:
+                tape.watch(a)
+            out = fwd(self, st, h, w, b, *rest)
+            total = tf.add_n([tf.reduce_sum(out[n] * tf.cast(c, out[n].dtype)) for n, c in cts.items()])
+        g = iter(tape.gradient(total, watched))
+        return tuple(None if a is None else next(g) for a in (h, w, b))
