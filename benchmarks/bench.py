@@ -2,7 +2,7 @@
 
 For each installed backend and size it times, alternating the contenders inside one process and
 reporting medians and ratios (the machines are shared and noisy; only ratios taken in one run mean
-anything):
+anything; the timing, memory and JSON machinery is benchmarks/harness.py's):
 
 * the floors: one copy of the logits and one ``exp`` pass over them, by the same framework;
 * forward and forward+backward, xseqloss (default options) against the native call
@@ -22,13 +22,8 @@ Nothing here is a test: it prints a table and writes JSON (benchmarks/results/).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -36,6 +31,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+import harness  # noqa: E402
 import xseqloss as xsl  # noqa: E402
 
 SIZES = {"8192x32000": (1, 8192, 32000), "2048x128000": (1, 2048, 128000), "tiny": (1, 8, 128)}
@@ -47,38 +43,6 @@ def _data(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.nd
     z = rng.standard_normal((N, T, C), dtype=np.float32) * 2
     y = rng.integers(0, C, (N, T))
     return z, y
-
-
-def _spin(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
-
-
-def _time(fn: Callable[[], Any], sync: Callable[[Any], Any], gap: float = 0.0) -> float:
-    """Seconds of one call; its result (a gradient) is released after the clock stops. With
-    ``gap``, the clock starts after that long of busy Python work, as in a program that does
-    anything between two calls."""
-    if gap:
-        _spin(gap)
-    t0 = time.perf_counter()
-    out = sync(fn())
-    t = time.perf_counter() - t0
-    del out
-    return t
-
-
-def _alternate(fns: dict[str, Callable[[], Any]], sync: Callable[[Any], Any], reps: int,
-               warmup: int = 1, gap: float = 0.0) -> dict[str, float]:
-    """Median seconds per contender, the contenders interleaved round by round."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            sync(fn())
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            times[name].append(_time(fn, sync, gap))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # ------------------------------------------------------------------------------------ backends
@@ -321,16 +285,10 @@ def devices_for(backend: str, wanted: list[str] | None) -> list[str]:
 
 MEMORY_SNIPPET = r"""
 import sys, json, gc, os
-sys.path.insert(0, {root!r})
+sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r})
 import numpy as np
+from harness import cuda_peak, rss_peak
 backend, which, N, T, C, device = {args!r}
-def rss():
-    with open('/proc/self/status') as f:
-        d = dict(l.split(':', 1) for l in f)
-    return int(d['VmRSS'].split()[0]) * 1024, int(d['VmHWM'].split()[0]) * 1024
-def reset_peak():
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
 rng = np.random.default_rng(0)
 z_np = rng.standard_normal((N, T, C), dtype=np.float32); y_np = rng.integers(0, C, (N, T))
 nbytes = z_np.nbytes
@@ -382,7 +340,6 @@ elif backend == 'tensorflow':
     cuda = False
 else:
     z = z_np; y = y_np
-    sys.path.insert(0, {here!r})
     from bench import numpy_baseline_fb
     run = (lambda: numpy_baseline_fb(z, y)[1]) if which == 'native' else (lambda: xsl.value_and_grad(z, y)[1])
     cuda = False
@@ -393,26 +350,17 @@ if backend == 'torch':
     # release it so the measured step allocates its gradient as a first step does
     import xseqloss.torch
     xseqloss.torch.empty_cache()
-if cuda:
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-    g = run(); torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
-else:
-    gc.collect(); base, _ = rss(); reset_peak()
-    g = run(); _, hwm = rss(); peak = hwm - base
+g, peak = cuda_peak(run) if cuda else rss_peak(run)
 print(json.dumps({{"peak_extra_bytes": peak, "logits_bytes": nbytes}}))
 """
 
 
 def measure_memory(backend: str, which: str, shape: tuple[int, int, int], device: str) -> float | None:
     code = MEMORY_SNIPPET.format(root=os.path.dirname(HERE), here=HERE, args=(backend, which, *shape, device))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
-    except Exception as exc:  # report, never hide
-        print(f"  memory {backend}/{which}: failed ({exc}); stderr tail: {out.stderr[-400:] if 'out' in dir() else ''}")
+    d, why = harness.python_json(["-c", code], timeout=600, require_success=False)
+    if d is None:  # report, never hide
+        print(f"  memory {backend}/{which}: failed ({why})")
         return None
-    d = json.loads(line)
     return d["peak_extra_bytes"] / d["logits_bytes"]
 
 
@@ -432,9 +380,8 @@ def main(argv: list[str] | None = None) -> int:
 
     avail = xsl.available_backends()
     backends = [b for b in (args.backends or list(CONTENDERS)) if b in avail]
-    env = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
-           "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "backends": {b: avail[b] for b in backends}, "xseqloss": xsl.__version__}
+    env = harness.environment(processor=True)
+    env.update(backends={b: avail[b] for b in backends}, xseqloss=xsl.__version__)
     try:
         import torch
         if torch.cuda.is_available():
@@ -453,11 +400,11 @@ def main(argv: list[str] | None = None) -> int:
                 reps = args.tiny_reps if tiny else args.reps
                 row: dict[str, Any] = {"backend": be, "device": dev, "size": size, "shape": shape}
                 if not tiny:
-                    row["floors_ms"] = {k: v * 1e3 for k, v in _alternate(c["floors"], sync, reps).items()}
+                    row["floors_ms"] = harness.ms(harness.alternate(c["floors"], sync, reps))
                 for phase in ("forward", "fwd_bwd"):
-                    med = _alternate(c[phase], sync, reps, warmup=3 if tiny else 1)
-                    row[phase + "_ms"] = {k: v * 1e3 for k, v in med.items()}
-                    row[phase + "_ratio"] = {k: v / med["native"] for k, v in med.items() if k != "native"}
+                    med = harness.alternate(c[phase], sync, reps, warmup=3 if tiny else 1)
+                    row[phase + "_ms"] = harness.ms(med)
+                    row[phase + "_ratio"] = harness.ratios(med, "native")
                     row[phase + "_overhead_us"] = {k: (v - med["native"]) * 1e6 for k, v in med.items() if k != "native"}
                     if tiny:
                         # Back to back, a call starts a microsecond after the previous one ended. JAX's
@@ -467,14 +414,14 @@ def main(argv: list[str] | None = None) -> int:
                         # ~45 us. So the tiny size is also timed with the same 50 us of Python work
                         # before every contender's call, outside the clock: what a call costs in a
                         # program that does anything between two calls.
-                        med = _alternate(c[phase], sync, reps, warmup=3, gap=50e-6)
-                        row[phase + "_after_gap_ms"] = {k: v * 1e3 for k, v in med.items()}
+                        med = harness.alternate(c[phase], sync, reps, warmup=3, gap=50e-6)
+                        row[phase + "_after_gap_ms"] = harness.ms(med)
                         row[phase + "_after_gap_overhead_us"] = {k: (v - med["native"]) * 1e6
                                                                  for k, v in med.items() if k != "native"}
                 if be == "torch" and not args.no_compiled and not tiny:
                     cc = torch_compiled(shape, dev)
-                    med = _alternate(cc["fwd_bwd_compiled"], cc["sync"], reps)
-                    row["fwd_bwd_compiled_ms"] = {k: v * 1e3 for k, v in med.items()}
+                    med = harness.alternate(cc["fwd_bwd_compiled"], cc["sync"], reps)
+                    row["fwd_bwd_compiled_ms"] = harness.ms(med)
                 if not tiny:
                     exp = row["floors_ms"]["exp"]
                     row["fwd_bwd_over_exp"] = {k: v / exp for k, v in row["fwd_bwd_ms"].items()}
@@ -488,9 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["peak_extra_memory_x_logits"] = mem
                 results.append(row)
                 _print_row(row)
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"environment": env, "results": results}, f, indent=1)
+    harness.write_json(args.json, {"environment": env, "results": results})
     print(f"\nwrote {args.json}")
     return 0
 

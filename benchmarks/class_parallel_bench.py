@@ -17,13 +17,13 @@ on this machine (one thread each), in one run:
     python benchmarks/class_parallel_bench.py --tokens 1024 --reps 3
 
 Two processes share two cores here: the times are caveated (docs/performance.md). Nothing here is
-a test: it prints a table and writes benchmarks/results/class-parallel-cpu.json.
+a test: it prints a table and writes benchmarks/results/class-parallel-cpu.json. The peak-RSS,
+fresh-process and JSON machinery is benchmarks/harness.py's.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -37,17 +37,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
-
-def rss() -> tuple[int, int]:
-    with open("/proc/self/status") as f:
-        d = dict(line.split(":", 1) for line in f)
-    return int(d["VmRSS"].split()[0]) * 1024, int(d["VmHWM"].split()[0]) * 1024
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+import harness  # noqa: E402
 
 
 def loopback_bytes() -> int:
@@ -70,13 +62,9 @@ def data(T: int, C: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def peak_extra(run, keep_bytes: int) -> int:
     from xseqloss.torch import empty_cache
     empty_cache()  # xseqloss keeps a freed gradient buffer for reuse: out of the base, so it is counted
-    gc.collect()
-    base, _ = rss()
-    reset_peak()
-    out = run()
-    _, hwm = rss()
+    out, extra = harness.rss_peak(run)
     del out
-    return hwm - base - keep_bytes
+    return extra - keep_bytes
 
 
 def single(T: int, C: int, reps: int) -> dict:
@@ -234,12 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     me = os.path.abspath(__file__)
     common = ["--tokens", str(T), "--classes", str(C), "--reps", str(args.reps), "--world", str(args.world)]
     print(f"single process, {T} x {C} float32 (L = {T * C * 4 / 2**20:.0f} MB) ...", flush=True)
-    sp = subprocess.run([sys.executable, me, "--role", "single", *common], capture_output=True, text=True,
-                        env=dict(os.environ))
-    if sp.returncode:
-        print(sp.stderr[-3000:])
+    one, why = harness.python_json([me, "--role", "single", *common], env=dict(os.environ), tail=3000)
+    if one is None:
+        print(why)
         return 1
-    one = json.loads(sp.stdout.strip().splitlines()[-1])
     print(f"{args.world} gloo ranks ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         rp = subprocess.run([sys.executable, me, "--role", "ranks", "--out", tmp, *common], env=env,
@@ -276,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
            "single": one, "rows": rows, "xseqloss_over_loss_parallel": ratio,
            "values": {"xseqloss": ranks[0]["value"], "loss_parallel": ranks[0]["loss_parallel_value"]},
            "caveat": "2 processes share 2 cores (one thread each); the single process uses 2 threads"}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=1)
+    harness.write_json(args.json, res)
     return 0
 
 

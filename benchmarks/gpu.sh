@@ -10,9 +10,13 @@
 #                                                        -> OUTDIR/gpu-report.json, OUTDIR/gpu-report.md
 #      and, at the same time, the PyTorch suite with XSEQLOSS_TORCH_KERNEL=triton
 #                                                        -> OUTDIR/gpu-report-torch-triton.{json,md}
-#   3. benchmarks/gpu.py: the Triton kernel's checks on the GPU (incl. past 2**31 elements), then
-#      cross-entropy and fused-output-layer benchmarks against the HBM floor and the other
-#      libraries, and a Triton launch-configuration sweep
+#   3. the Triton kernel's tests on CUDA (pytest tests/test_triton_cuda.py: every option against a
+#      float64 reference, p(y) -> 1 in bfloat16, large logits, in place, past 2**31 elements)
+#                                                        -> OUTDIR/triton-cuda-tests.txt,
+#                                                           OUTDIR/triton-cuda-tests.xml (JUnit, with
+#                                                           each test's measured error)
+#   4. benchmarks/gpu.py: cross-entropy and fused-output-layer benchmarks against the HBM floor and
+#      the other libraries, and a Triton launch-configuration sweep
 #                                                        -> OUTDIR/gpu-bench.json, OUTDIR/gpu-bench.md
 # Everything printed also goes to OUTDIR/gpu.log. Bring OUTDIR back.
 #
@@ -24,7 +28,8 @@
 #         liger-kernel cut-cross-entropy        # the contenders (pure Python wheels)
 #     # and only if the GPU machine lacks them:
 #     #   triton==3.6.0 (the kernel; must match torch's), optax absl-py (the JAX contender and the
-#     #   conformance suite's optax natives), setuptools wheel (for the editable install below)
+#     #   conformance suite's optax natives), pytest iniconfig pluggy packaging (step 3),
+#     #   setuptools wheel (for the editable install below)
 #
 # then on the GPU machine, from the repository root:
 #
@@ -34,8 +39,8 @@
 #     bash benchmarks/gpu.sh OUTDIR
 #
 # Limits (seconds, environment variables): GPU_SH_TOTAL (whole script, default 470),
-# GPU_SH_CONFORMANCE (step 2, default 230). Extra arguments after OUTDIR go to gpu.py
-# (e.g. --no-compile, --workers checks ce-base ce-triton).
+# GPU_SH_CONFORMANCE (step 2, default 230), GPU_SH_TESTS (step 3, default 90). Extra arguments after
+# OUTDIR go to gpu.py (e.g. --no-compile, --workers ce-base ce-triton).
 
 set -u
 if [ $# -lt 1 ]; then
@@ -50,6 +55,7 @@ OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python}"
 TOTAL="${GPU_SH_TOTAL:-470}"
 CONF_LIMIT="${GPU_SH_CONFORMANCE:-230}"
+TESTS_LIMIT="${GPU_SH_TESTS:-90}"
 START=$SECONDS
 STATUS=0
 
@@ -116,6 +122,12 @@ case "$RC" in
     124|137) loud "conformance with the Triton kernel: TIMED OUT after ${CONF_LIMIT} s"; STATUS=1 ;;
     *) loud "conformance with the Triton kernel: FAILED (exit status $RC, log: $OUT/conformance-torch-triton.log)"; STATUS=1 ;;
 esac
+
+# the Triton kernel's correctness on CUDA: a test file, run with pytest (a test that cannot run here,
+# no CUDA or no triton, is listed as SKIPPED with its reason)
+step "Triton kernel tests on CUDA (tests/test_triton_cuda.py)" "$TESTS_LIMIT" bash -c "set -o pipefail; \
+    \"$PY\" -m pytest -v -rs -p no:cacheprovider -o junit_family=xunit1 \
+    --junitxml \"$OUT/triton-cuda-tests.xml\" tests/test_triton_cuda.py | tee \"$OUT/triton-cuda-tests.txt\""
 
 LEFT=$((TOTAL - (SECONDS - START) - 15))
 if [ "$LEFT" -lt 30 ]; then

@@ -3,7 +3,8 @@
 peers that run here, with ratios taken in one run (the machines are shared and noisy).
 
 * speed: forward+backward (d hidden and d weight), contenders interleaved round by round (order
-  reversed every other round); the ratio is the median of each round's ratio to the naive time;
+  reversed every other round); the ratio is the median of each round's ratio to the naive time
+  (the timing, memory and JSON machinery is benchmarks/harness.py's);
   PyTorch also against ``F.linear_cross_entropy`` (reference path, and its chunked path through
   ``LinearCrossEntropyOptions``), ``torch.compile`` of the naive code and Cut Cross-Entropy's
   ``torch_compile`` implementation when the ``cut-cross-entropy`` package is installed;
@@ -23,13 +24,8 @@ Nothing here is a test: it prints a table and writes JSON (benchmarks/results/li
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -39,21 +35,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+import harness  # noqa: E402
 import xseqloss as xsl  # noqa: E402
-from bench import _time  # noqa: E402
-
-
-def _rounds(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
-    """Seconds per call, round by round: one warm-up call each, then ``reps`` rounds that run every
-    contender once, in reverse order every other round (a drift within a round favours no one)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(reps):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            times[name].append(_time(fns[name], lambda x: x, 0.0))
-    return times
 
 
 def _data(T: int, H: int, C: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -173,13 +156,7 @@ MEMORY_SNIPPET = r"""
 import sys, json, gc
 sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r})
 backend, which, T, H, C = {args!r}
-def rss():
-    with open('/proc/self/status') as f:
-        d = dict(l.split(':', 1) for l in f)
-    return int(d['VmRSS'].split()[0]) * 1024, int(d['VmHWM'].split()[0]) * 1024
-def reset_peak():
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
+from harness import rss_peak, tf_allocator_peak, tf_allocator_start
 from linear_bench import _data, numpy_naive
 import xseqloss as xsl
 hn, wn, yn = _data(T, H, C)
@@ -233,15 +210,14 @@ else:
     warm = lambda: (numpy_naive(h[:WARM], w, y[:WARM]) if which == 'naive'
                     else xsl.linear_value_and_grad(h[:WARM], w, y[:WARM], layout='NH'))
 out = warm(); del out; gc.collect()
-gc.collect(); base, _ = rss(); reset_peak()
-if backend == 'tensorflow':  # TensorFlow's CPU allocator caches freed blocks: RSS misses their reuse
-    alloc0 = tf.config.experimental.get_memory_info('CPU:0')['current']
-    tf.config.experimental.reset_memory_stats('CPU:0')
-grads = run(); _, hwm = rss()
+start = {{}}
+# TensorFlow's CPU allocator caches freed blocks: RSS misses their reuse, its own count does not
+before = (lambda: start.update(alloc0=tf_allocator_start())) if backend == 'tensorflow' else None
+grads, rss_extra = rss_peak(run, before)
 grad_bytes = T * H * 4 + C * H * 4
-out = {{"rss_peak_extra_bytes": hwm - base - grad_bytes, "logits_bytes": T * C * 4}}
+out = {{"rss_peak_extra_bytes": rss_extra - grad_bytes, "logits_bytes": T * C * 4}}
 if backend == 'tensorflow':
-    out["allocator_peak_extra_bytes"] = tf.config.experimental.get_memory_info('CPU:0')['peak'] - alloc0 - grad_bytes
+    out["allocator_peak_extra_bytes"] = tf_allocator_peak() - start["alloc0"] - grad_bytes
 out["peak_extra_bytes"] = out.get("allocator_peak_extra_bytes", out["rss_peak_extra_bytes"])
 print(json.dumps(out))
 """
@@ -249,13 +225,10 @@ print(json.dumps(out))
 
 def measure_memory(backend: str, which: str, T: int, H: int, C: int) -> dict[str, float] | None:
     code = MEMORY_SNIPPET.format(root=ROOT, here=HERE, args=(backend, which, T, H, C))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode or not lines:  # reported, never hidden
-        print(f"  memory {backend}/{which}/T={T}: failed (rc {out.returncode}); stderr tail: {out.stderr[-600:]}")
-        return None
-    return json.loads(lines[-1])
+    d, why = harness.python_json(["-c", code], timeout=900)
+    if d is None:  # reported, never hidden
+        print(f"  memory {backend}/{which}/T={T}: failed ({why})")
+    return d
 
 
 # ------------------------------------------------------------------------------------- main
@@ -274,25 +247,24 @@ def main(argv: list[str] | None = None) -> int:
     T, H, C = args.tokens, args.hidden, args.classes
     avail = xsl.available_backends()
     backends = [b for b in (args.backends or list(CONTENDERS)) if b in avail]
-    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "backends": {b: avail[b] for b in backends},
-           "xseqloss": xsl.__version__, "size": {"tokens": T, "hidden": H, "classes": C}}
+    env = harness.environment()
+    env.update(backends={b: avail[b] for b in backends}, xseqloss=xsl.__version__,
+               size={"tokens": T, "hidden": H, "classes": C})
     results: list[dict[str, Any]] = []
     for be in backends:
         row: dict[str, Any] = {"backend": be}
         print(f"[{be}] tokens x hidden x classes = {T} x {H} x {C} float32", flush=True)
         if not args.no_speed:
             fns = CONTENDERS[be](T, H, C)
-            times = _rounds(fns, args.reps)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            row["fwd_bwd_ms"] = {k: v * 1e3 for k, v in med.items()}
+            times = harness.rounds(fns, reps=args.reps, reverse_odd=True)
+            med = harness.medians(times)
+            row["fwd_bwd_ms"] = harness.ms(med)
             row["fwd_bwd_ms_rounds"] = {k: [round(x * 1e3) for x in v] for k, v in times.items()}
             # each round's ratio to the naive time of the same round, then their median: the
             # machine's speed drifts by up to 2x over minutes, and a round's contenders are
             # seconds apart
-            row["fwd_bwd_ratio"] = {k: statistics.median(a / b for a, b in zip(v, times["naive"]))
-                                    for k, v in times.items() if k != "naive"}
-            row["fwd_bwd_ratio_of_medians"] = {k: v / med["naive"] for k, v in med.items() if k != "naive"}
+            row["fwd_bwd_ratio"] = harness.round_ratios(times, "naive")
+            row["fwd_bwd_ratio_of_medians"] = harness.ratios(med, "naive")
             print("  fwd+bwd ms:    " + ", ".join(f"{k}={v * 1e3:.0f}" for k, v in med.items()))
             print("  / naive:       " + ", ".join(f"{k}={v:.3f}" for k, v in row["fwd_bwd_ratio"].items())
                   + "   (median of each round's ratio)")
@@ -311,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{k}={v['x_L']:.3f} ({v['peak_extra_MB']:.0f} MB)" for k, v in mem.items()),
                   flush=True)
         results.append(row)
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"environment": env, "results": results}, f, indent=1)
+    harness.write_json(args.json, {"environment": env, "results": results})
     print(f"\nwrote {args.json}")
     return 0
 

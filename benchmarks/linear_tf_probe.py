@@ -14,12 +14,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import harness  # noqa: E402
 from linear_bench import _data, tf_contenders  # noqa: E402
 
 
@@ -60,18 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     T, H, C = args.tokens, args.hidden, args.classes
     fns = {"naive": tf_contenders(T, H, C)["naive"]}
     fns.update({f"matmuls_only@{c}": matmuls_only(T, H, C, c) for c in args.chunks if T % c == 0})
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(args.reps):
-        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
+    times = harness.rounds(fns, reps=args.reps, reverse_odd=True)
+    ratio = dict(harness.round_ratios(times, "naive"), naive=1.0)
     print(f"[tensorflow] {T} x {H} x {C} float32: ratio to the naive fwd+bwd (median of each round's)")
     for k, v in times.items():
-        ratio = statistics.median(a / b for a, b in zip(v, times["naive"]))
-        print(f"  {k:22s} {statistics.median(v) * 1e3:8.0f} ms   {ratio:.3f}")
+        print(f"  {k:22s} {statistics.median(v) * 1e3:8.0f} ms   {ratio[k]:.3f}")
     return 0
 
 

@@ -1,6 +1,8 @@
-"""benchmarks/gpu.py's CPU-side logic (the GPU run itself happens elsewhere, by hand): argument
-parsing, the summary writer, the loud skipping of whatever is missing, and a smoke run of its
-worker code on the CPU (--allow-cpu) so that a GPU session does not discover a typo."""
+"""benchmarks/gpu.sh and benchmarks/gpu.py's CPU-side logic (the GPU run itself happens elsewhere, by
+hand): argument parsing, the summary writer (benchmarks/gpu_report.py), the loud skipping of whatever
+is missing, and smoke runs on the CPU so that a GPU session does not discover a typo: the workers
+(benchmarks/gpu_workers.py, --allow-cpu) and gpu.sh's test step, tests/test_triton_cuda.py, through
+Triton's interpreter."""
 
 import importlib.util
 import json
@@ -10,17 +12,30 @@ import sys
 
 import pytest
 
+from helpers.support import require_or_skip, required_backends
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "gpu.py")
-SHELL = os.path.join(ROOT, "benchmarks", "gpu.sh")
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+SCRIPT = os.path.join(BENCHMARKS, "gpu.py")
+SHELL = os.path.join(BENCHMARKS, "gpu.sh")
 
 
 @pytest.fixture(scope="module")
 def gpu():
-    spec = importlib.util.spec_from_file_location("xseqloss_bench_gpu", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    """benchmarks/gpu.py as a module (its siblings gpu_report, gpu_workers and harness imported from
+    benchmarks/, which is on sys.path only while it loads)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(BENCHMARKS)
+        spec = importlib.util.spec_from_file_location("xseqloss_bench_gpu", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def report(gpu):
+    """benchmarks/gpu_report.py, as gpu.py imported it."""
+    return sys.modules["gpu_report"]
 
 
 def _run(args, timeout=60):
@@ -51,14 +66,15 @@ def test_tiny_and_overrides(gpu):
     a = gpu.parse_args(["out", "--tiny"])
     assert a.sizes == gpu.TINY_CE_SIZES and a.lce_size == gpu.TINY_LCE_SIZE and a.reps == 2 and a.warmup <= 1
     a = gpu.parse_args(["out", "--tiny", "--reps", "5", "--sizes", "16x100", "--kernels", "triton",
-                        "--workers", "checks", "ce-triton", "--budget", "30", "--no-compile"])
+                        "--workers", "ce-base", "ce-triton", "--budget", "30", "--no-compile"])
     assert a.reps == 5 and a.sizes == ["16x100"] and a.kernels == ["triton"]
-    assert a.workers == ["checks", "ce-triton"] and a.budget == 30 and a.no_compile
+    assert a.workers == ["ce-base", "ce-triton"] and a.budget == 30 and a.no_compile
 
 
 @pytest.mark.parametrize("bad", [["out", "--sizes", "8192"], ["out", "--lce-size", "8x8"],
                                  ["out", "--kernels", "cuda"], ["out", "--dtypes", "float64"],
-                                 ["out", "--reps", "0"], ["out", "--workers", "everything"]])
+                                 ["out", "--reps", "0"], ["out", "--workers", "everything"],
+                                 ["out", "--workers", "checks"]])  # the kernel checks: tests/test_triton_cuda.py
 def test_bad_arguments_are_errors(gpu, bad):
     with pytest.raises(SystemExit) as exc:
         gpu.parse_args(bad)
@@ -69,14 +85,12 @@ def test_bad_arguments_are_errors(gpu, bad):
 
 def _fake_result():
     rows = [
-        {"bench": "check", "name": "options vs float64", "ok": True, "detail": "max err float32 1e-07"},
-        {"bench": "check", "name": "64-bit offsets past 2**31 elements", "ok": False, "detail": "err 1 | bad"},
         {"bench": "ce", "size": "8192x32000", "dtype": "bfloat16", "contender": "floor: copy of the logits",
          "ms": 0.5},
         {"bench": "ce", "size": "8192x32000", "dtype": "bfloat16", "contender": "F.cross_entropy eager",
          "ms": 2.0, "peak_x_logits": 3.0, "loss": 10.5, "reference": True},
         {"bench": "ce", "size": "8192x32000", "dtype": "bfloat16", "contender": "xseqloss[triton]",
-         "ms": 0.8, "peak_x_logits": 1.0, "loss": 10.5, "note": "launches 1"},
+         "ms": 0.8, "peak_x_logits": 1.0, "loss": 10.5, "note": "launches 1 | per call"},
         {"bench": "lce", "size": "8192x4096x128256", "dtype": "bfloat16", "logits_size": "8192x128256",
          "contender": "matmul alone: h @ W^T (logits)", "ms": 5.0},
         {"bench": "lce", "size": "8192x4096x128256", "dtype": "bfloat16", "logits_size": "8192x128256",
@@ -105,20 +119,19 @@ def test_floors_and_matmul_ratios(gpu):
     assert lce["x_matmuls"] == pytest.approx(3.0)  # over the sum of the matmuls alone
 
 
-def test_markdown_tables_and_skip_lines(gpu):
+def test_markdown_tables_and_skip_lines(gpu, report):
     res = _fake_result()
     gpu._relate_to_floors(res["rows"])
-    md = gpu.render_markdown(res)
+    md = report.render_markdown(res)
     assert "- SKIPPED: Liger-Kernel contenders: liger_kernel is not installed" in md
     assert "- SKIPPED: optax under jax.jit: jax is not installed" in md
     assert "## Cross-entropy forward+backward, 8192x32000, bfloat16" in md
     assert "| contender | ms | x floor | peak (x logits) | vs ref | loss | note |" in md
-    assert "| xseqloss[triton] | 0.8 | 1.6 | 1 | 0.4 | 10.5 | launches 1 |" in md
+    assert "| xseqloss[triton] | 0.8 | 1.6 | 1 | 0.4 | 10.5 | launches 1 / per call |" in md  # '|' escaped
     assert "| F.cross_entropy eager (ref) | 2 | 4 | 3 | 1 | 10.5 |  |" in md
     assert "## Fused output layer forward+backward, 8192x4096x128256, bfloat16" in md
     assert "| contender | ms | x floor | x matmuls | peak (x logits) | vs ref | loss | note |" in md
     assert "| matmul + F.cross_entropy eager (ref) | 30 | 15 | 3 | 4 | 1 | - |  |" in md
-    assert "| options vs float64 | pass |" in md and "| **FAIL** | err 1 / bad |" in md  # '|' escaped
     assert "- worker compiled: timed out" in md
     lines = md.splitlines()
     n = None
@@ -132,9 +145,9 @@ def test_markdown_tables_and_skip_lines(gpu):
             assert line.count("|") == n, line
 
 
-def test_nothing_skipped_says_so(gpu, tmp_path):
+def test_nothing_skipped_says_so(report, tmp_path):
     res = {"environment": {}, "skipped": [], "errors": [], "rows": [], "seconds": 1.0}
-    j, m = gpu.write_outputs(res, str(tmp_path / "o"))
+    j, m = report.write_outputs(res, str(tmp_path / "o"))
     assert json.load(open(j))["rows"] == []
     assert "Nothing was skipped." in open(m).read()
 
@@ -193,10 +206,31 @@ def test_worker_code_runs_on_cpu(tmp_path):
     assert "## Cross-entropy forward+backward, 64x1000, float32" in md
 
 
+def test_triton_cuda_tests_run_on_cpu_through_the_interpreter():
+    """gpu.sh's test step, tests/test_triton_cuda.py, on CPU tensors through Triton's interpreter
+    (TRITON_INTERPRET=1, small sizes): its code runs before a GPU session runs it for real."""
+    require_or_skip("torch")
+    if importlib.util.find_spec("triton") is None:
+        if "torch" in required_backends():
+            pytest.fail("triton is required with the torch backend (XSEQLOSS_REQUIRE_BACKENDS) but is not "
+                        "installed", pytrace=False)
+        pytest.skip("triton is not installed")
+    if _cuda():
+        pytest.skip("CUDA is present here: tests/test_triton_cuda.py runs on it in this session")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_cuda.py"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert p.returncode == 0 and "5 passed" in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
+
+
 def test_shell_script_parses_and_documents_the_wheels():
     p = subprocess.run(["bash", "-n", SHELL], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
-    head = open(SHELL).read().split("set -u")[0]
+    text = open(SHELL).read()
+    head = text.split("set -u")[0]
     for word in ("liger-kernel", "cut-cross-entropy", "triton", "pip install --no-deps wheels/*.whl",
-                 "pip install --no-deps", "-e .", "gpu-report.json", "gpu-report.md", "xseqloss info"):
+                 "pip install --no-deps", "-e .", "gpu-report.json", "gpu-report.md", "xseqloss info",
+                 "pytest", "triton-cuda-tests.txt", "triton-cuda-tests.xml"):
         assert word in head, word
+    body = text.split("set -u")[1]
+    assert "-m pytest" in body and "tests/test_triton_cuda.py" in body and '$OUT/triton-cuda-tests.xml' in body

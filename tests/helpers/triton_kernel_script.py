@@ -7,6 +7,9 @@ subprocess so that the pytest process never imports Triton in interpreter mode.
 Prints one JSON object {check name: {"ok": bool, "detail": str}} as the last line of stdout. Every
 check runs even when an earlier one fails; a check that raises is reported as failed with its
 traceback.
+
+Its float64 ``reference`` (with ``rel_err`` and ``TOL``) is also the one tests/test_triton_cuda.py
+checks the kernel against on CUDA, imported from here.
 """
 
 from __future__ import annotations
