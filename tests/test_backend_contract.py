@@ -47,7 +47,8 @@ def _reference(z, y, keep, k, scale):
     """lse(z) - z[y] and (softmax - onehot) * scale per token, float64, plain NumPy loops."""
     x = np.moveaxis(np.asarray(z, np.float64), k, -1)
     rows, C = x.reshape(-1, x.shape[-1]), x.shape[-1]
-    yy, kk = y.reshape(-1), (np.ones(yy.shape, bool) if keep is None else keep.reshape(-1))
+    yy = y.reshape(-1)
+    kk = np.ones(yy.shape, bool) if keep is None else keep.reshape(-1)
     ss = None if scale is None else scale.reshape(-1)
     l = np.zeros(len(rows))
     g = np.zeros(rows.shape)

@@ -10,7 +10,8 @@ changes with the package's structure, and only this module's names are promised 
 * ``core``: the core's modules (``core.backward``, ``core.token_loss``, ``core.linear`` ...);
 * ``contract``: the backend contract (``contract.REQUIRED``, ``contract.HOOKS``);
 * ``prepare_call``: a call prepared as ``sequence_cross_entropy`` prepares it (``Call``: its
-  backend, plan and arrays).
+  backend, plan and arrays); ``prepare_plain(logits, targets, options)``: the same through the
+  per-signature cache of calls without side arrays (what the public functions use).
 
 >>> from xseqloss.internals import engine
 >>> engine.current("numpy").kernel
@@ -23,12 +24,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from . import _dispatch
-from .api.prepare import prepare_call
+from .api.prepare import prepare_call, prepare_plain
 from .core import backward, chunks, common, compute, linear, reduction, token_loss, tokens
 from .plan import engine
 from .plan import ops as contract
 
-__all__ = ["engine", "backend", "part", "core", "contract", "prepare_call"]
+__all__ = ["engine", "backend", "part", "core", "contract", "prepare_call", "prepare_plain"]
 
 core = SimpleNamespace(backward=backward, chunks=chunks, common=common, compute=compute, linear=linear,
                        reduction=reduction, token_loss=token_loss, tokens=tokens)

@@ -18,7 +18,7 @@ from . import _class_parallel, _dispatch
 from ._errors import XSeqLossError, XSeqLossTypeError
 from .api.compiled import keep_type_when_compiled
 from .api import ragged as _ragged
-from .api.prepare import Call, prepare_call, prepare_sides
+from .api.prepare import Call, prepare_call, prepare_plain, prepare_sides
 from .api.stats_call import metrics_plan
 from .api.validate import act_on_flags, check_concrete_sides, check_values, raise_value_error
 from .core import reduction, tokens
@@ -109,7 +109,7 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
 def _loss(logits: Any, targets: Any, kw: dict) -> Any:
     if kw.get("class_parallel") is not None:
         return _class_parallel_loss(logits, targets, kw, grad=False)
-    call = prepare_call(logits, targets, **kw)
+    call = prepare_plain(logits, targets, kw)
     if call.st.default_call and not call.tracing and call.be.default_token_loss is not None:
         result = _default_call(call)
         if result is not None:
@@ -140,14 +140,15 @@ def _default_call(call: Call) -> Any:
     out = call.be.default_token_loss(call.st, call.z, call.y)
     if out is None:
         return None
-    result = call.be.run(_default_reduce, call.st, *out)
+    l, n, _ = out
+    result = call.be.run(_default_reduce, call.st, l, n)
     if not call.st.mark_nan:
         act_on_flags(call, None)  # the softmax probe
     return result
 
 
-def _default_reduce(ops: Any, st: CallPlan, l: Any, keep: Any) -> Any:
-    return reduction.default(ops, st, l, keep)
+def _default_reduce(ops: Any, st: CallPlan, l: Any, n: int) -> Any:
+    return reduction.default(ops, st, l, n)
 
 
 @keep_type_when_compiled
@@ -189,8 +190,12 @@ def _class_parallel_loss(logits: Any, targets: Any, kw: dict, grad: bool) -> Any
 def _value_and_grad(logits: Any, targets: Any, options: dict) -> tuple[Any, Any]:
     if options.get("class_parallel") is not None:
         return _class_parallel_loss(logits, targets, options, grad=True)
-    call = prepare_call(logits, targets, **options)
+    call = prepare_plain(logits, targets, options)
     be = call.be
+    if call.st.default_call and not call.tracing and be.default_token_loss is not None:
+        out = be.default_token_loss(call.st, call.z, call.y, want_grad=True)
+        if out is not None:  # a backend without autodiff: loss and gradient from its leanest kernel
+            return be.run(_default_reduce, call.st, out[0], out[1]), out[2]
     if not call.st.mark_nan:
         joint = be.value_and_grad_flagged  # JAX: the checks ride in the same program
         if joint is None:

@@ -3,7 +3,9 @@ array, all static checks (``prepare_call`` -> ``Call``)."""
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -71,6 +73,51 @@ def prepare_call(logits: Any, targets: Any, *, layout: Any = "NTC", mask: Any = 
     return prepare_sides(be, o, z, shape, targets, mask=mask, lengths=lengths, weights=weights,
                          class_weights=class_weights, normalizer=normalizer, segment_ids=segment_ids,
                          rows=rows, stats=stats)
+
+
+_PLAIN_OPTIONS = ("layout", "ignore_index", "inputs", "label_smoothing", "smoothing", "z_loss", "logit_softcap",
+                  "reduction", "denominator", "empty", "num_classes", "validate", "backend", "shift")
+_PLAIN_SIDES = ("mask", "lengths", "weights", "class_weights", "normalizer", "segment_ids", "rows", "padded",
+                "stats", "class_parallel")
+_plain: dict = {}   # signature -> (be, st, shape, tok_shape, soft): what prepare_call found for it
+_PLAIN_MAX = 512
+
+
+def prepare_plain(logits: Any, targets: Any, kw: dict) -> Call:
+    """``prepare_call`` for the most common call, with no side arrays: the static part of the call
+    (options, plan, shapes) depends only on the arrays' types, dtypes and shapes and the options'
+    values, so it is computed once per such signature and reused (a small call would otherwise pay
+    it on every training step, issue 25). Anything else, and every first call of a signature, goes
+    through ``prepare_call`` itself: its checks and errors are the same code. Ragged inputs are
+    converted by the caller first (api/ragged.py), so they arrive here with ``rows``."""
+    if (any(map(operator.is_not, map(kw.get, _PLAIN_SIDES), repeat(None)))
+            or kw.get("inplace_backward", False) is not False or type(logits).__name__ == "DTensor"):
+        return prepare_call(logits, targets, **kw)
+    be, z = _dispatch.resolve(logits, kw.get("backend"))
+    if z is not logits or be.tracing(z):
+        return prepare_call(logits, targets, **kw)
+    values = tuple(map(kw.get, _PLAIN_OPTIONS, repeat(_UNSET)))
+    types = tuple(map(type, values))
+    if not _PLAIN_TYPES.issuperset(types):  # e.g. a list of ignore values, an array: the general path
+        return prepare_call(logits, targets, **kw)
+    y = sides.side(be, targets, "targets", z)
+    key = (be.name, type(z), z.dtype, be.shape(z), type(y), y.dtype, be.shape(y), engine.current(be.name),
+           be.index_limits(), values, types)
+    hit = _plain.get(key)
+    if hit is None:
+        call = prepare_call(logits, targets, **kw)
+        if not call.tracing and len(_plain) < _PLAIN_MAX:
+            _plain[key] = (call.be, call.st, call.shape, call.tok_shape, call.t is not None)
+        return call
+    be, st, shape, tok_shape, soft = hit
+    if soft:
+        return Call(be, st, z, None, y, None, None, None, None, None, shape=shape, tok_shape=tok_shape)
+    return Call(be, st, z, be.index_dtype(y), None, None, None, None, None, None, shape=shape,
+                tok_shape=tok_shape, raw={"targets": y})
+
+
+_UNSET = object()
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None), object})  # Python values only: a value is its key
 
 
 def logits_shape(be: Any, o: Options, z: Any, padded: tuple | None = None) -> tuple[Any, ...]:

@@ -54,7 +54,7 @@ def kind_of(x: Any) -> str | None:
 
 def is_ragged(logits: Any, targets: Any, sides: dict) -> bool:
     return (kind_of(logits) is not None or is_list(targets) or kind_of(targets) is not None
-            or any(is_list(v) or kind_of(v) is not None for v in sides.values()))
+            or any(v is not None and (is_list(v) or kind_of(v) is not None) for v in sides.values()))
 
 
 def convert(logits: Any, targets: Any, *, layout: str, lengths: Any, sides: dict, reduction: str,

@@ -51,6 +51,8 @@ def _looks_like_probs_host(call: Call) -> bool:
     k = call.st.row_plan.opts.k
     idx = sample_index(call.shape, k, SAMPLE_ROWS)
     host = call.be.host_view(call.z)  # the whole array without a copy, or None (then copy the rows)
+    if host is not None and host.size and not 0 <= host.item(0) <= 1:  # the first sampled value: logits, at once
+        return False
     rows = call.be.to_numpy(call.z[idx]) if host is None else host[idx]
     with np.errstate(invalid="ignore"):  # NaN is not >= 0: not a probability row
         if rows.size == 0 or not (rows.min() >= 0 and rows.max() <= 1):  # logits: min < 0 at once

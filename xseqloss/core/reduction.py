@@ -151,17 +151,26 @@ def _segments(ops: Any, st: CallPlan, *, like: Any, counted: Any, W: Any, pos: A
     return coef, finish
 
 
-def default(ops: Any, st: CallPlan, l: Any, keep: Any) -> Any:
-    """The default call's reduction (``CallPlan.default_call``: "none", "sum", or "mean" over the
-    counted tokens with the ``empty`` rule) of per-token losses ``l`` from a backend's
-    ``default_token_loss``; ``keep``: the tokens that count, or None for all. The same rule as
+def default_native(st: CallPlan, n: int) -> str:
+    """The reduction a backend's own kernel applies in the default call (``CallPlan.default_call``,
+    ``Backend.default_token_loss``): "none", "sum", or "mean", its mean over the ``n`` counted
+    tokens, which is the core's mean when n > 0 (a framework's cross-entropy with ``ignore_index``
+    and no weights divides by exactly that count). The empty mean is taken as "sum" (0) and
+    finished by ``default``."""
+    r = st.opts.reduction
+    return "sum" if r == "mean" and n == 0 else r
+
+
+def default(ops: Any, st: CallPlan, l: Any, n: int) -> Any:
+    """The default call's result from ``l``, what the kernel's ``default_native`` reduction gave
+    (``n``: the counted tokens, on the host: the default call runs eagerly): ``l`` itself, or for
+    an empty mean the ``empty`` rule, 0 or NaN with exactly 0 gradient. The same rule as
     ``coef_and_finish``, without the token weights the default call does not have."""
-    o = st.opts
-    if o.reduction == "none":
-        return l
-    total = ops.sum(l, None)
-    if o.reduction == "sum":
-        return total
-    n = ops.size(l) if keep is None else ops.count(keep, None)
-    inv, zero = inverse(ops, ops.cast(n, ops.dtype(l)))
-    return divide(ops, total, inv, zero, o.empty)
+    if st.opts.reduction == "mean" and n == 0:
+        return l * 0.0 + (float("nan") if st.opts.empty == "nan" else 0.0)
+    return l
+
+
+def default_coef(st: CallPlan, n: int) -> float:
+    """d result / d l of each counted token in the default call (a kernel that forms the gradient)."""
+    return (1.0 / n if n > 0 else 0.0) if st.opts.reduction == "mean" else 1.0

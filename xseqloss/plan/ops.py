@@ -166,10 +166,14 @@ class Backend:
 
     # ----------------------------------------------------------------- optional kernel hooks
     default_token_loss: Any = None
-    """``(st, z, y) -> (l, keep) | None``, eager only: the default call's per-token losses (index
-    targets, at most one ignore value; ``keep`` the tokens that count, or None) by the backend's
-    leanest kernel, or None where it does not apply or a label is out of range (then the general
-    path runs and raises or marks NaN). The reduction is the core's (``reduction.default``)."""
+    """``(st, z, y, want_grad) -> (l, n, g) | None``, eager only: the default call (index targets,
+    at most one ignore value, "none", "sum" or "mean") by the backend's leanest kernel: ``n`` the
+    number of counted tokens as a Python int, ``l`` the losses reduced as
+    ``reduction.default_native(st, n)`` says ("none", "sum", or the mean over the n counted
+    tokens), and with ``want_grad`` (``value_and_grad`` of a backend without autodiff) ``g``,
+    d result / d logits with the coefficient ``reduction.default_coef`` (a backend that cannot
+    give it returns None then); None where it does not apply or a label is out of range (then the
+    general path runs and raises or marks NaN). The empty mean is the core's (``reduction.default``)."""
 
     fused_token_loss: Any = None
     """``(st, z, y, t, keep, cw, acc, expected_dl, collect) -> l | None``: per-token losses whose gradient

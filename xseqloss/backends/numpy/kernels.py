@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ...core.reduction import default_coef, default_native
 from ...core.stats import stats_rows
 from ...core.token_loss import token_loss
 
@@ -22,17 +23,51 @@ class NumpyKernels:
     def plain_ce(self, z: Any, y: Any, keep: Any, k: int, acc: Any, scale: Any = None,
                  out: Any = None) -> tuple[Any, Any]:
         """The plain kernel (plan/ops.py ``Backend.plain_ce``): max, exp in place, row sums, one
-        scaling pass and the target column."""
+        scaling pass and the target column. Classes last in C order (the common case, and every
+        chunk) runs on (rows, C) views with flat indices; other layouts along axis k."""
         x = z if z.dtype == acc else z.astype(acc)
+        g = out if out is not None and out.dtype == acc and out.shape == x.shape else np.empty(x.shape, acc)
+        if k in (-1, x.ndim - 1) and x.flags.c_contiguous and g.flags.c_contiguous:
+            l, g = self._plain_rows(x, g, y, keep, scale)
+        else:
+            l, g = self._plain_axis(x, g, y, keep, k, scale)
+        return l, (g if g is None or g.dtype == z.dtype else g.astype(z.dtype))
+
+    @staticmethod
+    def _plain_rows(x: Any, g: Any, y: Any, keep: Any, scale: Any) -> tuple[Any, Any]:
+        C = x.shape[-1]
+        x2, g2 = x.reshape(-1, C), g.reshape(-1, C)  # views (C order)
+        yf = np.reshape(y, -1)
+        r = np.arange(x2.shape[0])
+        m = x2.max(axis=1)
+        m[m == -np.inf] = 0.0
+        xy = x2[r, yf]  # a copy, taken before g (which may be x's own buffer) is written
+        np.subtract(x2, m[:, None], out=g2)
+        np.exp(g2, out=g2)
+        s = g2.sum(axis=1)
+        l = np.log(s) - (xy - m)  # the max-shifted frame: exact to float32 for logits near 1e4
+        drop = None if keep is None or keep.all() else ~np.reshape(keep, -1)
+        if drop is not None:
+            l[drop] = 0.0
+        if scale is None:
+            return l.reshape(np.shape(y)), None
+        sc = np.reshape(scale, -1)
+        np.multiply(g2, (sc / s)[:, None], out=g2)
+        g2[r, yf] -= sc
+        if drop is not None:  # rows that do not count: exactly 0, whatever they hold
+            g2[drop] = 0.0
+        return l.reshape(np.shape(y)), g
+
+    @staticmethod
+    def _plain_axis(x: Any, g: Any, y: Any, keep: Any, k: int, scale: Any) -> tuple[Any, Any]:
         yk = np.expand_dims(y, k)
         m = x.max(axis=k, keepdims=True)
         m[m == -np.inf] = 0.0
         xy = np.take_along_axis(x, yk, axis=k)
-        g = out if out is not None and out.dtype == acc and out.shape == x.shape else np.empty(x.shape, acc)
         np.subtract(x, m, out=g)  # g may be x itself (the gradient in the logits' buffer)
         np.exp(g, out=g)
         s = g.sum(axis=k, keepdims=True)
-        l = (np.log(s) - (xy - m)).squeeze(k)  # the max-shifted frame: exact to float32 for logits near 1e4
+        l = (np.log(s) - (xy - m)).squeeze(k)
         drop = None if keep is None or keep.all() else ~keep
         if drop is not None:
             l[drop] = 0.0
@@ -41,9 +76,9 @@ class NumpyKernels:
         sk = np.expand_dims(scale, k)
         np.multiply(g, sk / s, out=g)
         np.put_along_axis(g, yk, np.take_along_axis(g, yk, axis=k) - sk, axis=k)
-        if drop is not None:  # rows that do not count: exactly 0, whatever they hold
+        if drop is not None:
             np.copyto(g, 0.0, where=np.expand_dims(drop, k))
-        return l, (g if g.dtype == z.dtype else g.astype(z.dtype))
+        return l, g
 
     def token_stats_rows(self, st: Any, z: Any, y: Any, ids: Any, keep: Any, temp: Any, acc: Any) -> dict:
         """The forward of core.stats (NumPy has no autodiff: ``stats_vjp`` is analytic)."""
@@ -54,21 +89,31 @@ class NumpyKernels:
         with np.errstate(all="ignore"):
             return np.asarray(vjp(self, st, *arrays, cts)).astype(z.dtype, copy=False)
 
-    def default_token_loss(self, st: Any, z: Any, y: Any) -> Any:
-        """The default call's per-token losses (plan/ops.py), with the label check first: a label out
-        of range gives None, and the general path raises or marks it NaN (decisions.md item 21)."""
+    def default_token_loss(self, st: Any, z: Any, y: Any, want_grad: bool = False) -> Any:
+        """The default call (plan/ops.py), with the label check first: a label out of range gives
+        None, and the general path raises or marks it NaN (decisions.md item 21)."""
         if st.engine.kernel != "auto" or z.dtype not in (np.float32, np.float64) or z.size == 0:
             return None
-        bad = (y < 0) | (y >= st.C)
         keep = None
         if st.ignore:
             keep = y != st.ignore[0]
+            if not keep.all():
+                y = np.where(keep, y, 0)
+            else:
+                keep = None
+        bad = (y < 0) | (y >= st.C)
+        if keep is not None:
             bad &= keep
-            y = np.where(keep, y, 0)
         if bad.any():
             return None
+        n = int(y.size if keep is None else np.count_nonzero(keep))
+        scale = None
+        if want_grad:
+            scale = np.full(y.shape, default_coef(st, n), z.dtype)
         with np.errstate(all="ignore"):
-            return self.plain_ce(z, y, keep, st.opts.k, z.dtype)[0], keep
+            l, g = self.plain_ce(z, y, keep, st.opts.k, z.dtype, scale)
+        red = default_native(st, n)
+        return (l if red == "none" else l.sum() / n if red == "mean" else l.sum()), n, g
 
     def fused_value_and_grad(self, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
                              cotangent: Any) -> tuple[Any, Any]:
