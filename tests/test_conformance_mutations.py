@@ -131,3 +131,63 @@ def test_the_same_cases_pass_unmutated():
     report = _suite().run(backends=["numpy", "torch"], cases=CASES, compiled=False, errors=False)
     fails = [(r["backend"], r.get("engine"), r["case"], r["check"]) for r in report["results"] if not r["passed"]]
     assert report["results"] and not fails, fails
+
+
+# ------------------------------------------------------------------ token_stats (API.md 11)
+
+# T = 0.5, 1.5, a per-token temperature (and T = 1, which the planted bug cannot move)
+STATS_CASES = ["st_nct_t05/float32", "st_tnc_t15_mask/float64", "st_temp_token_mask/float32", "st_ntc/float32"]
+
+
+def _stats_cases():
+    from conformance.stats_cases import expand_stats
+
+    cases = [c for c in expand_stats() if c.name in STATS_CASES]
+    assert sorted(c.name for c in cases) == sorted(STATS_CASES)
+    return cases
+
+
+def _entropy_at_temperature_squared(monkeypatch):
+    """The published double-temperature bug (RL-Align/RL-Kernel #81), in one backend's entropy only:
+    the entropy (and its gradient) of softmax(z / T^2); log_prob and lse stay right."""
+    from xseqloss.internals import backend
+
+    cls = type(backend("torch"))
+    real = cls.token_stats_rows
+
+    def rows(self, st, z, y, ids, keep, temp, acc):
+        out = real(self, st, z, y, ids, keep, temp, acc)
+        if "entropy" in out and temp is not None:
+            out = dict(out)
+            out["entropy"] = real(self, st, z, y, ids, keep, temp * temp, acc)["entropy"]
+        return out
+    monkeypatch.setattr(cls, "token_stats_rows", rows)
+
+
+def _failing_stats(backends):
+    from conformance.adapters import ADAPTERS
+    from conformance.stats_checks import run_stats
+
+    failing = {}
+    for name in backends:
+        recs = run_stats(ADAPTERS[name], "cpu", _stats_cases(), compiled=False)
+        assert recs, name
+        failing[name] = sorted({(r["case"], r["check"]) for r in recs if not r["passed"]})
+    return failing
+
+
+def test_planted_double_temperature_in_torch_entropy_fails_the_stats_checks(monkeypatch):
+    require_or_skip("torch")
+    _entropy_at_temperature_squared(monkeypatch)
+    failing = _failing_stats(["numpy", "torch"])
+    assert failing["numpy"] == [], failing["numpy"]
+    # every case with T != 1 fails on torch, in its values and its gradient; T = 1 cannot show it
+    cases = {c for c, _ in failing["torch"]}
+    assert cases == {f"stats:{n}" for n in STATS_CASES if not n.startswith("st_ntc/")}, failing["torch"]
+    assert {k for _, k in failing["torch"]} == {"stats", "stats_vjp"}, failing["torch"]
+
+
+def test_the_same_stats_cases_pass_unmutated():
+    require_or_skip("torch")
+    failing = _failing_stats(["numpy", "torch"])
+    assert failing == {"numpy": [], "torch": []}, failing
