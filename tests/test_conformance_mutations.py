@@ -86,10 +86,10 @@ def _nan_at_ignored_rows(monkeypatch):
     cls = type(backend("torch"))
     real = cls.default_token_loss
 
-    def native(self, st, z, y):
+    def native(self, st, z, y, *a):
         with monkeypatch.context() as m:  # the guard that zeroes non-finite ignored rows, skipped
             m.setattr(torch, "isfinite", lambda x: torch.ones_like(x, dtype=torch.bool))
-            return real(self, st, z, y)
+            return real(self, st, z, y, *a)
     monkeypatch.setattr(cls, "default_token_loss", native)
 
 
@@ -99,9 +99,11 @@ def _numpy_counts_ignored_tokens(monkeypatch):
     cls = type(backend("numpy"))
     real = cls.default_token_loss
 
-    def native(self, st, z, y):
-        out = real(self, st, z, y)
-        return None if out is None else (out[0], None)  # "every token counts": the mean divides by all
+    def native(self, st, z, y, *a):
+        out = real(self, st, z, y, *a)
+        if out is None or st.opts.reduction != "mean" or out[1] == 0:
+            return out
+        return out[0] * out[1] / y.size, y.size, out[2]  # "every token counts": the mean divides by all
     monkeypatch.setattr(cls, "default_token_loss", native)
 
 

@@ -12,7 +12,8 @@ from . import _class_parallel
 from ._errors import XSeqLossError, XSeqLossTypeError
 from .api.compiled import keep_type_when_compiled
 from .api.layer import layer_arrays, with_layer
-from .api.stats_call import check_stats_values, finish_stats_call, prepare_stats_call, stats_arrays, stats_options
+from .api.stats_call import (check_stats_values, finish_stats_call, prepare_stats_call, reject_ragged, stats_arrays,
+                             stats_options)
 from .core.linear_stats import linear_stats_core, linear_stats_vjp_core
 from .core.sides import framework_of
 from .core.stats import DIFFERENTIABLE, compute_stats, compute_stats_vjp
@@ -180,6 +181,8 @@ _LAYER_DEFAULTS = dict(_DEFAULTS, bias=None, layout="NTH", weight_layout="CH", c
 
 def _prepared_layer(hidden: Any, weight: Any, targets: Any, kw: dict, class_parallel: Any) -> tuple:
     kw = dict(kw)
+    reject_ragged(hidden, targets, {k: kw.get(k) for k in ("mask", "segment_ids", "ids", "temperature")},
+                  "linear_token_stats")
     lay_kw = {k: kw.pop(k) for k in ("bias", "layout", "weight_layout", "chunk_size", "backend")}
 
     def local(num_classes: Any) -> tuple:

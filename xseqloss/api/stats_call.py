@@ -16,6 +16,7 @@ from ..core.sides import side
 from ..plan.call_plan import StatsPlan
 from ..plan.messages import fmt_shape, position, shape_error
 from ..plan.options import Options, parse_options, parse_outputs, parse_temperature
+from . import ragged as _ragged
 from .prepare import Call, logits_shape, prepare_sides
 
 
@@ -51,10 +52,25 @@ def prepare_stats_call(logits: Any, targets: Any, *, outputs: Any = ("log_prob",
     o = stats_options(layout=layout, ignore_index=ignore_index, logit_softcap=logit_softcap, num_classes=num_classes,
                       validate=validate, shift=shift)
     parse_outputs(outputs, "outputs", has_targets=targets is not None, has_ids=ids is not None)  # early, cheap
+    reject_ragged(logits, targets, dict(mask=mask, segment_ids=segment_ids, ids=ids, temperature=temperature))
     be, z = _dispatch.resolve(logits, backend)
     shape = logits_shape(be, o, z)
     return finish_stats_call(be, o, z, shape, targets, z, outputs=outputs, temperature=temperature, ids=ids,
                              mask=mask, lengths=lengths, segment_ids=segment_ids)
+
+
+def reject_ragged(logits: Any, targets: Any, sides: dict, what: str = "token_stats") -> None:
+    """token_stats takes padded arrays (decisions.md 59): a ragged input is an error that says how
+    to pad, not a failed conversion."""
+    arrays_list = (lambda x: _ragged.is_list(x) and any(hasattr(v, "shape") for v in x))  # a list of sequences
+    if not (any(_ragged.kind_of(v) is not None for v in (logits, targets, *sides.values()))
+            or arrays_list(logits) or arrays_list(targets)):
+        return
+    raise XSeqLossTypeError(
+        f"{what} takes padded arrays (logits (N, T, C) with mask= or lengths= for the padding, outputs of the "
+        f"same padded shape); ragged inputs (a list of per-sequence arrays, a PackedSequence, a nested tensor, "
+        f"a tf.RaggedTensor) are not supported here, as they are by sequence_cross_entropy: pad them first, e.g. "
+        f"torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True) with lengths=, or ragged.to_tensor()")
 
 
 def finish_stats_call(be: Any, o: Options, z: Any, shape: tuple, targets: Any, like: Any, *, outputs: Any,

@@ -52,23 +52,41 @@ def forward_kernel(ops: Any, rp: CallPlan, acc: Any) -> Callable[[Any, dict], tu
     return kernel
 
 
+def _chunk_cotangents(cols: dict, cts: Any) -> dict:
+    """The differentiable outputs' cotangents of a chunk, from their packed columns."""
+    ct = {}
+    for name in core_stats.DIFFERENTIABLE:
+        if name in cols:
+            c, w = cols[name]
+            ct[name] = cts[:, c:c + w] if name == "ids_log_prob" else cts[:, c]
+    return ct
+
+
 def backward_kernel(ops: Any, rp: CallPlan, acc: Any) -> Callable[[Any, dict], tuple[Any, Any]]:
     """``tc["packed"]``: the forward's packed rows; ``tc["cts"]``: the cotangents in the same columns
     (those of argmax, correct and the saved columns are ignored)."""
     cols = columns(rp)
 
     def kernel(z: Any, tc: dict) -> tuple[Any, Any]:
-        packed, cts = tc["packed"], tc["cts"]
+        packed = tc["packed"]
         c0 = cols["saved"][0]
         saved = tuple(packed[:, c0 + j] for j in range(_SAVED))
-        ct = {}
-        for name in core_stats.DIFFERENTIABLE:
-            if name in cols:
-                c, w = cols[name]
-                ct[name] = cts[:, c:c + w] if name == "ids_log_prob" else cts[:, c]
-        g = core_stats.stats_vjp(ops, rp, z, tc.get("y"), tc.get("ids"), tc["keep"], _temp(rp, tc), acc, saved, ct,
-                                 k=1)
+        g = core_stats.stats_vjp(ops, rp, z, tc.get("y"), tc.get("ids"), tc["keep"], _temp(rp, tc), acc, saved,
+                                 _chunk_cotangents(cols, tc["cts"]), k=1)
         return packed[:, 0], g
+    return kernel
+
+
+def vjp_kernel(ops: Any, rp: CallPlan, acc: Any) -> Callable[[Any, dict], tuple[Any, Any]]:
+    """A chunk's forward and gradient at once (the analytic VJP of a backend without autodiff: no
+    forward pass is kept, so the loop runs once, its logits formed once)."""
+    cols = columns(rp)
+
+    def kernel(z: Any, tc: dict) -> tuple[Any, Any]:
+        y, ids, keep, temp = tc.get("y"), tc.get("ids"), tc["keep"], _temp(rp, tc)
+        _, saved = core_stats.stats_rows(ops, rp, z, y, ids, keep, temp, acc, k=1)
+        g = core_stats.stats_vjp(ops, rp, z, y, ids, keep, temp, acc, saved, _chunk_cotangents(cols, tc["cts"]), k=1)
+        return saved[0], g
     return kernel
 
 
@@ -162,7 +180,8 @@ def pack_cotangents(ops: Any, rp: CallPlan, cts: dict, like: Any, acc: Any) -> A
 def linear_stats_vjp_core(ops: Any, st: CallPlan, h: Any, w: Any, b: Any, y: Any, mask: Any, lengths: Any,
                           segs: Any, ids: Any, temp: Any, cts: dict) -> tuple:
     """(d hidden, d weight, d bias) of sum over outputs of sum(cotangent * output), analytically
-    (linear_token_stats_vjp on a backend without autodiff): the loop forward, then again."""
+    (linear_token_stats_vjp on a backend without autodiff): the loop once, each chunk's forward and
+    gradient together (``vjp_kernel``)."""
     lay = st.linear
     acc = ops.acc_dtype(h)
     r = core_stats.token_side_rules(ops, st, h, y, mask, lengths, segs, ids, temp)
@@ -176,9 +195,10 @@ def linear_stats_vjp_core(ops: Any, st: CallPlan, h: Any, w: Any, b: Any, y: Any
     temp2 = r["temp"] if isinstance(r["temp"], float) or r["temp"] is None else flat(r["temp"])
     rp = st.row_plan
     tokens = token_arrays(flat(r["y"]), ids2, flat(r["counted"]), temp2)
-    packed = forward(ops, rp, ops.chunk_loop(rp, lay, acc, h2, w, b, False, width=width(rp)), tokens, acc)
     ct = pack_cotangents(ops, rp, cts, r["like"], acc)
-    dh2, dw, db = backward(ops, rp, ops.chunk_loop(rp, lay, acc, h2, w, b, True), tokens, packed, ct, acc)
+    from .linear import run_kernel
+    _, dh2, dw, db = run_kernel(ops, ops.chunk_loop(rp, lay, acc, h2, w, b, True), dict(tokens, cts=ct),
+                                vjp_kernel(ops, rp, acc), True)
     dh = ops.reshape_like(dh2, hr)
     if lay.h_axis != ops.ndim(h) - 1:
         dh = ops.moveaxis(dh, -1, lay.h_axis)

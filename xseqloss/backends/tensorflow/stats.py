@@ -16,7 +16,7 @@ class TensorflowStats:
         floats = [n for n in st.stats.outputs if n in DIFFERENTIABLE]
         if not floats:
             return stats_rows(self, st, z, y, ids, keep, temp, acc)[0]
-        beside: dict = {}
+        beside = {}  # no annotation: autograph rewrites it as a nonlocal
         ops = self
 
         @tf.custom_gradient

@@ -1,7 +1,15 @@
 """PyTorch's part of token_stats (API.md 11): the core's per-token outputs (core/stats.py) under an
 autograd Function whose backward is the core's analytic gradient: exact for the entropy where
 p -> 1 and at -inf logits (autograd of the formula would give 0 * inf = NaN there), and both
-upstream gradients (log-probs and entropy) honoured at once."""
+upstream gradients (log-probs and entropy) honoured at once.
+
+Eager calls on logits with classes last run the core a chunk of rows at a time (``ChunkedStats``):
+the forward reads the logits once, keeping per token only what the backward needs (m, log s, Ē),
+and the backward reads them once more and writes the gradient once, chunk by chunk into the
+reusable gradient buffer (buffers.py): no logits-sized temporary, where the composition users write
+today (log_softmax, gather, exp, sum) holds several. Under torch.compile the whole-array Function
+runs and inductor fuses it.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +18,13 @@ from typing import Any
 import torch
 
 from ...core.stats import DIFFERENTIABLE, stats_rows, stats_vjp
+from .buffers import gradient_buffer
+from .ops import compiling
 
 
 class TokenStatsFunction(torch.autograd.Function):
+    """The whole arrays at once (compiled calls, other layouts)."""
+
     @staticmethod
     def forward(ctx: Any, z: Any, y: Any, ids: Any, keep: Any, temp: Any, args: Any) -> Any:
         be, st, acc, temp_number = args
@@ -38,11 +50,82 @@ class TokenStatsFunction(torch.autograd.Function):
         return g, None, None, None, None, None
 
 
+def _rows_of(x: Any, width: int | None = None) -> Any:
+    """A token-shaped array (or one with a trailing k axis) as rows."""
+    if x is None:
+        return None
+    return x.reshape(-1) if width is None else x.reshape(-1, width)
+
+
+class ChunkedStats(torch.autograd.Function):
+    """A chunk of rows at a time (eager, classes last): see the module docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Any, y: Any, ids: Any, keep: Any, temp: Any, args: Any) -> Any:
+        be, st, acc, temp_number = args
+        C = z.shape[-1]
+        tok = z.shape[:-1]
+        zf = z.detach().reshape(-1, C)
+        R = zf.shape[0]
+        k = None if ids is None else ids.shape[-1]
+        yf, idf, kf, tf_ = _rows_of(y), _rows_of(ids, k), _rows_of(keep), _rows_of(temp)
+        rows = max(1, st.engine.chunk_elements // max(st.C, 1))  # the global C: workers' chunks pair up
+        outs: dict = {}
+        saved = [torch.empty(R, dtype=acc, device=z.device) for _ in range(3)]
+        with torch.no_grad():
+            for i in range(0, R, rows):
+                j = min(R, i + rows)
+                sl = (lambda a: None if a is None else a[i:j])  # noqa: E731
+                t = temp_number if tf_ is None else tf_[i:j]
+                o, s = stats_rows(be, st, zf[i:j], sl(yf), sl(idf), sl(kf), t, acc, k=1)
+                for name, v in o.items():
+                    if name not in outs:
+                        outs[name] = torch.empty((R, *v.shape[1:]), dtype=v.dtype, device=z.device)
+                    outs[name][i:j] = v
+                for buf, v in zip(saved, s):
+                    buf[i:j] = v
+        names = tuple(outs)
+        ctx.names, ctx.args, ctx.saved_stats, ctx.rows = names, args, saved, rows
+        ctx.save_for_backward(z, y, ids, keep, temp)
+        res = tuple(outs[n].reshape(*tok, *outs[n].shape[1:]) for n in names)
+        ctx.mark_non_differentiable(*[r for n, r in zip(names, res) if n not in DIFFERENTIABLE])
+        return res
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: Any) -> Any:
+        z, y, ids, keep, temp = ctx.saved_tensors
+        be, st, acc, temp_number = ctx.args
+        cts = {n: g for n, g in zip(ctx.names, grads) if n in DIFFERENTIABLE and g is not None}
+        if not cts:
+            return None, None, None, None, None, None
+        C = z.shape[-1]
+        zf = z.reshape(-1, C)
+        R, rows = zf.shape[0], ctx.rows
+        k = None if ids is None else ids.shape[-1]
+        yf, idf, kf, tf_ = _rows_of(y), _rows_of(ids, k), _rows_of(keep), _rows_of(temp)
+        cf = {n: _rows_of(g, k if n == "ids_log_prob" else None) for n, g in cts.items()}
+        gbuf = gradient_buffer(z, st)
+        gf = gbuf.reshape(-1, C)
+        for i in range(0, R, rows):
+            j = min(R, i + rows)
+            sl = (lambda a: None if a is None else a[i:j])  # noqa: E731
+            t = temp_number if tf_ is None else tf_[i:j]
+            saved = tuple(s[i:j] for s in ctx.saved_stats)
+            g = stats_vjp(be, st, zf[i:j], sl(yf), sl(idf), sl(kf), t, acc, saved,
+                          {n: c[i:j] for n, c in cf.items()}, k=1)
+            gf[i:j] = g
+        return gbuf, None, None, None, None, None
+
+
 class TorchStats:
     def token_stats_rows(self, st: Any, z: Any, y: Any, ids: Any, keep: Any, temp: Any, acc: Any) -> dict:
         number = temp if isinstance(temp, float) else None
         tt = None if number is not None or temp is None else temp.detach()  # the temperature is a constant
-        vals = TokenStatsFunction.apply(z, y, ids, keep, tt, (self, st, acc, number))
+        chunked = (not compiling() and st.opts.k == z.ndim - 1 and z.ndim >= 2 and z.is_contiguous()
+                   and st.engine.kernel != "native" and z.numel() > 0)
+        fn = ChunkedStats if chunked else TokenStatsFunction
+        vals = fn.apply(z, y, ids, keep, tt, (self, st, acc, number))
         if not isinstance(vals, tuple):
             vals = (vals,)
         return dict(zip(st.stats.outputs, vals))
