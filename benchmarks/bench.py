@@ -9,7 +9,11 @@ anything; the timing, memory and JSON machinery is benchmarks/harness.py's):
   (PyTorch ``F.cross_entropy``; TensorFlow ``sparse_softmax_cross_entropy_with_logits`` in a
   ``tf.function``; optax under ``jax.jit``; a careful NumPy implementation with an analytic gradient),
   eager and compiled where that applies;
-* per-call overhead at a tiny size, with validation on and off;
+* per-call overhead at tiny sizes (1 x 8 x 128, and 4 x 16 x 10: the LSTM case), with validation on
+  and off, also after 50 us of other Python work;
+* PyTorch on a padded batch (4 x 2,048 x 32,000, -100 on the last 50 steps of each row) with other
+  calls on the same logits in between (F.cross_entropy, and a second head with other options), and
+  the same call alone in a loop: the reusable gradient buffer must serve both;
 * peak extra memory of forward+backward in multiples of the logits' size (peak RSS, or CUDA's
   max_memory_allocated on a GPU), each in a fresh subprocess.
 
@@ -34,24 +38,29 @@ sys.path.insert(0, os.path.dirname(HERE))
 import harness  # noqa: E402
 import xseqloss as xsl  # noqa: E402
 
-SIZES = {"8192x32000": (1, 8192, 32000), "2048x128000": (1, 2048, 128000), "tiny": (1, 8, 128)}
+SIZES = {"8192x32000": (1, 8192, 32000), "2048x128000": (1, 2048, 128000),
+         "4x2048x32000_padded": (4, 2048, 32000), "tiny": (1, 8, 128), "4x16x10": (4, 16, 10)}
+TINY = ("tiny", "4x16x10")          # per-call overhead: many reps, also timed after a gap
+PADDED = {"4x2048x32000_padded": 50}  # -100 on the last 50 steps of each row (a padded batch)
 
 
-def _data(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _data(shape: tuple[int, int, int], seed: int = 0, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     N, T, C = shape
     z = rng.standard_normal((N, T, C), dtype=np.float32) * 2
     y = rng.integers(0, C, (N, T))
+    if pad:
+        y[:, -pad:] = -100
     return z, y
 
 
 # ------------------------------------------------------------------------------------ backends
 
-def torch_contenders(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
+def torch_contenders(shape: tuple[int, int, int], device: str, pad: int = 0) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    z_np, y_np = _data(shape)
+    z_np, y_np = _data(shape, pad=pad)
     z = torch.tensor(z_np, device=device)
     y = torch.tensor(y_np, device=device)
     C = shape[-1]
@@ -97,14 +106,16 @@ def torch_contenders(shape: tuple[int, int, int], device: str) -> dict[str, Any]
         "forward": {"native": fwd_native, "xseqloss": fwd_xsl(), "xseqloss_novalidate": fwd_xsl(validate=False)},
         "fwd_bwd": {"native": native_fb, "xseqloss": xsl_fb(), "xseqloss_novalidate": xsl_fb(validate=False)},
     }
+    if pad:  # a model with two heads, or an A/B test: another loss call on the same logits in between
+        out["fwd_bwd"]["xseqloss_second_head"] = xsl_fb(label_smoothing=0.1)
     return out
 
 
-def torch_compiled(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
+def torch_compiled(shape: tuple[int, int, int], device: str, pad: int = 0) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    z_np, y_np = _data(shape)
+    z_np, y_np = _data(shape, pad=pad)
     z = torch.tensor(z_np, device=device).requires_grad_(True)
     y = torch.tensor(y_np, device=device)
     C = shape[-1]
@@ -126,10 +137,10 @@ def torch_compiled(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
     return {"sync": sync, "fwd_bwd_compiled": {"native": run(nat), "xseqloss": run(ours)}}
 
 
-def tf_contenders(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
+def tf_contenders(shape: tuple[int, int, int], device: str, pad: int = 0) -> dict[str, Any]:
     import tensorflow as tf
 
-    z_np, y_np = _data(shape)
+    z_np, y_np = _data(shape, pad=pad)
     with tf.device(device):
         z = tf.constant(z_np)
         y = tf.constant(y_np)
@@ -192,18 +203,19 @@ def tf_contenders(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
     }
 
 
-def jax_contenders(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
+def jax_contenders(shape: tuple[int, int, int], device: str, pad: int = 0) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import optax
 
-    z_np, y_np = _data(shape)
+    z_np, y_np = _data(shape, pad=pad)
     dev = jax.devices(device)[0]
     z = jax.device_put(jnp.asarray(z_np), dev)
     y = jax.device_put(jnp.asarray(y_np, jnp.int32), dev)
 
     native_f = jax.jit(lambda z, y: optax.softmax_cross_entropy_with_integer_labels(z, y).mean())
     native_fb = jax.jit(jax.value_and_grad(lambda z, y: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()))
+    native_fb_eager = jax.value_and_grad(lambda z, y: optax.softmax_cross_entropy_with_integer_labels(z, y).mean())
     xsl_f = jax.jit(lambda z, y: xsl.sequence_cross_entropy(z, y))
     xsl_fb = jax.jit(jax.value_and_grad(lambda z, y: xsl.sequence_cross_entropy(z, y)))
     exp_f = jax.jit(jnp.exp)
@@ -218,7 +230,8 @@ def jax_contenders(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
         "forward": {"native": lambda: native_f(z, y), "xseqloss": lambda: xsl.sequence_cross_entropy(z, y),
                     "xseqloss_novalidate": lambda: xsl.sequence_cross_entropy(z, y, validate=False),
                     "xseqloss_jit": lambda: xsl_f(z, y)},
-        "fwd_bwd": {"native": lambda: native_fb(z, y), "xseqloss": lambda: xsl.value_and_grad(z, y),
+        "fwd_bwd": {"native": lambda: native_fb(z, y), "native_eager": lambda: native_fb_eager(z, y),
+                    "xseqloss": lambda: xsl.value_and_grad(z, y),
                     "xseqloss_novalidate": lambda: xsl.value_and_grad(z, y, validate=False),
                     "xseqloss_jit": lambda: xsl_fb(z, y)},
     }
@@ -243,8 +256,8 @@ def numpy_baseline_fb(z: np.ndarray, y: np.ndarray) -> Any:
     return loss, e
 
 
-def numpy_contenders(shape: tuple[int, int, int], device: str) -> dict[str, Any]:
-    z, y = _data(shape)
+def numpy_contenders(shape: tuple[int, int, int], device: str, pad: int = 0) -> dict[str, Any]:
+    z, y = _data(shape, pad=pad)
     exp_buf = np.empty_like(z)
     return {
         "sync": lambda x: x,
@@ -288,9 +301,11 @@ import sys, json, gc, os
 sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r})
 import numpy as np
 from harness import cuda_peak, rss_peak
-backend, which, N, T, C, device = {args!r}
+backend, which, N, T, C, device, pad = {args!r}
 rng = np.random.default_rng(0)
 z_np = rng.standard_normal((N, T, C), dtype=np.float32); y_np = rng.integers(0, C, (N, T))
+if pad:
+    y_np[:, -pad:] = -100
 nbytes = z_np.nbytes
 import xseqloss as xsl
 if backend == 'torch':
@@ -355,8 +370,8 @@ print(json.dumps({{"peak_extra_bytes": peak, "logits_bytes": nbytes}}))
 """
 
 
-def measure_memory(backend: str, which: str, shape: tuple[int, int, int], device: str) -> float | None:
-    code = MEMORY_SNIPPET.format(root=os.path.dirname(HERE), here=HERE, args=(backend, which, *shape, device))
+def measure_memory(backend: str, which: str, shape: tuple[int, int, int], device: str, pad: int = 0) -> float | None:
+    code = MEMORY_SNIPPET.format(root=os.path.dirname(HERE), here=HERE, args=(backend, which, *shape, device, pad))
     d, why = harness.python_json(["-c", code], timeout=600, require_success=False)
     if d is None:  # report, never hide
         print(f"  memory {backend}/{which}: failed ({why})")
@@ -393,10 +408,13 @@ def main(argv: list[str] | None = None) -> int:
         for dev in devices_for(be, args.devices):
             for size in args.sizes:
                 shape = SIZES[size]
+                pad = PADDED.get(size, 0)
+                if pad and be != "torch":  # the other natives have no ignore value to pad with
+                    continue
                 print(f"[{be} {dev} {size}]", flush=True)
-                c = CONTENDERS[be](shape, dev)
+                c = CONTENDERS[be](shape, dev, pad)
                 sync = c["sync"]
-                tiny = size == "tiny"
+                tiny = size in TINY
                 reps = args.tiny_reps if tiny else args.reps
                 row: dict[str, Any] = {"backend": be, "device": dev, "size": size, "shape": shape}
                 if not tiny:
@@ -418,8 +436,13 @@ def main(argv: list[str] | None = None) -> int:
                         row[phase + "_after_gap_ms"] = harness.ms(med)
                         row[phase + "_after_gap_overhead_us"] = {k: (v - med["native"]) * 1e6
                                                                  for k, v in med.items() if k != "native"}
+                if pad:
+                    # the same call alone in a loop (nothing else allocating between steps), against
+                    # its median above, where F.cross_entropy and a second head ran in between
+                    med = harness.alternate({"xseqloss": c["fwd_bwd"]["xseqloss"]}, sync, reps)
+                    row["fwd_bwd_alone_ms"] = harness.ms(med)
                 if be == "torch" and not args.no_compiled and not tiny:
-                    cc = torch_compiled(shape, dev)
+                    cc = torch_compiled(shape, dev, pad)
                     med = harness.alternate(cc["fwd_bwd_compiled"], cc["sync"], reps)
                     row["fwd_bwd_compiled_ms"] = harness.ms(med)
                 if not tiny:
@@ -431,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not tiny and not args.no_memory:
                     mem = {}
                     for which in ("native", "xseqloss") + (("xseqloss_inplace",) if be == "torch" else ()):
-                        mem[which] = measure_memory(be, which, shape, dev if be == "torch" else "cpu")
+                        mem[which] = measure_memory(be, which, shape, dev if be == "torch" else "cpu", pad)
                     row["peak_extra_memory_x_logits"] = mem
                 results.append(row)
                 _print_row(row)
@@ -450,10 +473,13 @@ def _print_row(row: dict[str, Any]) -> None:
     for phase in ("forward", "fwd_bwd"):
         print(f"  {phase:8s} ms:      {_fmt(row[phase + '_ms'])}")
         print(f"  {phase:8s} ratio:   {_fmt(row[phase + '_ratio'])}  (xseqloss / native)")
-        if row["size"] == "tiny":
+        if row["size"] in TINY:
             print(f"  {phase:8s} overhead: {_fmt(row[phase + '_overhead_us'], ' us')}")
             print(f"  {phase:8s} after a 50 us gap ms: {_fmt(row[phase + '_after_gap_ms'])}")
             print(f"  {phase:8s} after a 50 us gap overhead: {_fmt(row[phase + '_after_gap_overhead_us'], ' us')}")
+    if "fwd_bwd_alone_ms" in row:
+        print(f"  fwd_bwd alone ms: {_fmt(row['fwd_bwd_alone_ms'])} (interleaved above: "
+              f"{row['fwd_bwd_ms']['xseqloss']:.3g})")
     if "fwd_bwd_compiled_ms" in row:
         print(f"  fwd_bwd compiled ms: {_fmt(row['fwd_bwd_compiled_ms'])}")
     if "fwd_bwd_over_exp" in row:

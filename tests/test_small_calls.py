@@ -136,3 +136,26 @@ def test_torch_default_kernel_counts_on_the_host(xsl, rng):
             np.testing.assert_allclose(out.detach().numpy(), want, rtol=1e-5, equal_nan=True)
             assert torch.isfinite(x.grad).all()
             assert (x.grad.numpy()[yy == -100] == 0).all()
+
+
+@pytest.mark.parametrize("kw", [{}, dict(label_smoothing=0.1)], ids=["default_call", "general_path"])
+def test_softmax_probe_warns_at_the_callers_line(xsl, backend, rng, kw):
+    """Probability rows passed as logits warn on every backend and path, attributed to the caller's
+    line; logits whose first sampled values happen to lie in [0, 1] do not."""
+    import warnings
+
+    z = rng.random((2, 5, 6)).astype(np.float32)
+    probs = z / z.sum(-1, keepdims=True)
+    y = rng.integers(0, 6, (2, 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend.float_out(xsl.sequence_cross_entropy(backend.array(probs), backend.array(y), **kw))
+    probe = [w for w in caught if "did you pass softmax outputs" in str(w.message)]
+    assert len(probe) == 1 and probe[0].filename == __file__
+    near = probs.copy()
+    near[0, 0, -1] = 3.0  # the first 8 sampled values in [0, 1], the first row not a probability row
+    near[0, 1, -1] = -1.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend.float_out(xsl.sequence_cross_entropy(backend.array(near), backend.array(y), **kw))
+    assert not [w for w in caught if "did you pass softmax outputs" in str(w.message)]

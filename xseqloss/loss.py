@@ -18,9 +18,9 @@ from . import _class_parallel, _dispatch
 from ._errors import XSeqLossError, XSeqLossTypeError
 from .api.compiled import keep_type_when_compiled
 from .api import ragged as _ragged
-from .api.prepare import Call, prepare_call, prepare_plain, prepare_sides
+from .api.prepare import Call, plain_call, prepare_call, prepare_plain, prepare_sides
 from .api.stats_call import metrics_plan
-from .api.validate import act_on_flags, check_concrete_sides, check_values, raise_value_error
+from .api.validate import act_on_flags, check_concrete_sides, check_values, probe_softmax_input, raise_value_error
 from .core import reduction, tokens
 from .core.checks import compute_checked, compute_flagged
 from .core.compute import compute
@@ -81,6 +81,14 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
     >>> round(float(xsl.sequence_cross_entropy(logits, targets)), 6)  # log(4), the ignored token excluded
     1.386294
     """
+    if (mask is None and lengths is None and weights is None and class_weights is None and normalizer is None
+            and segment_ids is None and class_parallel is None and return_stats is None and inplace_backward is False):
+        # the common call: its static part from the per-signature cache (api/prepare.plain_call)
+        call = plain_call(logits, targets, (layout, ignore_index, inputs, label_smoothing, smoothing, z_loss,
+                                            logit_softcap, reduction, denominator, empty, num_classes, validate,
+                                            backend, shift))
+        if call is not None:
+            return _loss_of(call)
     kw = dict(layout=layout, mask=mask, lengths=lengths, ignore_index=ignore_index, weights=weights,
               class_weights=class_weights, inputs=inputs, label_smoothing=label_smoothing, smoothing=smoothing,
               z_loss=z_loss, logit_softcap=logit_softcap, reduction=reduction, denominator=denominator,
@@ -109,7 +117,10 @@ def sequence_cross_entropy(logits: Any, targets: Any, *, layout: str = "NTC", ma
 def _loss(logits: Any, targets: Any, kw: dict) -> Any:
     if kw.get("class_parallel") is not None:
         return _class_parallel_loss(logits, targets, kw, grad=False)
-    call = prepare_plain(logits, targets, kw)
+    return _loss_of(prepare_plain(logits, targets, kw))
+
+
+def _loss_of(call: Call) -> Any:
     if call.st.default_call and not call.tracing and call.be.default_token_loss is not None:
         result = _default_call(call)
         if result is not None:
@@ -140,10 +151,9 @@ def _default_call(call: Call) -> Any:
     out = call.be.default_token_loss(call.st, call.z, call.y)
     if out is None:
         return None
-    l, n, _ = out
-    result = call.be.run(_default_reduce, call.st, l, n)
+    result = call.be.run(_default_reduce, call.st, out[0], out[1])
     if not call.st.mark_nan:
-        act_on_flags(call, None)  # the softmax probe
+        probe_softmax_input(call)
     return result
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .. import _dispatch
+from . import ragged as _ragged
 from .._errors import XSeqLossError, XSeqLossTypeError
 from ..core import sides
 from ..plan import engine, messages, options
@@ -77,47 +78,82 @@ def prepare_call(logits: Any, targets: Any, *, layout: Any = "NTC", mask: Any = 
 
 _PLAIN_OPTIONS = ("layout", "ignore_index", "inputs", "label_smoothing", "smoothing", "z_loss", "logit_softcap",
                   "reduction", "denominator", "empty", "num_classes", "validate", "backend", "shift")
+_BACKEND = _PLAIN_OPTIONS.index("backend")
 _PLAIN_SIDES = ("mask", "lengths", "weights", "class_weights", "normalizer", "segment_ids", "rows", "padded",
                 "stats", "class_parallel")
-_plain: dict = {}   # signature -> (be, st, shape, tok_shape, soft): what prepare_call found for it
+_UNSET = object()
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None), object})  # Python values only: a value is its key
+_plain: dict = {}   # signature -> the fields of the Call that prepare_call made for it
 _PLAIN_MAX = 512
 
 
 def prepare_plain(logits: Any, targets: Any, kw: dict) -> Call:
-    """``prepare_call`` for the most common call, with no side arrays: the static part of the call
-    (options, plan, shapes) depends only on the arrays' types, dtypes and shapes and the options'
-    values, so it is computed once per such signature and reused (a small call would otherwise pay
-    it on every training step, issue 25). Anything else, and every first call of a signature, goes
-    through ``prepare_call`` itself: its checks and errors are the same code. Ragged inputs are
-    converted by the caller first (api/ragged.py), so they arrive here with ``rows``."""
-    if (any(map(operator.is_not, map(kw.get, _PLAIN_SIDES), repeat(None)))
-            or kw.get("inplace_backward", False) is not False or type(logits).__name__ == "DTensor"):
-        return prepare_call(logits, targets, **kw)
-    be, z = _dispatch.resolve(logits, kw.get("backend"))
-    if z is not logits or be.tracing(z):
-        return prepare_call(logits, targets, **kw)
-    values = tuple(map(kw.get, _PLAIN_OPTIONS, repeat(_UNSET)))
+    """``prepare_call(logits, targets, **kw)``, through ``plain_call`` where the call has no side array."""
+    values = None
+    if not (any(map(operator.is_not, map(kw.get, _PLAIN_SIDES), repeat(None)))
+            or kw.get("inplace_backward", False) is not False):
+        values = tuple(map(kw.get, _PLAIN_OPTIONS, repeat(_UNSET)))
+    call = None if values is None else plain_call(logits, targets, values)
+    return prepare_call(logits, targets, **kw) if call is None else call
+
+
+def plain_call(logits: Any, targets: Any, values: tuple) -> Call | None:
+    """The prepared call with no side arrays (``values``: the options in ``_PLAIN_OPTIONS``' order,
+    ``_UNSET`` for those not given), or None where it does not apply (the caller takes the general
+    path). The static part of such a call (options, plan, shapes) depends only on the arrays' types,
+    dtypes and shapes and the options' values, so it is computed once per signature and reused (a
+    small call would otherwise pay it on every training step, issue 25): every first call of a
+    signature goes through ``prepare_call`` itself, so its checks and errors are the same code."""
     types = tuple(map(type, values))
     if not _PLAIN_TYPES.issuperset(types):  # e.g. a list of ignore values, an array: the general path
-        return prepare_call(logits, targets, **kw)
-    y = sides.side(be, targets, "targets", z)
-    key = (be.name, type(z), z.dtype, be.shape(z), type(y), y.dtype, be.shape(y), engine.current(be.name),
-           be.index_limits(), values, types)
-    hit = _plain.get(key)
-    if hit is None:
-        call = prepare_call(logits, targets, **kw)
+        return None
+    pair = (type(logits), type(targets))
+    owner = _PAIRS.get(pair)
+    if owner is None:
+        owner = _PAIRS[pair] = _plain_owner(logits, targets)
+    backend = values[_BACKEND]
+    if (not owner or (backend is not _UNSET and backend is not None and backend != owner)
+            or (owner == "torch" and (logits.is_nested or targets.is_nested))
+            or (owner == "numpy" and (backend is _UNSET or backend is None) and _dispatch.default_backend() != "numpy")):
+        return None
+    be = _dispatch.load(owner)
+    if be.tracing(logits):
+        return None
+    y = be.to_device(targets, logits)
+    key = (pair, logits.dtype, be.shape(logits), y.dtype, be.shape(y), engine.current(owner), be.index_limits(),
+           values, types)
+    fields = _plain.get(key)
+    if fields is None:
+        call = prepare_call(logits, targets, **{k: v for k, v in zip(_PLAIN_OPTIONS, values) if v is not _UNSET})
         if not call.tracing and len(_plain) < _PLAIN_MAX:
-            _plain[key] = (call.be, call.st, call.shape, call.tok_shape, call.t is not None)
+            _plain[key] = {k: v for k, v in vars(call).items() if k not in ("z", "y", "t", "raw")}
         return call
-    be, st, shape, tok_shape, soft = hit
-    if soft:
-        return Call(be, st, z, None, y, None, None, None, None, None, shape=shape, tok_shape=tok_shape)
-    return Call(be, st, z, be.index_dtype(y), None, None, None, None, None, None, shape=shape,
-                tok_shape=tok_shape, raw={"targets": y})
+    call = Call.__new__(Call)
+    vars(call).update(fields)
+    call.z = logits
+    if fields["st"].soft:
+        call.y, call.t, call.raw = None, y, None
+    else:
+        call.y, call.t, call.raw = be.index_dtype(y), None, {"targets": y}
+    return call
 
 
-_UNSET = object()
-_PLAIN_TYPES = frozenset({str, int, float, bool, type(None), object})  # Python values only: a value is its key
+_PAIRS: dict = {}  # (type of logits, type of targets) -> the backend whose plain arrays both are, or ""
+
+
+def _plain_owner(logits: Any, targets: Any) -> str:
+    """The backend whose plain arrays (not ragged, not a DTensor) logits and targets both are, or
+    "" (a fact of the two types, but for torch's nested tensors, checked per call)."""
+    owner = sides.framework_of(logits)
+    if owner is None:
+        owner = "numpy" if type(logits) is np.ndarray else ""
+    t_owner = sides.framework_of(targets)
+    if t_owner is None:
+        t_owner = "numpy" if type(targets) is np.ndarray else ""
+    if (owner != t_owner or type(logits).__name__ == "DTensor" or type(targets).__name__ == "DTensor"
+            or _ragged.kind_of(logits) not in (None, "nested") or _ragged.kind_of(targets) not in (None, "nested")):
+        return ""
+    return owner
 
 
 def logits_shape(be: Any, o: Options, z: Any, padded: tuple | None = None) -> tuple[Any, ...]:

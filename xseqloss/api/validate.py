@@ -5,6 +5,8 @@ softmax-input probe on the host (NumPy and PyTorch read a few rows)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -47,17 +49,39 @@ def check_concrete_sides(call: Call) -> None:
 
 
 def _looks_like_probs_host(call: Call) -> bool:
-    """The same probe on the host, short-circuiting on the first value outside [0, 1]."""
+    """The same probe on the host: a few sampled values first (logits show one outside [0, 1] at
+    once), then the sampled rows."""
     k = call.st.row_plan.opts.k
     idx = sample_index(call.shape, k, SAMPLE_ROWS)
     host = call.be.host_view(call.z)  # the whole array without a copy, or None (then copy the rows)
-    if host is not None and host.size and not 0 <= host.item(0) <= 1:  # the first sampled value: logits, at once
-        return False
     rows = call.be.to_numpy(call.z[idx]) if host is None else host[idx]
+    if rows.size == 0 or not all(0 <= v <= 1 for v in rows.flat[:8].tolist()):  # NaN fails too
+        return False
     with np.errstate(invalid="ignore"):  # NaN is not >= 0: not a probability row
-        if rows.size == 0 or not (rows.min() >= 0 and rows.max() <= 1):  # logits: min < 0 at once
+        if not (rows.min() >= 0 and rows.max() <= 1):
             return False
         return bool(np.all(np.abs(rows.astype(np.float64).sum(k) - 1.0) <= 1e-3))
+
+
+def probe_softmax_input(call: Call) -> None:
+    """The softmax-input probe of an eager call whose checks found nothing (the default call)."""
+    if call.be.host_probe and call.z is not None and probe_applies(call.st, call.shape) \
+            and _looks_like_probs_host(call):
+        warn_probs()
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def warn_probs() -> None:
+    """The probe's warning, attributed to the caller's line (the first frame outside the package),
+    whichever path inside the package raised it."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: warn_probs's caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE + os.sep):
+        level, frame = level + 1, frame.f_back
+    warnings.warn("xseqloss: the logits look like probability rows (in [0, 1], summing to 1): did you "
+                  'pass softmax outputs? Use inputs="probs" for probabilities, or pass raw logits.',
+                  UserWarning, stacklevel=level)
 
 
 def act_on_flags(call: Call, flagvec: Any) -> None:
@@ -70,9 +94,7 @@ def act_on_flags(call: Call, flagvec: Any) -> None:
             and probe_applies(call.st, call.shape):
         probs_like = _looks_like_probs_host(call)
     if probs_like:
-        warnings.warn("xseqloss: the logits look like probability rows (in [0, 1], summing to 1): did you "
-                      'pass softmax outputs? Use inputs="probs" for probabilities, or pass raw logits.',
-                      UserWarning, stacklevel=4)
+        warn_probs()
 
 
 def raise_value_error(call: Call, shape: tuple[Any, ...]) -> None:

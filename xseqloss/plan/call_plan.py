@@ -4,7 +4,7 @@ compiled program per plan, and a custom op can rebuild the per-row part from pri
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .engine import Engine
@@ -62,6 +62,12 @@ class CallPlan:
             row_plan = replace(self, opts=replace(self.opts, layout="NC", shift=0, reduction="none"), rows=False,
                                linear=None)
         object.__setattr__(self, "row_plan", row_plan)
+        # hashed once: a plan is a key of the per-plan program caches on every call (jax.jit's
+        # static argument), and the generated hash walked every nested field each time
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self))))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined,no-any-return]
 
     @property
     def shift(self) -> int:

@@ -20,6 +20,9 @@ _I32 = np.iinfo(np.int32)
 _KINDS: dict[Any, str] = {}
 
 
+_LIMITS = {x64: (int(np.iinfo(t).min), int(np.iinfo(t).max)) for x64, t in ((True, np.int64), (False, np.int32))}
+
+
 class JaxOps(ArrayApiOps):
     xp = jnp
     name = "jax"
@@ -49,7 +52,8 @@ class JaxOps(ArrayApiOps):
     def to_device(self, x: Any, like: Any) -> Any:
         if like is None or isinstance(x, jax.core.Tracer) or isinstance(like, jax.core.Tracer):
             return x
-        if x.sharding is not like.sharding and x.devices() != like.devices():
+        xs, ls = x.sharding, like.sharding
+        if xs is not ls and xs != ls and x.devices() != like.devices():
             return jax.device_put(x, like.sharding)
         return x
 
@@ -92,8 +96,7 @@ class JaxOps(ArrayApiOps):
 
     def index_limits(self) -> tuple[int, int]:
         """The range of the label dtype: an ignore value outside it can never match a label."""
-        info = jnp.iinfo(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
-        return int(info.min), int(info.max)
+        return _LIMITS[bool(jax.config.jax_enable_x64)]
 
     def _jit(self, fn: Any, grad: str, st: Any, present: tuple[bool, ...]) -> Any:
         """fn jitted for one plan, taking only the arrays a call gives: a static argument is hashed
