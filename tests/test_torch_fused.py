@@ -210,7 +210,31 @@ def test_buffer_is_reused_only_when_free(xsl, torch, rng, small_cache):
     for g in (held, held_view.view(x.shape), g4):
         assert_close(g.numpy(), gref, "float32", what="gradient")
     small_cache.empty_cache()
-    assert small_cache._BUFFERS.raw is None
+    assert all(raw is None for raw in small_cache._BUFFERS.raws)
+
+
+def test_two_live_gradients_alternate_between_two_buffers(xsl, torch, rng, small_cache):
+    """The previous step's gradient still held while the next one forms (zero_grad after the
+    forward, two heads, an A/B comparison): the two slots serve both in turn, never a fresh buffer
+    per step; a third live gradient gets a buffer of its own, which is not kept."""
+    logits, targets, _ = _case("plain", rng)
+    x = torch.tensor(logits, dtype=torch.float32, requires_grad=True)
+    _, gref = reference(logits.astype(np.float32), targets, with_grad=True)
+    ptrs = []
+    for _ in range(6):
+        loss = xsl.sequence_cross_entropy(x, torch.tensor(targets))
+        x.grad = None  # the previous gradient was alive during this forward
+        loss.backward()
+        ptrs.append(x.grad.data_ptr())
+        assert_close(x.grad.numpy(), gref, "float32", what="gradient")
+    assert len(set(ptrs)) == 2 and ptrs[0::2] == [ptrs[0]] * 3 and ptrs[1::2] == [ptrs[1]] * 3
+    held = [x.grad]
+    for _ in range(2):  # two more alive at once: one slot is held, the other is free, then none
+        x.grad = None
+        xsl.sequence_cross_entropy(x, torch.tensor(targets)).backward()
+        held.append(x.grad)
+    assert len({g.data_ptr() for g in held}) == 3
+    assert {raw.data_ptr() for raw in small_cache._BUFFERS.raws} == set(ptrs)
 
 
 def test_pending_backwards_never_share_a_buffer(xsl, torch, rng, small_cache):
