@@ -266,13 +266,18 @@ def compute_stats(ops: Any, st: CallPlan, z: Any, y: Any, mask: Any, lengths: An
 
 
 def compute_stats_vjp(ops: Any, st: CallPlan, z: Any, y: Any, mask: Any, lengths: Any, segs: Any, ids: Any,
-                      temp: Any, cts: dict) -> Any:
+                      temp: Any, cts: dict, grad_rows: Any = None) -> Any:
     """d logits of sum over outputs of sum(cotangent * output), analytically (token_stats_vjp on a
-    backend without autodiff): NaN rows at bad tokens, 0 where a position does not count."""
+    backend without autodiff): NaN rows at bad tokens, 0 where a position does not count.
+    ``grad_rows``: the backend's way to run ``grad_of_rows`` (NumPy: a chunk of rows at a time)."""
     r = token_side_rules(ops, st, z, y, mask, lengths, segs, ids, temp)
-    acc = ops.acc_dtype(z)
-    _, saved = stats_rows(ops, st, z, r["y"], r["ids"], r["counted"], r["temp"], acc)
     if r["bad"] is not None:
         nan = ops.where(r["bad"], float("nan"), 1.0)
         cts = {n: (c * ops.expand(nan, ops.ndim(c) - 1) if n == "ids_log_prob" else c * nan) for n, c in cts.items()}
-    return stats_vjp(ops, st, z, r["y"], r["ids"], r["counted"], r["temp"], acc, saved, cts)
+    return (grad_rows or grad_of_rows)(ops, st, z, r["y"], r["ids"], r["counted"], r["temp"], ops.acc_dtype(z), cts)
+
+
+def grad_of_rows(ops: Any, rp: CallPlan, z: Any, y: Any, ids: Any, keep: Any, temp: Any, acc: Any, cts: dict) -> Any:
+    """The forward and the gradient of whole arrays at once (``stats_rows`` then ``stats_vjp``)."""
+    _, saved = stats_rows(ops, rp, z, y, ids, keep, temp, acc)
+    return stats_vjp(ops, rp, z, y, ids, keep, temp, acc, saved, cts)

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ...core import stats_chunks
 from ...core.reduction import default_coef, default_native
-from ...core.stats import stats_rows
+from ...core.stats import grad_of_rows, stats_rows
 from ...core.token_loss import token_loss
 
 
@@ -81,13 +82,21 @@ class NumpyKernels:
         return l, g
 
     def token_stats_rows(self, st: Any, z: Any, y: Any, ids: Any, keep: Any, temp: Any, acc: Any) -> dict:
-        """The forward of core.stats (NumPy has no autodiff: ``stats_vjp`` is analytic)."""
-        return stats_rows(self, st, z, y, ids, keep, temp, acc)[0]
+        """The forward of core.stats (NumPy has no autodiff: ``stats_vjp`` is analytic): a chunk of
+        rows at a time where the classes are last (core/stats_chunks.py), else whole arrays."""
+        zf = None if st.engine.kernel == "native" else stats_chunks.as_rows(z, st.opts.k)
+        with np.errstate(all="ignore"):
+            if zf is None:
+                return stats_rows(self, st, z, y, ids, keep, temp, acc)[0]
+            R = zf.shape[0]
+            outs, _ = stats_chunks.forward(self, st, zf, *_token_rows(R, y, ids, keep, temp), acc, np.empty)
+        tok = z.shape[:-1]
+        return {n: v.reshape(*tok, *v.shape[1:]) for n, v in outs.items()}
 
     def stats_vjp(self, fwd: Any, vjp: Any, st: Any, arrays: tuple, cts: dict) -> Any:
         z = arrays[0]
         with np.errstate(all="ignore"):
-            return np.asarray(vjp(self, st, *arrays, cts)).astype(z.dtype, copy=False)
+            return np.asarray(vjp(self, st, *arrays, cts, grad_rows=_grad_rows)).astype(z.dtype, copy=False)
 
     def default_token_loss(self, st: Any, z: Any, y: Any, want_grad: bool = False) -> Any:
         """The default call (plan/ops.py), with the label check first: a label out of range gives
@@ -167,3 +176,21 @@ def _row_blocks(zv: np.ndarray, chunk_elements: int) -> Any:
     for lead in np.ndindex(*zv.shape[:-2]):
         for i in range(0, R, rows):
             yield lead + (slice(i, min(i + rows, R)),)
+
+
+def _token_rows(R: int, y: Any, ids: Any, keep: Any, temp: Any) -> tuple:
+    tr = stats_chunks.token_rows
+    return tr(y, R), tr(ids, R, True), tr(keep, R), tr(temp, R)
+
+
+def _grad_rows(ops: Any, rp: Any, z: Any, y: Any, ids: Any, keep: Any, temp: Any, acc: Any, cts: dict) -> Any:
+    """core.stats.grad_of_rows a chunk of rows at a time into one buffer in the logits' dtype
+    (classes last), the forward formed per chunk with its gradient; whole arrays otherwise."""
+    zf = None if rp.engine.kernel == "native" else stats_chunks.as_rows(z, rp.opts.k)
+    if zf is None:
+        return grad_of_rows(ops, rp, z, y, ids, keep, temp, acc, cts)
+    R = zf.shape[0]
+    cf = {n: stats_chunks.token_rows(np.asarray(c), R, n == "ids_log_prob") for n, c in cts.items()}
+    out = np.empty(z.shape, z.dtype)
+    stats_chunks.gradient(ops, rp, zf, *_token_rows(R, y, ids, keep, temp), acc, None, cf, out.reshape(R, -1))
+    return out

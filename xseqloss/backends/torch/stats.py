@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ...core import stats_chunks
 from ...core.stats import DIFFERENTIABLE, stats_rows, stats_vjp
 from .buffers import gradient_buffer
 from .ops import compiling
@@ -50,43 +51,22 @@ class TokenStatsFunction(torch.autograd.Function):
         return g, None, None, None, None, None
 
 
-def _rows_of(x: Any, width: int | None = None) -> Any:
-    """A token-shaped array (or one with a trailing k axis) as rows."""
-    if x is None:
-        return None
-    return x.reshape(-1) if width is None else x.reshape(-1, width)
-
-
 class ChunkedStats(torch.autograd.Function):
-    """A chunk of rows at a time (eager, classes last): see the module docstring."""
+    """A chunk of rows at a time (eager, classes last; core/stats_chunks.py): see the module docstring."""
 
     @staticmethod
     def forward(ctx: Any, z: Any, y: Any, ids: Any, keep: Any, temp: Any, args: Any) -> Any:
         be, st, acc, temp_number = args
-        C = z.shape[-1]
-        tok = z.shape[:-1]
-        zf = z.detach().reshape(-1, C)
+        zf = stats_chunks.as_rows(z.detach(), -1)
         R = zf.shape[0]
-        k = None if ids is None else ids.shape[-1]
-        yf, idf, kf, tf_ = _rows_of(y), _rows_of(ids, k), _rows_of(keep), _rows_of(temp)
-        rows = max(1, st.engine.chunk_elements // max(st.C, 1))  # the global C: workers' chunks pair up
-        outs: dict = {}
-        saved = [torch.empty(R, dtype=acc, device=z.device) for _ in range(3)]
+        rows = _token_rows(R, y, ids, keep, temp, temp_number)
         with torch.no_grad():
-            for i in range(0, R, rows):
-                j = min(R, i + rows)
-                sl = (lambda a: None if a is None else a[i:j])  # noqa: E731
-                t = temp_number if tf_ is None else tf_[i:j]
-                o, s = stats_rows(be, st, zf[i:j], sl(yf), sl(idf), sl(kf), t, acc, k=1)
-                for name, v in o.items():
-                    if name not in outs:
-                        outs[name] = torch.empty((R, *v.shape[1:]), dtype=v.dtype, device=z.device)
-                    outs[name][i:j] = v
-                for buf, v in zip(saved, s):
-                    buf[i:j] = v
+            outs, saved = stats_chunks.forward(be, st, zf, *rows, acc,
+                                               lambda shape, dtype: torch.empty(shape, dtype=dtype, device=z.device))
         names = tuple(outs)
-        ctx.names, ctx.args, ctx.saved_stats, ctx.rows = names, args, saved, rows
+        ctx.names, ctx.args, ctx.saved_stats = names, args, saved
         ctx.save_for_backward(z, y, ids, keep, temp)
+        tok = z.shape[:-1]
         res = tuple(outs[n].reshape(*tok, *outs[n].shape[1:]) for n in names)
         ctx.mark_non_differentiable(*[r for n, r in zip(names, res) if n not in DIFFERENTIABLE])
         return res
@@ -99,31 +79,26 @@ class ChunkedStats(torch.autograd.Function):
         cts = {n: g for n, g in zip(ctx.names, grads) if n in DIFFERENTIABLE and g is not None}
         if not cts:
             return None, None, None, None, None, None
-        C = z.shape[-1]
-        zf = z.reshape(-1, C)
-        R, rows = zf.shape[0], ctx.rows
-        k = None if ids is None else ids.shape[-1]
-        yf, idf, kf, tf_ = _rows_of(y), _rows_of(ids, k), _rows_of(keep), _rows_of(temp)
-        cf = {n: _rows_of(g, k if n == "ids_log_prob" else None) for n, g in cts.items()}
+        zf = stats_chunks.as_rows(z, -1)
+        R = zf.shape[0]
+        cf = {n: stats_chunks.token_rows(g, R, n == "ids_log_prob") for n, g in cts.items()}
         gbuf = gradient_buffer(z, st)
-        gf = gbuf.reshape(-1, C)
-        for i in range(0, R, rows):
-            j = min(R, i + rows)
-            sl = (lambda a: None if a is None else a[i:j])  # noqa: E731
-            t = temp_number if tf_ is None else tf_[i:j]
-            saved = tuple(s[i:j] for s in ctx.saved_stats)
-            g = stats_vjp(be, st, zf[i:j], sl(yf), sl(idf), sl(kf), t, acc, saved,
-                          {n: c[i:j] for n, c in cf.items()}, k=1)
-            gf[i:j] = g
+        stats_chunks.gradient(be, st, zf, *_token_rows(R, y, ids, keep, temp, temp_number), acc, ctx.saved_stats, cf,
+                              gbuf.view(R, -1))
         return gbuf, None, None, None, None, None
+
+
+def _token_rows(R: int, y: Any, ids: Any, keep: Any, temp: Any, number: Any) -> tuple:
+    tr = stats_chunks.token_rows
+    return tr(y, R), tr(ids, R, True), tr(keep, R), (number if temp is None else tr(temp, R))
 
 
 class TorchStats:
     def token_stats_rows(self, st: Any, z: Any, y: Any, ids: Any, keep: Any, temp: Any, acc: Any) -> dict:
         number = temp if isinstance(temp, float) else None
         tt = None if number is not None or temp is None else temp.detach()  # the temperature is a constant
-        chunked = (not compiling() and st.opts.k == z.ndim - 1 and z.ndim >= 2 and z.is_contiguous()
-                   and st.engine.kernel != "native" and z.numel() > 0)
+        chunked = (not compiling() and st.engine.kernel != "native"
+                   and stats_chunks.as_rows(z, st.opts.k) is not None)
         fn = ChunkedStats if chunked else TokenStatsFunction
         vals = fn.apply(z, y, ids, keep, tt, (self, st, acc, number))
         if not isinstance(vals, tuple):
