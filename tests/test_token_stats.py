@@ -854,13 +854,7 @@ def torch_grad(total, ps):
     return torch.autograd.grad(total, ps, allow_unused=True)
 
 
-@pytest.mark.parametrize("linear", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: linear_cross_entropy(..., return_stats=...) on torch returns stats with requires_grad=True "
-        "and a grad_fn (a reshape of the fused custom op's packed output), API.md 11.5: they carry no "
-        "gradient; .numpy() on them raises, and a backward through them runs the chunk loop again for "
-        "zeros")))], ids=["sequence_cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("linear", [False, True], ids=["sequence_cross_entropy", "linear_cross_entropy"])
 def test_torch_return_stats_do_not_require_grad(linear):
     """torch: the stats of a loss are plain tensors, no requires_grad and no grad_fn, while the
     inputs require grad (sequence_cross_entropy on every torch kernel)."""

@@ -112,7 +112,7 @@ def split_losses(ops: Any, rp: CallPlan, l2: Any) -> tuple[Any, dict]:
         return l2, {}
     out = {}
     for j, name in enumerate(rp.stats.outputs):
-        v = l2[:, 1 + j]
+        v = ops.stop_gradient(l2[:, 1 + j])  # API.md 11.5: the metrics carry no gradient
         out[name] = ops.as_index(v) if name == "argmax" else (v > 0.5) if name == "correct" else v
     return l2[:, 0], out
 
