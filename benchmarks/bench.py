@@ -33,7 +33,8 @@ from typing import Any, Callable
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+# XSEQLOSS_BENCH_ROOT: the package tree to measure (benchmarks/ab.py times two trees alternately)
+sys.path.insert(0, os.environ.get("XSEQLOSS_BENCH_ROOT", os.path.dirname(HERE)))
 
 import harness  # noqa: E402
 import xseqloss as xsl  # noqa: E402

@@ -32,7 +32,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+# XSEQLOSS_BENCH_ROOT: the package tree to measure (benchmarks/ab.py times two trees alternately)
+sys.path.insert(0, os.environ.get("XSEQLOSS_BENCH_ROOT", ROOT))
 sys.path.insert(0, HERE)
 
 import harness  # noqa: E402
@@ -95,8 +96,11 @@ def jax_contenders(T: int, H: int, C: int) -> dict[str, Callable[[], Any]]:
     naive = jax.jit(jax.value_and_grad(
         lambda h, w: optax.softmax_cross_entropy_with_integer_labels(h @ w.T, y).mean(), argnums=(0, 1)))
     ours = jax.jit(jax.value_and_grad(lambda h, w: xsl.linear_cross_entropy(h, w, y, layout="NH"), argnums=(0, 1)))
+    quick = jax.jit(jax.value_and_grad(lambda h, w: xsl.linear_cross_entropy(h, w, y, layout="NH", validate=False),
+                                       argnums=(0, 1)))
     return {"naive": lambda: jax.block_until_ready(naive(h, w)),
-            "xseqloss": lambda: jax.block_until_ready(ours(h, w))}
+            "xseqloss": lambda: jax.block_until_ready(ours(h, w)),
+            "xseqloss_validate_false": lambda: jax.block_until_ready(quick(h, w))}
 
 
 def tf_contenders(T: int, H: int, C: int) -> dict[str, Callable[[], Any]]:
@@ -236,7 +240,8 @@ def measure_memory(backend: str, which: str, T: int, H: int, C: int) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", nargs="*", default=None)
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192],
+                    help="token counts, each measured in turn (the goal holds from 2,048 to 16,384)")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--classes", type=int, default=32000)
     ap.add_argument("--reps", type=int, default=3)
@@ -244,15 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "linear-cpu.json"))
     args = ap.parse_args(argv)
-    T, H, C = args.tokens, args.hidden, args.classes
+    H, C = args.hidden, args.classes
     avail = xsl.available_backends()
     backends = [b for b in (args.backends or list(CONTENDERS)) if b in avail]
     env = harness.environment()
     env.update(backends={b: avail[b] for b in backends}, xseqloss=xsl.__version__,
-               size={"tokens": T, "hidden": H, "classes": C})
+               size={"tokens": args.tokens, "hidden": H, "classes": C})
     results: list[dict[str, Any]] = []
-    for be in backends:
-        row: dict[str, Any] = {"backend": be}
+    for be, T in [(be, T) for be in backends for T in args.tokens]:
+        row: dict[str, Any] = {"backend": be, "tokens": T}
         print(f"[{be}] tokens x hidden x classes = {T} x {H} x {C} float32", flush=True)
         if not args.no_speed:
             fns = CONTENDERS[be](T, H, C)
