@@ -32,13 +32,16 @@ dtype), ``grad`` (every worker's gradient against its slice of the reference gra
 dtype), ``upstream`` (the same with the suite's upstream gradients other than 1) and ``replicated``
 (every worker holds bitwise the same loss; exact). The comparison lives in ``check_sharded``, in
 this process; the workers (distributed_workers.py, run in the child processes) only compute.
+
+The "stats" check kind (``token_stats(..., class_parallel=...)``, API.md 11.4) runs on the same
+engines over the stats cases of distributed_stats.py: rows ``stats``, ``stats_replicated`` and
+``stats_vjp`` against the float64 reference of stats_reference.py (cases "stats:<name>/<dtype>").
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -51,7 +54,8 @@ from typing import Any, Callable, Iterable
 from .cases import BASE_CASES, MIX, Case, _c, make_case
 from .checks import _short, reference_of
 from .runner import LOAD_SUITE
-from .distributed_checks import check_sharded
+from .distributed_checks import check_sharded, read_outcomes
+from . import distributed_stats as dstats
 
 DTYPES = ("float64", "float32")
 TORCH_WORLDS = (2, 3)
@@ -271,12 +275,13 @@ def run_distributed(backends: Iterable[str] | None = None, cases: Iterable[str] 
     t0 = time.perf_counter()
     wanted = engines_for(backends)
     chosen = specs(cases)
+    chosen_stats = dstats.stats_specs(cases)  # token_stats: the "stats" check kind (distributed_stats.py)
     not_applicable: list[dict] = []
     ready: list[str] = []
     for e in wanted:
         b, dev, eng = ENGINES[e]
         why = _available(b)
-        n = len(plan(e, chosen))
+        n = len(plan(e, chosen)) + len(dstats.stats_plan(e, chosen_stats))
         if why:
             if backends is not None and b in set(backends):
                 raise RuntimeError(f"backend {b!r} was requested for --distributed but cannot run: {why}")
@@ -303,7 +308,8 @@ def run_distributed(backends: Iterable[str] | None = None, cases: Iterable[str] 
             os.makedirs(out)
             log = open(os.path.join(tmp, unit + ".log"), "w+")
             proc = subprocess.Popen([sys.executable, "-c", _CHILD, package, folder, mode, out,
-                                     json.dumps({"engines": es, "cases": names, "dtypes": list(dts)})],
+                                     json.dumps({"engines": es, "cases": names, "dtypes": list(dts),
+                                                 "stats": [s["name"] for s in chosen_stats]})],
                                     env=_child_env(mode), stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             running[unit] = (proc, out, log, time.perf_counter(), es, dts)
@@ -315,6 +321,8 @@ def run_distributed(backends: Iterable[str] | None = None, cases: Iterable[str] 
         # the reference, while the workers run
         needed = sorted({(s["name"], dt) for e in ready for s, dt in plan(e, chosen)})
         refs = {key: reference_of(all_cases[key]) for key in needed}
+        stats_refs = dstats.references(chosen_stats, [(s["name"], dt) for e in ready
+                                                      for s, dt in dstats.stats_plan(e, chosen_stats)])
         say(f"[distributed] {len(chosen)} base cases, {len(all_cases)} with dtypes; reference done in "
             f"{time.perf_counter() - t0:.1f}s")
         while running:
@@ -339,7 +347,7 @@ def run_distributed(backends: Iterable[str] | None = None, cases: Iterable[str] 
                 if queue:
                     start()
                 for e in es:
-                    got = _read(out, e)
+                    got = read_outcomes(out, e)
                     raw.setdefault(e, {}).update(got)
                     backend, dev, eng = ENGINES[e]
                     mine = plan(e, chosen, dts)
@@ -350,44 +358,22 @@ def run_distributed(backends: Iterable[str] | None = None, cases: Iterable[str] 
                             + (f"; log: {' '.join(tail.split()[-40:])}" if failed else "")}
                         results += check_sharded(backend, dev, eng, all_cases[(s["name"], dt)],
                                                  refs[(s["name"], dt)], o, workers=workers_of(e))
+                    mine_stats = dstats.stats_plan(e, chosen_stats, dts)
+                    for s, dt in mine_stats:
+                        case, ref = stats_refs[(s["name"], dt)]
+                        o = got.get(dstats.key(case.name)) or {"error": failed or "the worker wrote no result"}
+                        results += dstats.check_sharded_stats(backend, dev, eng, case, ref, o, workers=workers_of(e))
                     fails = sum(1 for r in results[before:] if not r["passed"])
-                    say(f"[distributed] {backend} {dev} {eng} ({', '.join(dts)}): {len(mine)} cases, {fails} "
-                        f"failing ({timings[unit]}s)")
+                    say(f"[distributed] {backend} {dev} {eng} ({', '.join(dts)}): {len(mine)} cases, "
+                        f"{len(mine_stats)} token_stats cases, {fails} failing ({timings[unit]}s)")
     if outcomes is not None:
         outcomes.update(raw)
     env = {"distributed": {
         "seconds": round(time.perf_counter() - t0, 1), "seconds_per_process": timings,
         "engines": [" ".join(ENGINES[e]) for e in ready],
-        "cases": {"base": len(chosen), "with_dtypes": len(all_cases)},
+        "cases": {"base": len(chosen), "with_dtypes": len(all_cases), "stats": len(chosen_stats)},
     }}
     return {"environment": env, "results": results, "not_applicable": not_applicable}
-
-
-def _read(out: str, engine: str) -> dict:
-    """What the workers of one engine wrote, merged per case: {case name: outcome}."""
-    found = os.listdir(out) if os.path.isdir(out) else []
-    parts = sorted(f for f in found if f.startswith(engine + ".") and f.endswith(".pkl"))
-    merged: dict[str, dict] = {}
-    for f in parts:
-        with open(os.path.join(out, f), "rb") as fh:
-            per_case = pickle.load(fh)
-        for key, o in per_case.items():
-            m = merged.setdefault(key, {"values": [], "pieces": [], "upstream": []})
-            if o.get("error") and not m.get("error"):
-                m["error"] = o["error"]
-            for k in ("value_dtype", "grad_dtype", "type_ok", "grad_error"):
-                if k in o and (k not in m or (k == "type_ok" and not o[k]) or (k == "grad_error" and o[k])):
-                    m[k] = o[k]
-            m["values"] += o.get("values", [])
-            m["pieces"] += o.get("pieces", [])
-            for i, (ct, pcs) in enumerate(o.get("upstream", [])):
-                if i == len(m["upstream"]):
-                    m["upstream"].append((ct, pcs if isinstance(pcs, str) else list(pcs)))
-                elif isinstance(pcs, str) or isinstance(m["upstream"][i][1], str):
-                    m["upstream"][i] = (ct, pcs if isinstance(pcs, str) else m["upstream"][i][1])
-                else:
-                    m["upstream"][i][1].extend(pcs)
-    return merged
 
 
 def distributed_report(backends: Iterable[str] | None = None, cases: Iterable[str] | None = None,

@@ -4,6 +4,8 @@ its gradient slice against the float64 reference, in the single-device record fo
 from __future__ import annotations
 
 import math
+import os
+import pickle
 from typing import Any
 
 import numpy as np
@@ -102,6 +104,48 @@ def check_sharded(backend: str, device: str, engine: str, case: Case, ref: tuple
                 worst, why = err, f"upstream {ct if np.ndim(ct) == 0 else 'cotangent'}; worst: {uwho}"
         rec("upstream", worst, why)
     return rows
+
+
+def read_outcomes(out: str, engine: str) -> dict:
+    """What the workers of one engine wrote, merged per case: {case name: outcome}."""
+    found = os.listdir(out) if os.path.isdir(out) else []
+    parts = sorted(f for f in found if f.startswith(engine + ".") and f.endswith(".pkl"))
+    merged: dict[str, dict] = {}
+    for f in parts:
+        with open(os.path.join(out, f), "rb") as fh:
+            per_case = pickle.load(fh)
+        for key, o in per_case.items():
+            if key.startswith("stats:"):  # a token_stats case (distributed_stats.py)
+                merged[key] = merge_stats(merged.get(key), o)
+                continue
+            m = merged.setdefault(key, {"values": [], "pieces": [], "upstream": []})
+            if o.get("error") and not m.get("error"):
+                m["error"] = o["error"]
+            for k in ("value_dtype", "grad_dtype", "type_ok", "grad_error"):
+                if k in o and (k not in m or (k == "type_ok" and not o[k]) or (k == "grad_error" and o[k])):
+                    m[k] = o[k]
+            m["values"] += o.get("values", [])
+            m["pieces"] += o.get("pieces", [])
+            for i, (ct, pcs) in enumerate(o.get("upstream", [])):
+                if i == len(m["upstream"]):
+                    m["upstream"].append((ct, pcs if isinstance(pcs, str) else list(pcs)))
+                elif isinstance(pcs, str) or isinstance(m["upstream"][i][1], str):
+                    m["upstream"][i] = (ct, pcs if isinstance(pcs, str) else m["upstream"][i][1])
+                else:
+                    m["upstream"][i][1].extend(pcs)
+    return merged
+
+
+def merge_stats(m: dict | None, o: dict) -> dict:
+    """Two workers' (or files') outcomes of one token_stats case (distributed_stats.py) as one."""
+    m = m or {"copies": [], "pieces": []}
+    if o.get("error") and not m.get("error"):
+        m["error"] = o["error"]
+    if "padding_ok" in o:
+        m["padding_ok"] = m.get("padding_ok", True) and o["padding_ok"]
+    m["copies"] = m["copies"] + list(o.get("copies", []))
+    m["pieces"] = m["pieces"] + list(o.get("pieces", []))
+    return m
 
 
 def reference(case: Case, cotangent: Any = None) -> tuple[np.ndarray, np.ndarray]:

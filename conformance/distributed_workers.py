@@ -15,19 +15,22 @@ import numpy as np
 from .cases import Case, make_case
 from .checks import _short, cotangents
 from .distributed import DTYPES, JAX_DEVICES, class_index, local_arrays, plan, specs, torch_slices
+from .distributed_stats import jax_stats, stats_specs, torch_stats
 
 def child(mode: str, out: str, kw: dict) -> None:
     """Entry point of a child process: ``mode`` "torch" (forks the ranks) or "jax"."""
     warnings.filterwarnings("ignore", message=".*did you pass softmax outputs.*")
     chosen = [s for s in specs() if s["name"] in set(kw["cases"])]
+    stats = [s for s in stats_specs() if s["name"] in set(kw.get("stats", ()))]
     dtypes = tuple(kw.get("dtypes", DTYPES))
     if mode == "torch":
-        _torch_launch(out, kw["engines"], chosen, dtypes)
+        _torch_launch(out, kw["engines"], chosen, dtypes, stats)
     else:
-        _jax_run(out, kw["engines"], chosen, dtypes)
+        _jax_run(out, kw["engines"], chosen, dtypes, stats)
 
 
-def _torch_launch(out: str, engines: list[str], chosen: list[dict], dtypes: tuple = DTYPES) -> None:
+def _torch_launch(out: str, engines: list[str], chosen: list[dict], dtypes: tuple = DTYPES,
+                  stats: list[dict] = ()) -> None:
     """Import torch and xseqloss once, then fork each world's ranks (one group per world size)."""
     import torch  # noqa: F401
 
@@ -42,7 +45,7 @@ def _torch_launch(out: str, engines: list[str], chosen: list[dict], dtypes: tupl
             if pid == 0:  # the rank
                 code = 1
                 try:
-                    _torch_rank(rank, world, init, out, e, chosen, dtypes)
+                    _torch_rank(rank, world, init, out, e, chosen, dtypes, stats)
                     code = 0
                 except BaseException:  # noqa: BLE001 - a child must never return into the launcher
                     import traceback
@@ -61,7 +64,7 @@ def _torch_launch(out: str, engines: list[str], chosen: list[dict], dtypes: tupl
 
 
 def _torch_rank(rank: int, world: int, init: str, out: str, engine: str, chosen: list[dict],
-                dtypes: tuple = DTYPES) -> None:
+                dtypes: tuple = DTYPES, stats: list[dict] = ()) -> None:
     from datetime import timedelta
 
     import torch
@@ -99,13 +102,15 @@ def _torch_rank(rank: int, world: int, init: str, out: str, engine: str, chosen:
         except Exception as exc:  # noqa: BLE001 - recorded as a failing row
             o = {"error": f"{worker}: " + _short(exc)}
         got[case.name] = o
+    got.update(torch_stats(rank, world, dist.group.WORLD, engine, list(stats), dtypes))  # token_stats
     dist.barrier()
     dist.destroy_process_group()
     with open(os.path.join(out, f"{engine}.{rank}.pkl"), "wb") as f:
         pickle.dump(got, f)
 
 
-def _jax_run(out: str, engines: list[str], chosen: list[dict], dtypes: tuple = DTYPES) -> None:
+def _jax_run(out: str, engines: list[str], chosen: list[dict], dtypes: tuple = DTYPES,
+             stats: list[dict] = ()) -> None:
     import jax
     import ml_dtypes
     from jax.sharding import Mesh, NamedSharding
@@ -197,6 +202,7 @@ def _jax_run(out: str, engines: list[str], chosen: list[dict], dtypes: tuple = D
             except Exception as exc:  # noqa: BLE001 - recorded as a failing row
                 o = {"error": _short(exc)}
             got[case.name] = o
+        got.update(jax_stats(e, list(stats), dtypes, mesh, shard_map, put))  # token_stats
         with open(os.path.join(out, f"{e}.0.pkl"), "wb") as fh:
             pickle.dump(got, fh)
 

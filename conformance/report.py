@@ -103,10 +103,13 @@ def markdown(report: dict, title: str = "xseqloss conformance report", note: str
         d = env["distributed"]
         L += [f"Classes split across workers (API.md 9.2, conformance/distributed.py): "
               f"{', '.join(d['engines']) or 'no engine ran'}; {d['cases']['base']} base cases "
-              f"({d['cases']['with_dtypes']} with dtypes), {d['seconds']} s. Their rows have the device "
+              f"({d['cases']['with_dtypes']} with dtypes)"
+              + (f" and {d['cases']['stats']} token_stats cases" if d["cases"].get("stats") else "")
+              + f", {d['seconds']} s. Their rows have the device "
               "`cpu xN` (N workers) and the engine that split the classes; `grad` compares each worker's "
               "gradient with its slice of the reference gradient, `replicated` that every worker holds "
-              "bitwise the same loss.", ""]
+              "bitwise the same loss; `stats`, `stats_replicated` and `stats_vjp` do the same for every "
+              "output of `token_stats` and its gradient under random cotangents.", ""]
     L += [f"**{len(res)} checks, {len(fails)} failed.** Tolerances on max |x - ref| / (1 + |ref|): "
           + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items())
           + "; the reference is float64 on the already-rounded inputs. Exact checks (errors raised, "
