@@ -16,10 +16,14 @@ _NEEDS = {
     "xseqloss/backends/tensorflow": "tensorflow",
     "xseqloss/backends/jax": "jax",
     "xseqloss/keras.py": "keras",
+    "xseqloss/hf.py": "torch",
+    "docs/integrations.md": ("torch", "transformers", "accelerate"),  # its doctests: a Trainer run
     "xseqloss/backends/torch/_triton_kernels.py": "triton",
 }
 
 collect_ignore = [
-    path for path, module in _NEEDS.items()
-    if importlib.util.find_spec(module) is None and not ({"all", module} & _REQUIRED)
+    path for path, needs in _NEEDS.items()
+    for module in [next((m for m in ((needs,) if isinstance(needs, str) else needs)
+                         if importlib.util.find_spec(m) is None), None)]
+    if module is not None and not ({"all", module} & _REQUIRED)
 ]

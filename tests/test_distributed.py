@@ -540,6 +540,22 @@ def test_keras_fit_under_mirrored_strategy(tf_run):
     assert _check_pairs([tf_run], "keras_global_fit_") == 2
     # the default (a local mean scaled by 1 / replicas) is not, with uneven counts
     assert tf_run["facts"]["keras_default_mean_error"] > 1e-3
+    # float64 labels (exact integers), as Keras hands them over: the same exact training
+    assert _check_pairs([tf_run], "keras_float_labels_fit_") == 2
+
+
+def test_keras_evaluate_predict_save_load_under_mirrored_strategy(tf_run):
+    """The compiled model with SequenceCrossEntropy(normalizer="global"): evaluate (integer and
+    float64 labels) equals the float64 global mean on a batch with uneven tokens per replica,
+    predict the affine map, and a .keras round trip loaded under the strategy keeps both; a
+    non-integral float label is a NaN loss (traced), never rounded to a class."""
+    if not tf_run["facts"]["keras"]:
+        pytest.skip("keras not importable")
+    assert _check_pairs([tf_run], "keras_evaluate_") == 2
+    assert _check_pairs([tf_run], "keras_predict") == 1
+    assert _check_pairs([tf_run], "keras_loaded_") == 2
+    assert tf_run["facts"]["keras_loaded_loss"] == ["SequenceCrossEntropy", "global"]
+    assert tf_run["facts"]["keras_evaluate_non_integral"] == "nan"
 
 
 def _tf_worker(out):
@@ -624,12 +640,14 @@ def _tf_worker(out):
             with strategy.scope():
                 model = keras.Sequential([keras.Input((t, H)), keras.layers.Dense(C)])
                 model.layers[0].set_weights([W0, b0])
+                # no workaround: Keras builds the compiled loss on the MEAN over the replicas of the
+                # first batch, whose labels are float64 (exact integers here), and xseqloss takes them
                 model.compile(optimizer=keras.optimizers.SGD(lr), loss=loss)
-                # builds the compiled loss on integer labels: under MirroredStrategy Keras would build
-                # it on the MEAN over replicas of the first batch, whose labels are float64 (see docs)
-                model.compute_loss(x=x[:4], y=y[:4], y_pred=model(x[:4]))
             hist = model.fit(data, epochs=1, verbose=0, shuffle=False)
+            fitted.append(model)
             return model.layers[0].get_weights(), hist.history["loss"][0]
+
+        fitted = []
 
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
         (kW, kb), reported = fit(xk.SequenceCrossEntropy(reduction="sum"), ds.map(with_weights))
@@ -642,6 +660,34 @@ def _tf_worker(out):
         record("keras_global_fit_reported_loss", reported, np.mean(step_losses))
         (kW, _), _ = fit(xk.SequenceCrossEntropy(), ds)
         facts["keras_default_mean_error"] = float(np.abs(kW - Wn).max())
+        # labels given as float64 (what Keras hands over on some paths): the same training
+        ds64 = tf.data.Dataset.from_tensor_slices((x, y.astype(np.float64))).batch(4)
+        (kW, kb), reported = fit(xk.SequenceCrossEntropy(normalizer="global"), ds64)
+        record("keras_float_labels_fit_weights", np.concatenate([kW.ravel(), kb.ravel()]),
+               np.concatenate([Wn.ravel(), bn.ravel()]))
+        record("keras_float_labels_fit_reported_loss", reported, np.mean(step_losses))
+
+        # evaluate / predict / save + load of the compiled model, under the strategy; the batch
+        # x[4:8] puts 2 tokens on replica 0 and 6 on replica 1: only the global count is exact
+        model = fitted[1]  # normalizer="global", trained on integer labels
+        W1, b1 = (v.astype(np.float64) for v in model.layers[0].get_weights())
+        want_eval = float(xsl.sequence_cross_entropy(x[4:8].astype(np.float64) @ W1 + b1, y[4:8]))
+        one = tf.data.Dataset.from_tensor_slices((x[4:8], y[4:8])).batch(4)
+        record("keras_evaluate_global", model.evaluate(one, verbose=0), want_eval)
+        one64 = tf.data.Dataset.from_tensor_slices((x[4:8], y[4:8].astype(np.float64))).batch(4)
+        record("keras_evaluate_float_labels", model.evaluate(one64, verbose=0), want_eval)
+        record("keras_predict", model.predict(x, batch_size=4, verbose=0), x.astype(np.float64) @ W1 + b1)
+        bad = y[4:8].astype(np.float64)
+        bad[3, 0] = 2.5  # not a class id: traced inside evaluate, so the loss is NaN (not rounded to 2)
+        facts["keras_evaluate_non_integral"] = str(model.evaluate(
+            tf.data.Dataset.from_tensor_slices((x[4:8], bad)).batch(4), verbose=0))
+        path = os.path.join(out, "model.keras")
+        model.save(path)
+        with strategy.scope():
+            loaded = keras.models.load_model(path)
+        facts["keras_loaded_loss"] = [type(loaded.loss).__name__, loaded.loss.get_config()["normalizer"]]
+        record("keras_loaded_evaluate", loaded.evaluate(one, verbose=0), want_eval)
+        record("keras_loaded_predict", loaded.predict(x, batch_size=4, verbose=0), x.astype(np.float64) @ W1 + b1)
     with open(os.path.join(out, "0.json"), "w") as f:
         json.dump(dict(rank=0, pairs=pairs, facts=facts, errors={}), f)
 

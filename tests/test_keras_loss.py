@@ -5,29 +5,21 @@ says otherwise). ``test_fit_on_backend`` runs tests/helpers/keras_fit_script.py 
 Keras backend, because Keras picks its backend once, at import.
 """
 
-import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from helpers.support import assert_close, require_or_skip
+from helpers.support import assert_close, import_or_skip, require_or_skip
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _import_or_skip(name, minversion=None):
-    """Skip when ``name`` is missing, except in CI (XSEQLOSS_REQUIRE_BACKENDS=all), where the
-    requirements install it and its absence means a broken environment: an error, not a skip."""
-    if os.environ.get("XSEQLOSS_REQUIRE_BACKENDS", "").strip().lower() == "all":
-        return importlib.import_module(name)
-    return pytest.importorskip(name, minversion=minversion)
-
-
-_import_or_skip("keras", minversion="3.0")
+import_or_skip("keras", minversion="3.0")
 
 import keras  # noqa: E402
 
@@ -140,14 +132,62 @@ def test_labels_reach_xseqloss_as_integers(monkeypatch):
     SequenceCrossEntropy()(targets.astype(np.int32), logits)
     SequenceCrossEntropy()(targets, logits)
     assert seen and all(d.startswith("int") for d in seen), seen  # Keras's Loss would give float32
-    # float class ids are an error, never truncated (Keras's Loss casts labels to float and back)
-    with pytest.raises(xsl.XSeqLossTypeError, match="floats are never truncated"):
-        SequenceCrossEntropy()(targets.astype(np.float32), logits)
+    # float class ids (as Keras hands them over) reach xseqloss as integers too
+    seen.clear()
+    SequenceCrossEntropy()(targets.astype(np.float64), logits)
+    assert seen and all(d.startswith("int") for d in seen), seen
     # an out-of-range label raises in eager mode (it would be a float 3.0 under Keras's casting)
     bad = targets.copy()
     bad[1, 2] = 3
     with pytest.raises(xsl.XSeqLossError, match=r"targets\[1, 2\] = 3 is out of range"):
         SequenceCrossEntropy()(bad, logits)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_float_class_ids_are_exact_integers_or_an_error(dtype):
+    """Keras hands labels over as floats on some paths (float64 under MirroredStrategy's symbolic
+    build; a float NumPy ``y``): accepted when every value is an exact integer, else an error naming
+    the first non-integral value (eager) or a NaN loss (traced), never rounded."""
+    logits, targets, mask = _batch()
+    targets[0, 1] = -100
+    want = xsl.sequence_cross_entropy(logits.astype(np.float64), targets, mask=mask, label_smoothing=0.1)
+    loss = SequenceCrossEntropy(label_smoothing=0.1)
+    got = loss(targets.astype(dtype), _with_mask(logits, mask))
+    assert_close(_num(got), want, "float32")
+    assert_close(_num(loss.call(targets.astype(dtype), logits)),
+                 xsl.sequence_cross_entropy(logits.astype(np.float64), targets, reduction="none",
+                                            label_smoothing=0.1), "float32")
+    for pos, value in (((1, 2), 1.5), ((3, 0), -0.25), ((2, 4), np.nan), ((0, 3), np.inf), ((1, 1), 2.0 ** 60)):
+        bad = targets.astype(dtype)
+        bad[pos] = value
+        shown = re.escape(repr(float(np.asarray(value, dtype))))
+        with pytest.raises(xsl.XSeqLossError, match=rf"targets\[{pos[0]}, {pos[1]}\] = {shown} is not an exact int"):
+            loss(bad, logits)
+    # a value that is whole but not a class is the ordinary out-of-range error
+    bad = targets.astype(dtype)
+    bad[2, 3] = 3.0
+    with pytest.raises(xsl.XSeqLossError, match=r"targets\[2, 3\] = 3 is out of range"):
+        loss(bad, logits)
+    # segments_in_targets: both columns converted
+    pairs = np.stack([targets, np.repeat(np.arange(5)[None] // 3, 4, 0)], -1)
+    seg = SequenceCrossEntropy(reduction="segment_mean", segments_in_targets=True)
+    assert_close(_num(seg(pairs.astype(dtype), logits)),
+                 xsl.sequence_cross_entropy(logits.astype(np.float64), targets, segment_ids=pairs[..., 1],
+                                            reduction="segment_mean"), "float32")
+
+
+def test_float_class_ids_traced_give_nan_for_a_non_integral_value():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the traced path is checked here under tf.function (fit covers jax.jit)")
+    import tensorflow as tf
+    logits, targets, _ = _batch()
+    loss = SequenceCrossEntropy()
+    f = tf.function(lambda y, z: loss(y, z))
+    ok = f(tf.constant(targets.astype(np.float64)), tf.constant(logits))
+    assert_close(_num(ok), xsl.sequence_cross_entropy(logits.astype(np.float64), targets), "float32")
+    bad = targets.astype(np.float64)
+    bad[1, 2] = 1.5
+    assert np.isnan(_num(f(tf.constant(bad), tf.constant(logits))))
 
 
 def test_soft_targets_and_call():
@@ -199,3 +239,12 @@ def test_fit_on_backend(backend):
     assert r["loaded_loss_type"] == "SequenceCrossEntropy"
     assert r["loaded_loss_config"] == r["config"] and r["config"]["label_smoothing"] == 0.05
     assert r["eval_loaded"] == pytest.approx(r["eval"], rel=1e-6)
+    # float64 labels (exact integers), as Keras hands them over: the same loss; with the global
+    # normalizer (one device: the ordinary mean) too, before and after a .keras round trip
+    assert r["eval_float_labels"] == pytest.approx(r["eval"], rel=1e-6)
+    assert abs(r["eval_global"] - r["direct"]) <= tol * (1 + abs(r["direct"])), r
+    assert r["global_loaded_normalizer"] == (None if backend == "torch" else "global")
+    assert r["eval_global_loaded"] == pytest.approx(r["eval_global"], rel=1e-6)
+    # fit on float64 labels: they reach xseqloss as integers, and it trains
+    assert r["float_fit_seen"] and all(f["targets_dtype"].startswith("int") for f in r["float_fit_seen"]), r
+    assert np.all(np.isfinite(r["float_fit_history"])), r

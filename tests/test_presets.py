@@ -46,7 +46,7 @@ def _log_softmax(z, axis=-1):
 # ------------------------------------------------------------------------------------------- generic
 
 def test_presets_are_read_only_and_complete():
-    names = ("TORCH", "KERAS", "OPTAX", "TFA_SEQUENCE_LOSS", "HF_CAUSAL_LM", "FAIRSEQ")
+    names = ("TORCH", "KERAS", "OPTAX", "TFA_SEQUENCE_LOSS", "HF_SHIFTED_LABELS", "HF_FOR_CAUSAL_LM", "FAIRSEQ")
     assert set(names) <= set(presets.ALL)
     logits, targets = _data()
     for name in names:
@@ -285,7 +285,7 @@ def _hf_for_causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, 
 
 def test_hf_causal_lm_preset_with_and_without_num_items_in_batch():
     logits, labels = _data(seed=8)
-    p = presets.HF_CAUSAL_LM
+    p = presets.HF_SHIFTED_LABELS
     # the shift is the caller's: logits[:, :-1] predict labels[:, 1:]
     want = _hf_for_causal_lm_loss(logits, labels, C)
     got = xsl.sequence_cross_entropy(logits[:, :-1], labels[:, 1:], **p)
@@ -317,9 +317,22 @@ def test_hf_preset_equals_torch_fixed_cross_entropy():
     tgt = torch.as_tensor(labels[:, 1:]).reshape(-1)
     want_mean = F.cross_entropy(src, tgt, ignore_index=-100)
     want_sum = F.cross_entropy(src, tgt, ignore_index=-100, reduction="sum") / 11
-    p = presets.HF_CAUSAL_LM
+    p = presets.HF_SHIFTED_LABELS
     assert_close(xsl.sequence_cross_entropy(logits[:, :-1], labels[:, 1:], **p), want_mean.numpy())
     assert_close(xsl.sequence_cross_entropy(logits[:, :-1], labels[:, 1:], normalizer=11, **p), want_sum.numpy())
+
+
+def test_hf_preset_names_say_whether_they_shift():
+    """HF_CAUSAL_LM (no shift) was one word away from HF_FOR_CAUSAL_LM (shift=1): an unshifted loss
+    for a causal LM's labels. The unshifted one is now named for what it takes; the old name says
+    which to use instead of silently meaning either."""
+    assert presets.HF_FOR_CAUSAL_LM["shift"] == 1 and "shift" not in presets.HF_SHIFTED_LABELS
+    assert dict(presets.HF_FOR_CAUSAL_LM) == dict(presets.HF_SHIFTED_LABELS, shift=1)
+    with pytest.raises(AttributeError, match="renamed: a causal LM's labels take HF_FOR_CAUSAL_LM.*HF_SHIFTED_LABELS"):
+        presets.HF_CAUSAL_LM  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'HF_CAUSAL'"):
+        presets.HF_CAUSAL  # noqa: B018
+    assert "HF_CAUSAL_LM" not in presets.ALL and "HF_CAUSAL_LM" not in presets.__all__
 
 
 # ------------------------------------------------------------------------------------------- fairseq

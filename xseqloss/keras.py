@@ -8,7 +8,9 @@ What it does differently from ``keras.losses.Loss`` (on purpose, see docs/portin
 * xseqloss's own ``reduction`` and ``denominator`` are used, not Keras's ``sum_over_batch_size`` (which
   divides by every position when there is no mask);
 * integer labels stay integers: Keras's ``Loss.__call__`` converts ``y_true`` to the loss dtype (float32),
-  which silently rounds class ids above 2**24 and turns a label bug into a float.
+  which silently rounds class ids above 2**24 and turns a label bug into a float. Labels that Keras
+  itself hands over as floats (float64 under ``MirroredStrategy``) are accepted when every value is an
+  exact integer and converted back to integers; a non-integral value is an error (NaN when traced).
 
 >>> import numpy as np
 >>> import xseqloss.keras
@@ -150,6 +152,7 @@ class SequenceCrossEntropy(keras.losses.Loss):
                 return ops.cast(loss, self.dtype)
             y_pred = ops.convert_to_tensor(y_pred)  # keeps its dtype
             y_true = ops.convert_to_tensor(y_true)  # keeps its dtype: integer labels are never cast to float
+            y_true = self._float_class_ids(y_true, y_pred)
             if self.segments_in_targets:  # (.., 2) integer targets: [.., 0] class ids, [.., 1] segment ids
                 segment_ids, y_true = y_true[..., 1], y_true[..., 0]
             soft = "float" in keras.backend.standardize_dtype(y_true.dtype)
@@ -186,7 +189,51 @@ class SequenceCrossEntropy(keras.losses.Loss):
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """Per-token losses (reduction "none"), for code that calls ``Loss.call`` directly."""
         opts = {**self._options(), "reduction": "none", "normalizer": None, "shift": self.shift}
-        return sequence_cross_entropy(ops.convert_to_tensor(y_pred), ops.convert_to_tensor(y_true), **opts)
+        y_pred = ops.convert_to_tensor(y_pred)
+        return sequence_cross_entropy(y_pred, self._float_class_ids(ops.convert_to_tensor(y_true), y_pred), **opts)
+
+    def _float_class_ids(self, y_true: Any, y_pred: Any) -> Any:
+        """Class ids that Keras handed over as floats, back to integers; anything else unchanged.
+
+        Keras casts labels to a float type on some paths (under ``MirroredStrategy`` its TensorFlow
+        trainer builds the compiled loss on the replicas' MEAN of the first batch: float64 labels;
+        a NumPy ``y`` of floats goes through as it is). Floating labels with the tokens' shape (one
+        axis fewer than the logits; with ``segments_in_targets`` the (.., 2) pairs) are class ids:
+        accepted when every value is an exact integer in the label dtype's range and converted to
+        it (never rounded). Otherwise, with concrete values (eager, ``validate=True``), an
+        XSeqLossError names the first bad value; traced (inside ``fit``), or with ``validate=False``,
+        a bad value becomes an invalid label, so the loss is NaN as for any bad label. xseqloss
+        never casts labels to a float type; soft targets (the logits' shape) are not touched."""
+        if "float" not in keras.backend.standardize_dtype(y_true.dtype) or _is_ragged(y_true):
+            return y_true
+        rank, zrank = len(y_true.shape), len(y_pred.shape)
+        if rank != (zrank if self.segments_in_targets else zrank - 1):
+            return y_true  # soft targets (or a shape error that xseqloss reports)
+        from ._dispatch import load
+        be = load(self._options()["backend"])
+        lo, hi = be.index_limits() or (-(2 ** 63), 2 ** 63 - 1)
+        # [lo, end): beyond 2**53 a float64 is not a single integer; `end` is exact in float32 too
+        lo, end = max(lo, -(2 ** 53)), min(hi + 1, 2 ** 53)
+        whole = ops.logical_and(ops.equal(ops.floor(y_true), y_true),
+                                ops.logical_and(ops.greater_equal(y_true, float(lo)), ops.less(y_true, float(end))))
+        if self.validate and not be.tracing(y_true) and not _is_symbolic_placeholder(y_true):
+            ok = np.asarray(ops.convert_to_numpy(whole))
+            if not ok.all():
+                at = tuple(int(i) for i in np.argwhere(~ok)[0])
+                value = float(np.asarray(ops.convert_to_numpy(y_true))[at])
+                note = (" (segments_in_targets: [.., 0] class ids, [.., 1] segment ids)"
+                        if self.segments_in_targets else "")
+                raise XSeqLossError(
+                    f"targets[{', '.join(map(str, at))}] = {value!r} is not an exact integer{note}: floating "
+                    f"labels of the tokens' shape (as Keras hands them over, e.g. float64 under "
+                    f"MirroredStrategy) are class ids and must be whole numbers in [{lo}, {end}); they are "
+                    f"converted to integers, never rounded")
+        else:  # traced: a bad value -> a label that is neither a class nor ignored (NaN loss)
+            ig = self.ignore_index
+            ignored = [] if ig is None else (list(ig) if isinstance(ig, (list, tuple)) else [ig])
+            sentinel = min([-1, *ignored]) - 1
+            y_true = ops.where(whole, y_true, ops.cast(sentinel, y_true.dtype))
+        return be.index_dtype(y_true)
 
     def _options(self) -> dict[str, Any]:
         backend = _BACKENDS.get(keras.backend.backend())

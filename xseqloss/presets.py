@@ -28,7 +28,7 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any, Mapping
 
-__all__ = ["TORCH", "KERAS", "OPTAX", "TFA_SEQUENCE_LOSS", "HF_CAUSAL_LM", "HF_FOR_CAUSAL_LM", "FAIRSEQ", "ALL"]
+__all__ = ["TORCH", "KERAS", "OPTAX", "TFA_SEQUENCE_LOSS", "HF_FOR_CAUSAL_LM", "HF_SHIFTED_LABELS", "FAIRSEQ", "ALL"]
 
 
 def _preset(**kw: Any) -> Mapping[str, Any]:
@@ -108,9 +108,10 @@ Limitations: tfa requires rank-3 batch-major logits (layout "NTC"); a custom
 ``softmax_loss_function`` has no equivalent.
 """
 
-HF_CAUSAL_LM = _preset(ignore_index=-100, smoothing="uniform", reduction="mean", denominator="weights",
-                       empty="nan")
-"""Hugging Face transformers ``fixed_cross_entropy`` (what ``ForCausalLMLoss`` calls after shifting)::
+HF_SHIFTED_LABELS = _preset(ignore_index=-100, smoothing="uniform", reduction="mean", denominator="weights",
+                            empty="nan")
+"""Hugging Face transformers ``fixed_cross_entropy`` (what ``ForCausalLMLoss`` calls after shifting), for
+labels shifted already (``shift_labels=``); a causal LM's own ``labels`` take ``HF_FOR_CAUSAL_LM``::
 
     without num_items_in_batch:  F.cross_entropy(logits, labels, ignore_index=-100)   (mean; NaN if empty)
     with num_items_in_batch:     F.cross_entropy(..., reduction="sum") / num_items_in_batch
@@ -125,7 +126,7 @@ HF casts the logits to float32 (``logits.float()``); xseqloss reduces in float32
 ``label_smoothing=epsilon`` with this preset and no normalizer.
 """
 
-HF_FOR_CAUSAL_LM = _preset(**HF_CAUSAL_LM, shift=1)
+HF_FOR_CAUSAL_LM = _preset(**HF_SHIFTED_LABELS, shift=1)
 """Hugging Face transformers ``ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch)``
 (``transformers/loss/loss_utils.py``), its shift included::
 
@@ -138,7 +139,8 @@ step of every row never counts (HF pads labels with -100 there). ``num_items_in_
 the *shifted* labels: ``xsl.token_count(labels, shift=1)`` summed over micro-batches and workers
 (transformers PR 46204 fixed the Trainer counting the unshifted ones). Without
 ``num_items_in_batch`` omit ``normalizer`` (the mean over the counted shifted tokens, NaN if none).
-With ``shift_labels=`` given (already shifted, e.g. for sequence parallelism) use ``HF_CAUSAL_LM``.
+With ``shift_labels=`` given (already shifted, e.g. for sequence parallelism) use ``HF_SHIFTED_LABELS``.
+Under ``Trainer`` or as a model's ``loss_function``, ``xseqloss.hf.CausalLMLoss`` applies these rules.
 """
 
 FAIRSEQ = _preset(ignore_index=None, inputs="log_probs", smoothing="others", reduction="sum", empty="zero")
@@ -160,5 +162,13 @@ that is ``smoothing="uniform"``.
 """
 
 ALL = MappingProxyType({"TORCH": TORCH, "KERAS": KERAS, "OPTAX": OPTAX, "TFA_SEQUENCE_LOSS": TFA_SEQUENCE_LOSS,
-                        "HF_CAUSAL_LM": HF_CAUSAL_LM, "HF_FOR_CAUSAL_LM": HF_FOR_CAUSAL_LM, "FAIRSEQ": FAIRSEQ})
+                        "HF_FOR_CAUSAL_LM": HF_FOR_CAUSAL_LM, "HF_SHIFTED_LABELS": HF_SHIFTED_LABELS, "FAIRSEQ": FAIRSEQ})
 """Every preset by name (read-only)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HF_CAUSAL_LM":  # renamed (decision 102): the old name did not say that it does not shift
+        raise AttributeError("xseqloss.presets.HF_CAUSAL_LM was renamed: a causal LM's labels take "
+                             "HF_FOR_CAUSAL_LM (the shift built in, as transformers' ForCausalLMLoss); labels "
+                             "shifted already (shift_labels=) take HF_SHIFTED_LABELS")
+    raise AttributeError(f"module 'xseqloss.presets' has no attribute {name!r}")

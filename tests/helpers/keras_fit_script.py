@@ -9,7 +9,8 @@ and prints one JSON line of facts for the test to assert on:
 * evaluate() on one batch (the Keras mask, sample weights per token and per sample) and the same
   quantity computed directly by sequence_cross_entropy in float64 from predict()'s logits, with the
   mask built here from the inputs (x != 0) rather than taken from Keras;
-* the loss after a model.save / load_model round trip.
+* the loss after a model.save / load_model round trip;
+* float64 labels (exact integers) in evaluate and fit, with ``normalizer="global"``, and its round trip.
 """
 
 import json
@@ -94,6 +95,28 @@ def main():
         results["loaded_loss_type"] = type(loaded.loss).__name__
         results["loaded_loss_config"] = loaded.loss.get_config()
         results["eval_loaded"] = loaded.evaluate(x, y, batch_size=N, verbose=0)
+
+    # labels as floats (exact integers: what Keras hands over under MirroredStrategy) and the global
+    # normalizer (API.md 9.1; one device: the ordinary mean), on a second compiled model over the same
+    # layers: evaluate, a .keras round trip, then fit, whose labels must reach xseqloss as integers
+    # (not on the PyTorch Keras backend: there normalizer="global" asks torch.distributed for the
+    # workers' sum and fails outside a process group, a known limit of xseqloss.keras)
+    gmodel = keras.Model(inp, out)
+    norm = None if keras.backend.backend() == "torch" else "global"
+    gmodel.compile(optimizer=keras.optimizers.Adam(1e-2),
+                   loss=xk.SequenceCrossEntropy(label_smoothing=0.05, normalizer=norm))
+    y64 = y.astype(np.float64)
+    results["eval_float_labels"] = model.evaluate(x, y64, batch_size=N, verbose=0)
+    results["eval_global"] = gmodel.evaluate(x, y64, batch_size=N, verbose=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "global.keras")
+        gmodel.save(path)
+        loaded = keras.models.load_model(path)
+        results["global_loaded_normalizer"] = loaded.loss.get_config()["normalizer"]
+        results["eval_global_loaded"] = loaded.evaluate(x, y64, batch_size=N, verbose=0)
+    seen.clear()
+    results["float_fit_history"] = gmodel.fit(x, y64, epochs=1, batch_size=16, verbose=0).history["loss"]
+    results["float_fit_seen"] = list(seen)
 
     print(json.dumps({"backend": keras.backend.backend(), "history": hist.history["loss"], "fit_seen": fit_seen,
                       "config": loss.get_config(), **results}))
