@@ -243,7 +243,7 @@ def test_fit_on_backend(backend):
     # normalizer (one device: the ordinary mean) too, before and after a .keras round trip
     assert r["eval_float_labels"] == pytest.approx(r["eval"], rel=1e-6)
     assert abs(r["eval_global"] - r["direct"]) <= tol * (1 + abs(r["direct"])), r
-    assert r["global_loaded_normalizer"] == (None if backend == "torch" else "global")
+    assert r["global_loaded_normalizer"] == "global"
     assert r["eval_global_loaded"] == pytest.approx(r["eval_global"], rel=1e-6)
     # fit on float64 labels: they reach xseqloss as integers, and it trains
     assert r["float_fit_seen"] and all(f["targets_dtype"].startswith("int") for f in r["float_fit_seen"]), r

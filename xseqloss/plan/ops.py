@@ -292,6 +292,11 @@ class Backend:
     def check_workers(self, fn: str, group: Any) -> None:
         """The collective named by ``group`` can run here (PyTorch: torch.distributed initialised)."""
 
+    def workers_ready(self) -> bool:
+        """Whether there are other workers to reach (PyTorch: torch.distributed initialised). Where
+        there are none, one process holds the whole batch (Keras's ``normalizer="global"``)."""
+        return True
+
     # ----------------------------------------------------------------- ragged types (API.md 7.1)
     def ragged_rows(self, kind: str, logits: Any, targets: Any, *, layout: str, lengths: Any, sides: dict,
                     reduction: str) -> Any:

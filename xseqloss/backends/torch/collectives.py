@@ -15,6 +15,9 @@ class TorchCollectives:
     def check_workers(self, fn: str, group: Any) -> None:
         _torch_dist(fn, group)
 
+    def workers_ready(self) -> bool:
+        return bool(torch.distributed.is_available() and torch.distributed.is_initialized())
+
     def worker_count(self, group: Any, axis_name: Any) -> Any:
         return _torch_dist("ddp_normalizer", group).get_world_size(group)
 
