@@ -123,6 +123,8 @@ def test_torch_collectives_are_few_and_token_sized(torch_runs):
         assert f["ops_checked"] == ["all_gather", "all_gather"] + ["all_reduce"] * 3, f["ops_checked"]
         # validate=False, plain: the split, the max and the sums
         assert f["ops_unchecked"] == ["all_gather", "all_reduce", "all_reduce"], f["ops_unchecked"]
+        # the split's all_gather: 16 integers and the checksums of 9 replicated arrays (issue 27), int64
+        assert f["split_gather_bytes"] == (16 + 9) * 8, f["split_gather_bytes"]
         # bytes per rank are O(tokens): the same for C = 12 and C = 50,257, at most 8 float64 per token
         assert f["bytes_small_C"] == f["bytes_big_C"]
         assert f["bytes_small_C"] <= 8 * 8 * N * T, f["bytes_small_C"]
@@ -325,6 +327,7 @@ def _torch_worker(rank, world, init, out):
                                        class_weights=torch.tensor(side["cw"][lo_:hi_]), class_parallel=WORLD)
             if key == "small_C":
                 facts["ops_checked"] = [n for n, _ in log]
+                facts["split_gather_bytes"] = log[0][1]
             facts[f"bytes_{key}"] = sum(b for n, b in log if n == "all_reduce")
         log.clear()
         xsl.sequence_cross_entropy(torch.tensor(z[..., lo_:hi_]), torch.tensor(yy), class_parallel=WORLD,

@@ -107,6 +107,7 @@ def with_layer(call: Call, lay: LayerArrays, plain: bool, temporaries: int = 4) 
                         has_segments=st.has_segments, linear=LinearLayout(lay.hidden_layout.index("H"),
                                                                           lay.weight_layout, chunk),
                         store=not (call.tracing and be.name == "torch"), stats=st.stats)
+    call.hidden_size = be.shape(lay.h)[lay.hidden_layout.index("H")]
     # jax.grad without jit: the hidden states are traced, the labels concrete (decisions.md 24)
     call.check_sides = bool(st.opts.validate and call.tracing and not any(
         be.tracing(a) for a in (*call.arrays[1:], call.ids, call.temp) if a is not None))

@@ -43,6 +43,7 @@ class Call:
     tok_shape: tuple[Any, ...] = ()  # the token arrays' shape (padded for rows)
     ids: Any = None                # token_stats: ids (the targets' token shape + k), and
     temp: Any = None               # a temperature array (api/stats_call.py)
+    hidden_size: Any = None        # the fused layer's H (api/layer.py), which class-split workers agree on
 
     @property
     def arrays(self) -> tuple[Any, ...]:

@@ -130,7 +130,8 @@ class TorchClassParallel:
                 f"torch.distributed.group.WORLD for the default group) or a JAX mesh axis name (a str or a "
                 f"tuple of str, inside shard_map / pmap)")
 
-    def gather_ints(self, handle: Any, ints: list, like: Any, err: BaseException | None) -> tuple[list, int]:
+    def gather_ints(self, handle: Any, ints: list, like: Any, err: BaseException | None, extra: Any = None
+                    ) -> tuple[list, int]:
         if not dist.is_available() or not dist.is_initialized():
             if err is not None:
                 raise err
@@ -138,9 +139,17 @@ class TorchClassParallel:
                                 "torch.distributed.init_process_group first, e.g. under torchrun)")
         device = like.device if isinstance(like, torch.Tensor) and dist.get_backend(handle) != "gloo" else "cpu"
         mine = torch.tensor(ints, dtype=torch.int64, device=device)
+        if extra is not None:
+            mine = torch.cat([mine, extra.to(device)])
         out = [torch.empty_like(mine) for _ in range(dist.get_world_size(handle))]
         dist.all_gather(out, mine, group=handle)
         return [o.tolist() for o in out], dist.get_rank(handle)
+
+    def value_checksums(self, arrays: tuple) -> Any:
+        tensors = [x for x in arrays if isinstance(x, torch.Tensor)]
+        device = tensors[0].device if tensors else "cpu"
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        return torch.stack([checksum(x).to(device) if isinstance(x, torch.Tensor) else zero for x in arrays])
 
     def is_dtensor(self, x: Any) -> bool:
         import sys
@@ -160,6 +169,33 @@ class TorchClassParallel:
                                     temp: Any, acc: Any) -> Any:
         tt = None if temp is None or isinstance(temp, float) else temp.detach()
         return ClassParallelLinearStats.apply(h2, w, b, y, ids, keep, tt, (self, rp, lay, acc))
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_POSITIONS: dict = {}  # (n, device) -> the position weights, a few kept
+
+
+def checksum(x: Any) -> Any:
+    """sum(bits(x[i]) * w[i]) in int64, wrapping: the values' bits (a float's as an integer of its
+    size, so -0.0 and 0.0 differ and nothing is rounded) times odd position weights, so any one
+    changed value and any swap of two changes it. Integer sums wrap the same in any order: every
+    worker holding the same values gets the same number, on any device."""
+    v = x.detach().reshape(-1)
+    if v.dtype == torch.bool:
+        v = v.to(torch.int64)
+    elif v.is_floating_point():
+        v = v.contiguous().view(_BITS[v.element_size()]).to(torch.int64)
+    else:
+        v = v.to(torch.int64)
+    key = (v.numel(), v.device)
+    w = _POSITIONS.get(key)
+    if w is None:
+        if len(_POSITIONS) >= 8:
+            _POSITIONS.clear()
+        # the golden ratio's 64 bits (as a signed int64) times the position, made odd
+        w = _POSITIONS[key] = torch.arange(v.numel(), dtype=torch.int64, device=v.device).mul_(
+            -7046029254386353131).bitwise_or_(1)
+    return (v * w).sum()
 
 
 def from_dtensor(be: Any, logits: Any, kw: dict, class_axis: int, names: tuple) -> tuple[Any, dict]:
