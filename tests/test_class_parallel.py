@@ -390,9 +390,10 @@ def test_jax_shard_map_every_option(jax_run):
 
 
 def test_jax_uneven_vocabulary_padded_over_2_3_and_4_devices(jax_run):
-    # C = 50,257 over 2 and 3 devices, C = 10 over 4 (one device holding a single real class)
-    assert _pairs([jax_run], "shard_map_padded/", (0,)) == 3 * 2 * 2
-    assert jax_run["facts"]["padding_gradient_is_zero"] == [True] * 6
+    # C = 50,257 over 2 and 3 devices, C = 10 over 4 (one device holding a single real class), C = 5
+    # over 4 (one device holding no real class: JAX slices are even, so this is its empty slice)
+    assert _pairs([jax_run], "shard_map_padded/", (0,)) == 4 * 2 * 2
+    assert jax_run["facts"]["padding_gradient_is_zero"] == [True] * 8
 
 
 def test_jax_shard_map_fused_output_layer(jax_run):
@@ -497,9 +498,10 @@ def _jax_worker(out):
             record(f"shard_map_linear/{i}/{part}", a, r)
 
     # uneven vocabularies, padded to divide evenly: num_classes = the real C marks the padding
-    # (junk logits and class weights there); C = 10 over 4 devices holds 3, 3, 3 and 1 real classes
+    # (junk logits and class weights there); C = 10 over 4 devices holds 3, 3, 3 and 1 real classes,
+    # C = 5 over 4 devices 2, 2, 1 and 0 (the last device holds padding only: JAX's empty slice)
     pad_zero = []
-    for Cr, nd in ((10, 4), (50257, 2), (50257, 3)):
+    for Cr, nd in ((10, 4), (5, 4), (50257, 2), (50257, 3)):
         pmesh = Mesh(np.array(jax.devices()[:nd]), ("tp",))
         width = -(-Cr // nd) * nd
         zr = rng.normal(size=(N, T, Cr)) * 2

@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from . import _dispatch
 from ._errors import XSeqLossError, XSeqLossTypeError
+from .api.prepare import CLASS_SLICE
 from .api.validate import check_concrete_sides, raise_value_error
 from .core.checks import value_flags
 from .core.sides import framework_of
@@ -116,6 +117,10 @@ def _agreed_split(be: Any, handle: Any, call: Any, err: BaseException | None, nu
     _agree_on_values(rows)
     sizes = tuple(m[1] for m in rows)
     C = sum(sizes)
+    if C == 0:
+        raise XSeqLossError(f"class_parallel: the workers' slices hold C = 0 classes together (slices {list(sizes)} "
+                            f"in rank order): at least one class is required, valid range [1, inf); a worker may "
+                            f"hold none")
     if num_classes is not None and num_classes != C:
         raise XSeqLossError(f"class_parallel: the workers' slices hold C = {C} classes together "
                             f"(slices {list(sizes)} in rank order) but num_classes={num_classes}")
@@ -165,12 +170,15 @@ def prepare(run_local: Callable[[], Any], class_parallel: Any, num_classes: Any,
     be = _dispatch.load(engine)
     be.check_split_handle(class_parallel)
     out = err = None
+    token = CLASS_SLICE.set(engine == "torch")  # a torch worker may hold 0 classes (JAX slices are even)
     try:
         out = run_local()
     except (XSeqLossError, XSeqLossTypeError) as exc:
         if engine != "torch":
             raise
         err = exc
+    finally:
+        CLASS_SLICE.reset(token)
     call = out[0] if isinstance(out, tuple) else out
     if engine == "torch":
         split = _agreed_split(be, class_parallel, call, err, num_classes, like)

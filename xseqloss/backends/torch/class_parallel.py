@@ -59,6 +59,11 @@ class TorchReducer(Reducer):
     def _where(self, c: Any, a: Any, b: Any) -> Any:
         return torch.where(c, a, b)
 
+    def take(self, vec: Any, y: Any) -> Any:
+        if self.split.local == 0:  # this worker holds no class: its share of vec[y] is 0
+            return self.sums([torch.zeros(y.shape, dtype=vec.dtype, device=vec.device)])[0]
+        return super().take(vec, y)
+
 
 class ClassParallelLinear(torch.autograd.Function):
     """The fused layer with the weight sharded along C (a column-parallel output layer): the core's
@@ -201,22 +206,34 @@ def checksum(x: Any) -> Any:
 def from_dtensor(be: Any, logits: Any, kw: dict, class_axis: int, names: tuple) -> tuple[Any, dict]:
     """A DTensor of logits sharded along the class axis: its local slice, ``class_parallel`` set to
     the mesh dimension's process group, and every other DTensor argument as its local part. The
-    other mesh dimensions must replicate the logits (a batch sharded over another mesh dimension
-    would make the loss a local mean: give that dimension's tokens a global normalizer instead)."""
+    other mesh dimensions replicate the logits or shard a token axis (a data x tensor mesh): the
+    loss is then over this rank's tokens, the batch split left to the caller's normalizer (API.md
+    9.1), as under DDP. Every check here reads the mesh and placements, which every rank shares,
+    so a refusal is raised on every rank before any collective."""
     from torch.distributed.tensor import Replicate, Shard
     if kw.get("class_parallel") is not None:
         raise XSeqLossTypeError("class_parallel: the logits are a DTensor, whose placement already says how the "
                                 "classes are split; pass class_parallel=None")
     nd = logits.ndim
     k = class_axis % nd
+    mesh = logits.device_mesh
     dims = [i for i, p in enumerate(logits.placements) if isinstance(p, Shard) and p.dim % nd == k]
-    others = [(i, p) for i, p in enumerate(logits.placements) if i not in dims and not isinstance(p, Replicate)]
+    others = [(i, p) for i, p in enumerate(logits.placements)
+              if i not in dims and not isinstance(p, (Replicate, Shard))]
     if len(dims) != 1 or others:
         raise XSeqLossError(f"logits are a DTensor with placements {tuple(logits.placements)} on mesh "
-                            f"{tuple(logits.device_mesh.mesh.shape)}: xseqloss takes a DTensor sharded along the "
-                            f"class axis (Shard({k})) on exactly one mesh dimension and replicated on the others; "
-                            f"redistribute it, or pass the local tensor with class_parallel=<group>")
-    group = logits.device_mesh.get_group(dims[0])
+                            f"{tuple(mesh.mesh.shape)}: xseqloss takes a DTensor sharded along the class axis "
+                            f"(Shard({k})) on exactly one mesh dimension, each other dimension replicating it or "
+                            f"sharding a token axis (Shard(0) on a data dimension); redistribute it, or pass the "
+                            f"local tensor with class_parallel=<group>")
+    d = dims[0]
+    ranks = mesh.mesh.movedim(d, -1).reshape(-1, mesh.mesh.shape[d])
+    if mesh.mesh.shape[d] > 1 and not bool((ranks[:, 1:] > ranks[:, :-1]).all()):
+        # the group's ranks are sorted (torch.distributed.new_group), the shards follow the mesh
+        raise XSeqLossError(f"logits are a DTensor sharded along the classes over mesh dimension {d} of mesh "
+                            f"{mesh.mesh.tolist()}, whose ranks do not increase along that dimension: the class "
+                            f"slices would not be in the process group's rank order; order the mesh's ranks")
+    group = mesh.get_group(d)
     out = dict(kw, class_parallel=group)
     for name in names:
         v = kw.get(name)
