@@ -8,7 +8,8 @@ fails the test instead of hanging it; helpers/spawn.py):
   what differs and the ranks; workers that agree get torch's own ``F.cross_entropy`` (values and
   gradient slices);
 * a worker holding 0 classes: uneven slices (5, 0, 4, 3) over the 4 ranks and (0, 7) over ranks 0
-  and 1 (sequence_cross_entropy with several options, soft targets, the fused layer, token_stats),
+  and 1 (sequence_cross_entropy with several options, soft targets, the fused layer, token_stats,
+  linear_token_stats),
   and a DTensor whose Shard(2) leaves the last rank empty;
 * a DTensor on a 2 x 2 (data x tensor) mesh: Shard(0) or Replicate() on the data dimension,
   Shard(2) (the classes) on the tensor dimension.
@@ -91,8 +92,9 @@ def test_differing_hidden_size_raises_on_every_rank(runs):
 
 
 def test_a_worker_may_hold_no_class(runs):
-    # per case: 5 option sets + soft (loss and gradient), the fused layer (4), token_stats (3)
-    per_case = 6 * 2 + 4 + 3
+    # per case: 5 option sets + soft (loss and gradient), the fused layer (4), token_stats (3),
+    # linear_token_stats (4)
+    per_case = 6 * 2 + 4 + 3 + 4
     assert _pairs(runs, "zero/w4/", (0, 1, 2, 3)) == 4 * per_case
     assert _pairs(runs, "zero/w2_first_empty/", (0, 1)) == 2 * per_case
     assert runs[1]["facts"]["zero/w4/local_grad_shape"] == [N, T, 0]
@@ -279,6 +281,19 @@ def _zero_classes(rank, world_group, g2, pairs, facts, errors, record):
         record(f"zero/{tag}/stats/log_prob", s.log_prob, lp.gather(-1, yt.clamp(min=0)[..., None])[..., 0])
         record(f"zero/{tag}/stats/entropy", s.entropy, -(lp.exp() * lp).sum(-1))
         record(f"zero/{tag}/stats/argmax", s.argmax, zt.argmax(-1))
+        # linear_token_stats: log_prob and entropy, and d hidden of their sum, against log_softmax
+        hf, wf, bf = (torch.tensor(a, requires_grad=True) for a in (h, W, b))
+        lpf = torch.log_softmax(hf @ wf.T + bf, -1)
+        ref_lp = lpf.gather(-1, yt.clamp(min=0)[..., None])[..., 0]
+        ref_ent = -(lpf.exp() * lpf).sum(-1)
+        (ref_lp.sum() + ref_ent.sum()).backward()
+        hl, wl, bl = (torch.tensor(a, requires_grad=True) for a in (h, W[lo:hi], b[lo:hi]))
+        ls = xsl.linear_token_stats(hl, wl, yt.clamp(min=0), bias=bl, class_parallel=group)
+        (ls.log_prob.sum() + ls.entropy.sum()).backward()
+        record(f"zero/{tag}/linear_stats/log_prob", ls.log_prob, ref_lp)
+        record(f"zero/{tag}/linear_stats/entropy", ls.entropy, ref_ent)
+        record(f"zero/{tag}/linear_stats/dh", hl.grad, hf.grad)
+        record(f"zero/{tag}/linear_stats/dw", wl.grad, wf.grad[lo:hi])
         facts[f"zero/{tag}/local_grad_shape"] = list(zl.grad.shape)
 
     case("w4", (5, 0, 4, 3), world_group)
