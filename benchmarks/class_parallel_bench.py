@@ -10,6 +10,8 @@ on this machine (one thread each), in one run:
   cores);
 * per-rank peak extra memory of forward+backward beyond the logits and the returned gradient
   (peak RSS after ``clear_refs``), in multiples of L;
+* the cost of the checksums of the replicated values (issue 27): the same call with them turned
+  off (``_class_parallel.check_values_agree``, internal), rounds interleaved;
 * bytes each rank sends per call through ``all_reduce`` / ``all_gather`` (counted by wrapping
   them), against the O(tokens) bound (a few float64 per token) and against O(tokens x C).
 
@@ -124,7 +126,16 @@ def rank_main(rank: int, world: int, init: str, T: int, C: int, reps: int, out: 
             loss.backward()
         return zz.grad
 
-    contenders = {"xseqloss class_parallel": ours, "torch loss_parallel": theirs}
+    def ours_unchecked():  # the same call without the checksums of the replicated values (internal switch)
+        from xseqloss import _class_parallel
+        _class_parallel.check_values_agree = False
+        try:
+            return ours()
+        finally:
+            _class_parallel.check_values_agree = True
+
+    contenders = {"xseqloss class_parallel": ours, "torch loss_parallel": theirs,
+                  "xseqloss, no value checksum": ours_unchecked}
     # correctness first: the same value on every rank, equal to loss_parallel's
     with loss_parallel():
         ref = F.cross_entropy(dz_base, y, ignore_index=-100)
@@ -254,12 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     ratio = ranks[0]["seconds"]["xseqloss class_parallel"] / ranks[0]["seconds"]["torch loss_parallel"]
     print(f"\nxseqloss / loss_parallel time (rank 0): {ratio:.2f}; bytes per token (xseqloss): "
           f"{rows[0]['bytes_sent_per_rank_loopback'] / T:.1f} (O(tokens x C) would be {C * 4} per token)")
+    cost = ranks[0]["seconds"]["xseqloss class_parallel"] - ranks[0]["seconds"]["xseqloss, no value checksum"]
+    print(f"cost of the checksums of the replicated values (targets here) in the first all_gather, rank 0: "
+          f"{cost * 1e3:.2f} ms per call ({cost / ranks[0]['seconds']['xseqloss class_parallel'] * 100:.1f}% of "
+          f"the call; rounds interleaved, medians: within noise when small)")
     for r in rows:
         print(f"  {r['contender']}: collectives {r['collectives']}")
     print(f"values: xseqloss {ranks[0]['value']:.7f}, loss_parallel {ranks[0]['loss_parallel_value']:.7f}")
     res = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
            "tokens": T, "classes": C, "world": args.world, "slices": ranks[0]["sizes"], "logits_bytes": L,
-           "single": one, "rows": rows, "xseqloss_over_loss_parallel": ratio,
+           "single": one, "rows": rows, "xseqloss_over_loss_parallel": ratio, "value_checksum_seconds": cost,
            "values": {"xseqloss": ranks[0]["value"], "loss_parallel": ranks[0]["loss_parallel_value"]},
            "caveat": "2 processes share 2 cores (one thread each); the single process uses 2 threads"}
     harness.write_json(args.json, res)

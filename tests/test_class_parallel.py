@@ -123,6 +123,8 @@ def test_torch_collectives_are_few_and_token_sized(torch_runs):
         assert f["ops_checked"] == ["all_gather", "all_gather"] + ["all_reduce"] * 3, f["ops_checked"]
         # validate=False, plain: the split, the max and the sums
         assert f["ops_unchecked"] == ["all_gather", "all_reduce", "all_reduce"], f["ops_unchecked"]
+        # the split's all_gather: 16 integers and the checksums of 9 replicated arrays (issue 27), int64
+        assert f["split_gather_bytes"] == (16 + 9) * 8, f["split_gather_bytes"]
         # bytes per rank are O(tokens): the same for C = 12 and C = 50,257, at most 8 float64 per token
         assert f["bytes_small_C"] == f["bytes_big_C"]
         assert f["bytes_small_C"] <= 8 * 8 * N * T, f["bytes_small_C"]
@@ -325,6 +327,7 @@ def _torch_worker(rank, world, init, out):
                                        class_weights=torch.tensor(side["cw"][lo_:hi_]), class_parallel=WORLD)
             if key == "small_C":
                 facts["ops_checked"] = [n for n, _ in log]
+                facts["split_gather_bytes"] = log[0][1]
             facts[f"bytes_{key}"] = sum(b for n, b in log if n == "all_reduce")
         log.clear()
         xsl.sequence_cross_entropy(torch.tensor(z[..., lo_:hi_]), torch.tensor(yy), class_parallel=WORLD,
@@ -387,9 +390,10 @@ def test_jax_shard_map_every_option(jax_run):
 
 
 def test_jax_uneven_vocabulary_padded_over_2_3_and_4_devices(jax_run):
-    # C = 50,257 over 2 and 3 devices, C = 10 over 4 (one device holding a single real class)
-    assert _pairs([jax_run], "shard_map_padded/", (0,)) == 3 * 2 * 2
-    assert jax_run["facts"]["padding_gradient_is_zero"] == [True] * 6
+    # C = 50,257 over 2 and 3 devices, C = 10 over 4 (one device holding a single real class), C = 5
+    # over 4 (one device holding no real class: JAX slices are even, so this is its empty slice)
+    assert _pairs([jax_run], "shard_map_padded/", (0,)) == 4 * 2 * 2
+    assert jax_run["facts"]["padding_gradient_is_zero"] == [True] * 8
 
 
 def test_jax_shard_map_fused_output_layer(jax_run):
@@ -494,9 +498,10 @@ def _jax_worker(out):
             record(f"shard_map_linear/{i}/{part}", a, r)
 
     # uneven vocabularies, padded to divide evenly: num_classes = the real C marks the padding
-    # (junk logits and class weights there); C = 10 over 4 devices holds 3, 3, 3 and 1 real classes
+    # (junk logits and class weights there); C = 10 over 4 devices holds 3, 3, 3 and 1 real classes,
+    # C = 5 over 4 devices 2, 2, 1 and 0 (the last device holds padding only: JAX's empty slice)
     pad_zero = []
-    for Cr, nd in ((10, 4), (50257, 2), (50257, 3)):
+    for Cr, nd in ((10, 4), (5, 4), (50257, 2), (50257, 3)):
         pmesh = Mesh(np.array(jax.devices()[:nd]), ("tp",))
         width = -(-Cr // nd) * nd
         zr = rng.normal(size=(N, T, Cr)) * 2

@@ -10,9 +10,10 @@ same loss; its gradient is its slice of the unsharded gradient, because the sum'
 identity (each worker's upstream gradient of the replicated sums is already the full one).
 
 * PyTorch: ``class_parallel=<ProcessGroup>`` (``torch.distributed.group.WORLD`` for the default
-  group), eager. Before the loss one small ``all_gather`` (16 integers per rank) exchanges each
-  worker's slice size and a checksum of its options and targets' shape, so the class offsets are
-  known and workers that disagree get an error on every rank, never a hang; with
+  group), eager. Before the loss one small ``all_gather`` (25 integers per rank) exchanges each
+  worker's slice size, a checksum of its options and targets' shape, the fused layer's hidden
+  size and a checksum of each replicated array's values (targets, mask, weights, ...), so the
+  class offsets are known and workers that disagree get an error on every rank, never a hang; with
   ``validate=True`` one more small ``all_gather`` of the value-check flags makes a bad value on one
   worker (a negative class weight in its slice) an error on every worker.
 * JAX: ``class_parallel="<axis name>"`` (or a tuple of names) inside ``shard_map`` / ``pmap``:
@@ -22,7 +23,8 @@ identity (each worker's upstream gradient of the replicated sums is already the 
 * TensorFlow and NumPy: an error (tf.distribute has no tensor parallelism; NumPy has one process).
 
 This module is the orchestration, framework-neutral: which engine a ``class_parallel`` value names,
-what the workers must agree on (a checksum of the options and the targets' shape), and what a
+what the workers must agree on (a checksum of the options and the targets' shape, the values of
+the replicated arrays, the hidden size), and what a
 disagreement or a failed check on any worker means. The collectives themselves are the backend's
 (``Backend.gather_ints``, ``Backend.axis_size``, ``Backend.reducer``, ``Backend.from_dtensor``:
 backends/torch/class_parallel.py and backends/jax/class_parallel.py).
@@ -36,6 +38,7 @@ from typing import Any, Callable
 
 from . import _dispatch
 from ._errors import XSeqLossError, XSeqLossTypeError
+from .api.prepare import CLASS_SLICE
 from .api.validate import check_concrete_sides, raise_value_error
 from .core.checks import value_flags
 from .core.sides import framework_of
@@ -59,6 +62,18 @@ def engine_of(class_parallel: Any, backend_name: str | None) -> str:
     return engine
 
 
+# the replicated arrays whose values the workers must agree on (soft targets and class weights
+# are each worker's slice: they differ), checksummed in the split's all_gather after 16 integers
+VALUES = ("targets", "mask", "lengths", "weights", "normalizer", "segment_ids", "rows", "ids", "temperature")
+META = 16
+check_values_agree = True  # internal: benchmarks/class_parallel_bench.py turns it off to time the checksums
+
+
+def _values(call: Any) -> tuple:
+    return (None if call.st.soft else call.y, call.mask, call.lengths, call.weights, call.normalizer, call.segs,
+            call.rows, call.ids, call.temp)
+
+
 def _meta(call: Any, num_classes: Any) -> list[int]:
     """This worker's slice size, and a checksum of everything the workers must agree on."""
     st = call.st
@@ -66,17 +81,24 @@ def _meta(call: Any, num_classes: Any) -> list[int]:
     lin = None if st.linear is None else (st.linear.h_axis, st.linear.weight_layout)
     facts = (st.opts, st.soft, st.has_mask, st.has_lengths, st.has_weights, st.has_cw, st.has_normalizer,
              st.has_segments, st.rows, st.mark_nan, num_classes, tok,
-             None if call.z is None else call.be.dtype_name(call.z), lin)
+             None if call.z is None else call.be.dtype_name(call.z), lin, st.stats)
     crc = zlib.crc32(repr(facts).encode()) & 0x7FFFFFFF
     dims = list(tok[:8]) + [-1] * (8 - min(len(tok), 8))
-    return [0, int(call.shape[st.opts.k]), crc, len(tok), *dims, 0, 0, 0, 0]
+    H = -1 if call.hidden_size is None else int(call.hidden_size)
+    return [0, int(call.shape[st.opts.k]), crc, len(tok), *dims, H, 0, 0, 0]
 
 
 def _agreed_split(be: Any, handle: Any, call: Any, err: BaseException | None, num_classes: Any,
                   like: Any) -> Split:
-    """One all_gather of 16 integers per rank (torch): slice sizes, agreement, errors on every rank."""
-    meta = [1] + [0] * 15 if call is None else _meta(call, num_classes)
-    rows, rank = be.gather_ints(handle, meta, like, err)
+    """One all_gather of 16 integers and a checksum of each replicated array per rank (torch):
+    slice sizes, agreement, errors on every rank."""
+    if call is None:
+        meta, sums = [1] + [0] * (META + len(VALUES) - 1), None
+    elif check_values_agree:
+        meta, sums = _meta(call, num_classes), be.value_checksums(_values(call))
+    else:
+        meta, sums = _meta(call, num_classes) + [0] * len(VALUES), None
+    rows, rank = be.gather_ints(handle, meta, like, err, sums)
     failed = [r for r, m in enumerate(rows) if m[0]]
     if err is not None:
         raise err
@@ -92,12 +114,37 @@ def _agreed_split(be: Any, handle: Any, call: Any, err: BaseException | None, nu
                     f"and rank {r}")
             raise XSeqLossError(f"class_parallel: the workers must make the same call with their own slice of "
                                 f"the class axis, but {what}")
+    _agree_on_values(rows)
     sizes = tuple(m[1] for m in rows)
     C = sum(sizes)
+    if C == 0:
+        raise XSeqLossError(f"class_parallel: the workers' slices hold C = 0 classes together (slices {list(sizes)} "
+                            f"in rank order): at least one class is required, valid range [1, inf); a worker may "
+                            f"hold none")
     if num_classes is not None and num_classes != C:
         raise XSeqLossError(f"class_parallel: the workers' slices hold C = {C} classes together "
                             f"(slices {list(sizes)} in rank order) but num_classes={num_classes}")
     return Split("torch", handle, sizes[rank], C, lo=sum(sizes[:rank]), sizes=sizes, rank=rank)
+
+
+def _agree_on_values(rows: list) -> None:
+    """The hidden size and the replicated arrays' checksums: the same on every rank, or an error
+    (the same on every rank) naming what differs and where."""
+    Hs = [m[12] for m in rows]
+    if any(H != Hs[0] for H in Hs):
+        raise XSeqLossError(f"class_parallel: the workers must make the same call with their own slice of the "
+                            f"class axis, but hidden's size H differs: H = {Hs} in rank order (the fused layer's "
+                            f"hidden states are replicated; each weight slice is (C_local, H))")
+    differ = []
+    for i, name in enumerate(VALUES):
+        ranks = [r for r, m in enumerate(rows) if m[META + i] != rows[0][META + i]]
+        if ranks:
+            differ.append(f"{name} on rank(s) {ranks}")
+    if differ:
+        raise XSeqLossError(f"class_parallel: the workers must make the same call with their own slice of the "
+                            f"class axis and the same values of every replicated argument, but these differ from "
+                            f"rank 0's: {'; '.join(differ)} (a checksum of each is compared; soft targets and "
+                            f"class_weights are each worker's slice and are not compared)")
 
 
 def _axis_split(be: Any, axis: Any, call: Any, num_classes: Any) -> Split:
@@ -123,12 +170,15 @@ def prepare(run_local: Callable[[], Any], class_parallel: Any, num_classes: Any,
     be = _dispatch.load(engine)
     be.check_split_handle(class_parallel)
     out = err = None
+    token = CLASS_SLICE.set(engine == "torch")  # a torch worker may hold 0 classes (JAX slices are even)
     try:
         out = run_local()
     except (XSeqLossError, XSeqLossTypeError) as exc:
         if engine != "torch":
             raise
         err = exc
+    finally:
+        CLASS_SLICE.reset(token)
     call = out[0] if isinstance(out, tuple) else out
     if engine == "torch":
         split = _agreed_split(be, class_parallel, call, err, num_classes, like)

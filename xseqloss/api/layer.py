@@ -13,7 +13,7 @@ from ..plan import engine
 from ..plan.call_plan import LinearLayout, make_plan
 from ..plan.messages import fmt_shape
 from ..plan.options import choice, number, parse_layout
-from .prepare import Call
+from .prepare import CLASS_SLICE, Call
 
 WEIGHT_LAYOUTS = ("CH", "HC")
 
@@ -66,7 +66,7 @@ def layer_arrays(hidden: Any, weight: Any, bias: Any, layout: Any, weight_layout
                             f"{fmt_shape(hshape, hl)}): with weight_layout={wl!r} the weight is "
                             f"{'(C, H)' if wl == 'CH' else '(H, C)'}{suggestion}")
     C = ws[1 - hpos]
-    if C == 0:
+    if C == 0 and not CLASS_SLICE.get():  # a class-split worker may hold none
         raise XSeqLossError(f"weight has C = 0 classes (shape {fmt_shape(ws, wl)}): at least one class is "
                             f"required, valid range [1, inf)")
     b = None
@@ -107,6 +107,7 @@ def with_layer(call: Call, lay: LayerArrays, plain: bool, temporaries: int = 4) 
                         has_segments=st.has_segments, linear=LinearLayout(lay.hidden_layout.index("H"),
                                                                           lay.weight_layout, chunk),
                         store=not (call.tracing and be.name == "torch"), stats=st.stats)
+    call.hidden_size = be.shape(lay.h)[lay.hidden_layout.index("H")]
     # jax.grad without jit: the hidden states are traced, the labels concrete (decisions.md 24)
     call.check_sides = bool(st.opts.validate and call.tracing and not any(
         be.tracing(a) for a in (*call.arrays[1:], call.ids, call.temp) if a is not None))

@@ -4,6 +4,7 @@ array, all static checks (``prepare_call`` -> ``Call``)."""
 from __future__ import annotations
 
 import operator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
@@ -18,6 +19,11 @@ from ..plan import engine, messages, options
 from ..plan.call_plan import CallPlan, make_plan
 from ..plan.messages import fmt_shape, shape_error
 from ..plan.options import Options
+
+
+# True while a class-split call prepares its local slice (_class_parallel.prepare): a worker may
+# hold 0 classes then (the workers together must hold at least one)
+CLASS_SLICE: ContextVar[bool] = ContextVar("xseqloss_class_slice", default=False)
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Call:
     tok_shape: tuple[Any, ...] = ()  # the token arrays' shape (padded for rows)
     ids: Any = None                # token_stats: ids (the targets' token shape + k), and
     temp: Any = None               # a temperature array (api/stats_call.py)
+    hidden_size: Any = None        # the fused layer's H (api/layer.py), which class-split workers agree on
 
     @property
     def arrays(self) -> tuple[Any, ...]:
@@ -172,7 +179,7 @@ def logits_shape(be: Any, o: Options, z: Any, padded: tuple | None = None) -> tu
     C = shape[o.k]
     if C is None:
         raise XSeqLossError(f"the class axis of logits (axis {o.k}, 'C' in layout={L!r}) must have a static size")
-    if C == 0:
+    if C == 0 and not CLASS_SLICE.get():
         raise XSeqLossError(f"logits have C = 0 classes (axis {o.k}, shape {fmt_shape(shape, L)}): "
                             f"at least one class is required, valid range [1, inf)")
     return shape

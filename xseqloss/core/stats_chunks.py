@@ -20,9 +20,12 @@ from .stats import stats_rows, stats_vjp
 def as_rows(z: Any, k: int) -> Any:
     """z as (rows, C) without a copy when the classes are its last axis in C order, else None."""
     nd = len(z.shape)
-    if nd < 2 or k not in (-1, nd - 1) or not _contiguous(z) or 0 in tuple(z.shape):
+    if nd < 2 or k not in (-1, nd - 1) or not _contiguous(z) or 0 in tuple(z.shape)[:-1]:
         return None
-    return z.reshape(-1, z.shape[-1])
+    R = 1
+    for d in tuple(z.shape)[:-1]:
+        R *= int(d)
+    return z.reshape(R, z.shape[-1])  # C may be 0 on a class-split worker: (R, 0) rows
 
 
 def _contiguous(z: Any) -> bool:

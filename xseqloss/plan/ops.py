@@ -250,10 +250,18 @@ class Backend:
         raise XSeqLossTypeError(f"class_parallel is for PyTorch and JAX: backend {self.name!r} has no tensor "
                                 f"parallelism")
 
-    def gather_ints(self, handle: Any, ints: list, like: Any, err: BaseException | None
+    def gather_ints(self, handle: Any, ints: list, like: Any, err: BaseException | None, extra: Any = None
                     ) -> tuple[list, int]:
         """(every worker's ``ints`` in rank order, this worker's rank): one small all_gather.
-        ``err``: this worker's own failure, raised instead of any error of the group itself."""
+        ``err``: this worker's own failure, raised instead of any error of the group itself.
+        ``extra``: a 1-d int64 array appended to ``ints`` where it lies (``value_checksums``), so
+        that no value is read back before the gather."""
+        raise NotImplementedError
+
+    def value_checksums(self, arrays: tuple) -> Any:
+        """A 1-d int64 array of checksums, one per array of ``arrays`` (0 for None): the
+        sum of its values' bits times position weights, wrapping, so exact and the same on every
+        worker that holds the same values (the class split's agreement, _class_parallel.py)."""
         raise NotImplementedError
 
     def axis_size(self, handle: Any) -> int:

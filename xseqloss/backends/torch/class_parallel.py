@@ -59,6 +59,11 @@ class TorchReducer(Reducer):
     def _where(self, c: Any, a: Any, b: Any) -> Any:
         return torch.where(c, a, b)
 
+    def take(self, vec: Any, y: Any) -> Any:
+        if self.split.local == 0:  # this worker holds no class: its share of vec[y] is 0
+            return self.sums([torch.zeros(y.shape, dtype=vec.dtype, device=vec.device)])[0]
+        return super().take(vec, y)
+
 
 class ClassParallelLinear(torch.autograd.Function):
     """The fused layer with the weight sharded along C (a column-parallel output layer): the core's
@@ -130,7 +135,8 @@ class TorchClassParallel:
                 f"torch.distributed.group.WORLD for the default group) or a JAX mesh axis name (a str or a "
                 f"tuple of str, inside shard_map / pmap)")
 
-    def gather_ints(self, handle: Any, ints: list, like: Any, err: BaseException | None) -> tuple[list, int]:
+    def gather_ints(self, handle: Any, ints: list, like: Any, err: BaseException | None, extra: Any = None
+                    ) -> tuple[list, int]:
         if not dist.is_available() or not dist.is_initialized():
             if err is not None:
                 raise err
@@ -138,9 +144,17 @@ class TorchClassParallel:
                                 "torch.distributed.init_process_group first, e.g. under torchrun)")
         device = like.device if isinstance(like, torch.Tensor) and dist.get_backend(handle) != "gloo" else "cpu"
         mine = torch.tensor(ints, dtype=torch.int64, device=device)
+        if extra is not None:
+            mine = torch.cat([mine, extra.to(device)])
         out = [torch.empty_like(mine) for _ in range(dist.get_world_size(handle))]
         dist.all_gather(out, mine, group=handle)
         return [o.tolist() for o in out], dist.get_rank(handle)
+
+    def value_checksums(self, arrays: tuple) -> Any:
+        tensors = [x for x in arrays if isinstance(x, torch.Tensor)]
+        device = tensors[0].device if tensors else "cpu"
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        return torch.stack([checksum(x).to(device) if isinstance(x, torch.Tensor) else zero for x in arrays])
 
     def is_dtensor(self, x: Any) -> bool:
         import sys
@@ -162,25 +176,64 @@ class TorchClassParallel:
         return ClassParallelLinearStats.apply(h2, w, b, y, ids, keep, tt, (self, rp, lay, acc))
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_POSITIONS: dict = {}  # (n, device) -> the position weights, a few kept
+
+
+def checksum(x: Any) -> Any:
+    """sum(bits(x[i]) * w[i]) in int64, wrapping: the values' bits (a float's as an integer of its
+    size, so -0.0 and 0.0 differ and nothing is rounded) times odd position weights, so any one
+    changed value and any swap of two changes it. Integer sums wrap the same in any order: every
+    worker holding the same values gets the same number, on any device."""
+    v = x.detach().reshape(-1)
+    if v.dtype == torch.bool:
+        v = v.to(torch.int64)
+    elif v.is_floating_point():
+        v = v.contiguous().view(_BITS[v.element_size()]).to(torch.int64)
+    else:
+        v = v.to(torch.int64)
+    key = (v.numel(), v.device)
+    w = _POSITIONS.get(key)
+    if w is None:
+        if len(_POSITIONS) >= 8:
+            _POSITIONS.clear()
+        # the golden ratio's 64 bits (as a signed int64) times the position, made odd
+        w = _POSITIONS[key] = torch.arange(v.numel(), dtype=torch.int64, device=v.device).mul_(
+            -7046029254386353131).bitwise_or_(1)
+    return (v * w).sum()
+
+
 def from_dtensor(be: Any, logits: Any, kw: dict, class_axis: int, names: tuple) -> tuple[Any, dict]:
     """A DTensor of logits sharded along the class axis: its local slice, ``class_parallel`` set to
     the mesh dimension's process group, and every other DTensor argument as its local part. The
-    other mesh dimensions must replicate the logits (a batch sharded over another mesh dimension
-    would make the loss a local mean: give that dimension's tokens a global normalizer instead)."""
+    other mesh dimensions replicate the logits or shard a token axis (a data x tensor mesh): the
+    loss is then over this rank's tokens, the batch split left to the caller's normalizer (API.md
+    9.1), as under DDP. Every check here reads the mesh and placements, which every rank shares,
+    so a refusal is raised on every rank before any collective."""
     from torch.distributed.tensor import Replicate, Shard
     if kw.get("class_parallel") is not None:
         raise XSeqLossTypeError("class_parallel: the logits are a DTensor, whose placement already says how the "
                                 "classes are split; pass class_parallel=None")
     nd = logits.ndim
     k = class_axis % nd
+    mesh = logits.device_mesh
     dims = [i for i, p in enumerate(logits.placements) if isinstance(p, Shard) and p.dim % nd == k]
-    others = [(i, p) for i, p in enumerate(logits.placements) if i not in dims and not isinstance(p, Replicate)]
+    others = [(i, p) for i, p in enumerate(logits.placements)
+              if i not in dims and not isinstance(p, (Replicate, Shard))]
     if len(dims) != 1 or others:
         raise XSeqLossError(f"logits are a DTensor with placements {tuple(logits.placements)} on mesh "
-                            f"{tuple(logits.device_mesh.mesh.shape)}: xseqloss takes a DTensor sharded along the "
-                            f"class axis (Shard({k})) on exactly one mesh dimension and replicated on the others; "
-                            f"redistribute it, or pass the local tensor with class_parallel=<group>")
-    group = logits.device_mesh.get_group(dims[0])
+                            f"{tuple(mesh.mesh.shape)}: xseqloss takes a DTensor sharded along the class axis "
+                            f"(Shard({k})) on exactly one mesh dimension, each other dimension replicating it or "
+                            f"sharding a token axis (Shard(0) on a data dimension); redistribute it, or pass the "
+                            f"local tensor with class_parallel=<group>")
+    d = dims[0]
+    ranks = mesh.mesh.movedim(d, -1).reshape(-1, mesh.mesh.shape[d])
+    if mesh.mesh.shape[d] > 1 and not bool((ranks[:, 1:] > ranks[:, :-1]).all()):
+        # the group's ranks are sorted (torch.distributed.new_group), the shards follow the mesh
+        raise XSeqLossError(f"logits are a DTensor sharded along the classes over mesh dimension {d} of mesh "
+                            f"{mesh.mesh.tolist()}, whose ranks do not increase along that dimension: the class "
+                            f"slices would not be in the process group's rank order; order the mesh's ranks")
+    group = mesh.get_group(d)
     out = dict(kw, class_parallel=group)
     for name in names:
         v = kw.get(name)

@@ -32,14 +32,23 @@ def _chunks(z: Any, k: int, chunk_elements: int, C_rows: int | None = None) -> t
     Cr = C if C_rows is None else C_rows
     if k == z.ndim - 1 and z.is_contiguous():
         rows = max(1, chunk_elements // max(Cr, 1))
-        M = z.numel() // max(C, 1)
+        M = _tokens(z, k)  # from the shape: a worker holding 0 classes runs the same chunks as the others
         return 1, ((slice(i, min(i + rows, M)),) for i in range(0, M, rows))
     # another layout: slabs along the first non-class axis, computed along the native class axis
     a0 = 0 if k != 0 else 1
-    per = max(1, (z.numel() // max(z.shape[a0], 1)) // max(C, 1) * Cr)
+    per = max(1, _tokens(z, k) // max(z.shape[a0], 1) * Cr)
     step = max(1, chunk_elements // per)
     return k, (tuple([slice(None)] * a0 + [slice(i, min(i + step, z.shape[a0]))])
                for i in range(0, z.shape[a0], step))
+
+
+def _tokens(z: Any, k: int) -> int:
+    """The number of tokens of z (its size without the class axis)."""
+    n = 1
+    for a, d in enumerate(z.shape):
+        if a != k:
+            n *= int(d)
+    return n
 
 
 def _tok_index(idx: tuple, k: int) -> tuple:
@@ -66,12 +75,13 @@ def run_chunks(be: Any, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc
     C = z.shape[k]
     tok_shape = tuple(d for a, d in enumerate(z.shape) if a != k)
     out = torch.empty(tok_shape, dtype=acc, device=z.device)
-    zf = z.reshape(-1, C) if rows else z
-    gf = None if gbuf is None else (gbuf.reshape(-1, C) if rows else gbuf)
+    M = _tokens(z, k)  # (M, C) rows, not (-1, C): C may be 0 on a class-split worker
+    zf = z.reshape(M, C) if rows else z
+    gf = None if gbuf is None else (gbuf.reshape(M, C) if rows else gbuf)
     of = out.reshape(-1) if rows else out
     yf = None if y is None else (y.reshape(-1) if rows else y)
     kf = None if keep is None else (keep.reshape(-1) if rows else keep)
-    tf_ = None if t is None else (t.reshape(-1, C) if rows else t)
+    tf_ = None if t is None else (t.reshape(M, C) if rows else t)
     sf = None if scale is None else (scale.reshape(-1) if rows else scale)
     scratch = None
     for idx in chunks:

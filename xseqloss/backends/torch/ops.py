@@ -161,9 +161,13 @@ class TorchOps:
         return x.sum() if axis is None else x.sum(dim=axis)
 
     def max(self, x: Any, axis: Any) -> Any:
+        if x.numel() == 0:  # a class-split worker holding 0 classes: the max of nothing
+            return _empty_reduce(x, axis, -float("inf"))
         return x.amax() if axis is None else x.amax(dim=axis)
 
     def min(self, x: Any, axis: int) -> Any:
+        if x.numel() == 0:
+            return _empty_reduce(x, axis, float("inf"))
         return x.amin(dim=axis)
 
     def any(self, x: Any, axis: Any) -> Any:
@@ -194,17 +198,23 @@ class TorchOps:
         return l, (g if g.dtype == z.dtype else g.to(z.dtype))
 
     def take(self, vec: Any, idx: Any) -> Any:
+        if vec.shape[0] == 0 and idx.numel():  # a class-split worker's empty class-weight slice: owns no y
+            return vec.new_zeros(idx.shape)
         return vec[idx]
 
     def take_class(self, x: Any, y: Any, k: int) -> Any:
+        if x.shape[k] == 0:  # a class-split worker holding 0 classes: it owns no target (0 there)
+            return x.sum(dim=k)
         return torch.gather(x, k, y.unsqueeze(k)).squeeze(k)
 
     def add_class(self, g: Any, y: Any, vals: Any, k: int) -> Any:
+        if g.shape[k] == 0:
+            return g
         return g.scatter_add(k, y.unsqueeze(k), vals.unsqueeze(k).to(g.dtype))
 
     def reshape_class(self, w: Any, k: int, ndim: int) -> Any:
         shape = [1] * ndim
-        shape[k] = -1
+        shape[k] = w.shape[0]  # not -1: a class-split worker's slice may be empty
         return w.reshape(shape)
 
     def full_tokens(self, like: Any, value: float, dtype: Any) -> Any:
@@ -214,6 +224,8 @@ class TorchOps:
         return torch.ones(like.shape, dtype=torch.bool, device=like.device)
 
     def drop_class(self, z: Any, k: int) -> Any:
+        if z.shape[k] == 0:  # a class-split worker holding 0 classes: a token-shaped array all the same
+            return z.sum(dim=k)
         return z.select(k, 0)
 
     def dim(self, x: Any, axis: int) -> int:
@@ -240,6 +252,8 @@ class TorchOps:
         return x.long()
 
     def argmax(self, x: Any, k: int) -> Any:
+        if x.shape[k] == 0:  # 0 classes here: its max is -inf (core.token_loss.argmax_of)
+            return torch.zeros(x.sum(dim=k).shape, dtype=torch.int64, device=x.device)
         return torch.argmax(x, dim=k)  # "the indices of the first maximal value"
 
     def pick_step(self, h: Any, idx: Any) -> Any:
@@ -259,6 +273,8 @@ class TorchOps:
         return torch.zeros_like(v).scatter_add(1, j, v)
 
     def gather_along(self, x: Any, idx: Any, axis: int) -> Any:
+        if x.shape[axis] == 0 and idx.numel():  # 0 classes on this worker: it owns no id (0 there)
+            return x.new_zeros(idx.shape)
         return torch.gather(x, axis, idx)
 
     def flat(self, x: Any) -> Any:
@@ -271,7 +287,7 @@ class TorchOps:
         return x.reshape(like.shape)
 
     def reshape_rows(self, x: Any) -> Any:
-        return x.reshape(-1, x.shape[-1])
+        return x.flatten(0, -2) if x.ndim > 1 else x.reshape(1, x.shape[-1])  # (rows, 0) too: no -1 beside 0
 
     def size_of(self, x: Any) -> int:
         return x.numel()
@@ -349,3 +365,10 @@ def cross_entropy(z: Any, y: Any, ig: int, red: str, C: int, k: int) -> Any:
         return l.reshape(y.shape) if red == "none" else l
     # classes moved to dim 1: the other axes keep their order, as the targets'
     return F.cross_entropy(z.movedim(k, 1), y, ignore_index=ig, reduction=red)
+
+
+def _empty_reduce(x: Any, axis: Any, fill: float) -> Any:
+    """A max / min of an empty array (a class-split worker holding 0 classes): ``fill`` in the
+    reduced shape."""
+    shape = () if axis is None else tuple(d for i, d in enumerate(x.shape) if i != axis % x.ndim)
+    return torch.full(shape, fill, dtype=x.dtype, device=x.device)
