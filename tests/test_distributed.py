@@ -230,7 +230,20 @@ def test_torch_bad_input_raises_on_every_rank_without_hanging(torch_runs):
             assert e["bad_label_on_rank_1"][0] == "XSeqLossError"
             assert "another rank" in e["bad_label_on_rank_1"][1]
         assert e["axis_name_on_torch"][0] == "XSeqLossTypeError"
+        for fn in ("global_token_count", "ddp_normalizer", "global_segment_count", "global_sequence_count"):
+            kind, msg = e[f"group_str_{fn}"]  # not torch's ValueError: ours, naming group and the way out
+            assert kind == "XSeqLossTypeError" and "group must be a torch.distributed ProcessGroup" in msg, (fn, msg)
+            assert "got 'dp' (str)" in msg and "mesh.get_group('dp')" in msg, msg
+        assert e["group_object"][0] == "XSeqLossTypeError" and "(object)" in e["group_object"][1]
         assert r["facts"]["count_after_errors"] == r["facts"]["count_after_errors_want"]  # still in step
+
+
+def test_torch_global_segment_and_sequence_counts(torch_runs):
+    """The documented counts of documents and sequences across workers sum over the given group."""
+    for r in torch_runs:
+        if r["rank"] < 3:  # ranks 0, 2: one row of 2 documents; rank 1: 2 + 1 documents
+            assert r["facts"]["segments_over_g3"] == 2 + 3 + 2
+        assert r["facts"]["sequences_over_all"] == 1 + 2 + 3 + 4
 
 
 def _torch_worker(rank, world, init, out):
@@ -372,6 +385,15 @@ def _torch_worker(rank, world, init, out):
         y_bad[1, 0] = -5  # the row rank 1 counts
     errors["bad_label_on_rank_1"] = error_of(lambda: xsl.global_token_count(y_bad[rank:rank + 1]))
     errors["axis_name_on_torch"] = error_of(lambda: xsl.global_token_count(y, axis_name="dp"))
+    for fn in ("global_token_count", "ddp_normalizer", "global_segment_count", "global_sequence_count"):
+        arg = torch.zeros((1, 3), dtype=torch.long) if fn == "global_segment_count" else y
+        errors[f"group_str_{fn}"] = error_of(lambda: getattr(xsl, fn)(arg, group="dp"))
+    errors["group_object"] = error_of(lambda: xsl.global_token_count(y, group=object()))
+    # documents and sequences across the workers (API.md 9.1): rank r holds 2 + (r % 2) documents
+    segs = torch.tensor([[0, 0, 1, 1, -1], [3, 3, 3, 3, 3]] if rank % 2 else [[0, 0, 0, 1, 1], [2, 2, 2, 2, -1]])
+    segs = segs if rank % 2 else segs[:1]
+    facts["segments_over_g3"] = int(xsl.global_segment_count(segs, group=g3)) if rank < 3 else None
+    facts["sequences_over_all"] = int(xsl.global_sequence_count(y[:rank + 1]))
     facts["count_after_errors"] = int(xsl.global_token_count(y[rank:rank + 1]))
     facts["count_after_errors_want"] = int(xsl.token_count(y[:world]))
 

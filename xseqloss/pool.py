@@ -90,7 +90,15 @@ def pool(hidden: Any, *, layout: str = "NTH", lengths: Any = None, mask: Any = N
 
 def _ragged_pool(hidden: Any, scores: Any, lengths: Any, layout: str, backend: Any) -> tuple[Any, Any, Any, str]:
     """A list of (length, H) arrays or a PackedSequence as the padded batch with lengths ("NTH")."""
-    if _ragged.kind_of(hidden) == "packed":
+    kind = _ragged.kind_of(hidden)
+    for arg, k in (("hidden", kind), ("scores", _ragged.kind_of(scores))):
+        if k in ("nested", "ragged"):
+            what, how = (("a PyTorch nested tensor", f"{arg}.to_padded_tensor(0.0) with lengths=<each sequence's "
+                          f"length>") if k == "nested" else
+                         ("a tf.RaggedTensor", f"{arg}.to_tensor() with lengths={arg}.row_lengths()"))
+            raise XSeqLossTypeError(f"pool: {arg} is {what}, which pool does not take; pass the padded batch "
+                                    f"({how}), a list of per-sequence arrays, or a PackedSequence")
+    if kind == "packed":
         h, scores, lens = _dispatch.load("torch").padded_hidden(hidden, scores, lengths)
         return h, scores, lens, "NTH"
     if isinstance(hidden, (list, tuple)):

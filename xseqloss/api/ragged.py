@@ -79,6 +79,7 @@ def _lists(logits: Any, targets: Any, *, layout: str, lengths: Any, sides: dict,
         raise XSeqLossError(f"logits have {len(shape)} axes, shape {fmt_shape(shape)}, but layout={layout!r} "
                             f"names {len(layout)}; give one letter per axis")
     N, T = shape[layout.index("N")], shape[layout.index("T")]
+    C = shape[layout.index("C")] if "C" in layout else None
     tok = layout.replace("C", "")
     out = {}
     found = None
@@ -87,7 +88,8 @@ def _lists(logits: Any, targets: Any, *, layout: str, lengths: Any, sides: dict,
             out[name] = value
             continue
         items = [side(be, v, f"{name}[{i}]", z) for i, v in enumerate(value)]
-        lens = [be.shape(v)[0] if be.shape(v) else 0 for v in items]
+        soft = _check_items(be, name, items, C)
+        lens = [be.shape(v)[0] for v in items]
         if len(items) != N:
             raise XSeqLossError(f"{name} is a list of {len(items)} sequences but the logits have N = {N} "
                                 f"(shape {fmt_shape(shape, layout)})")
@@ -99,18 +101,53 @@ def _lists(logits: Any, targets: Any, *, layout: str, lengths: Any, sides: dict,
             if n > T:
                 raise XSeqLossError(f"{name}[{i}] has {n} steps but the logits have T = {T} (shape "
                                     f"{fmt_shape(shape, layout)}): padded logits need T >= the longest sequence")
-        soft = name == "targets" and be.kind(items[0]) == "f" if items else False
         padded = be.pad_stack(items, T, FILL.get(name, 0))  # (N, T) or soft (N, T, C)
         if soft:
             padded = common.moveaxis_to(be, padded, "NTC", layout)
         elif tok == "TN":
             padded = be.moveaxis(padded, 0, 1)
         out[name] = padded
-    if found is not None:
+    if found is not None and not (found and all(n == T for n in found)):
         check_lengths(lengths, found, be, "lists")
         lengths = np.asarray(found, np.int64)
+    # else every item has the logits' full T: a rectangular batch (API.md section 1), as if it were
+    # one array; ``lengths`` (if given) say where each sequence ends, as for any padded batch
     sides = {k: out[k] for k in sides}
     return Converted(z, out["targets"], dict(sides, lengths=lengths), layout)
+
+
+def _check_items(be: Any, name: str, items: list, C: Any) -> bool:
+    """The items of a per-sequence list, checked before they are stacked: each one sequence's 1-D
+    array (soft targets: (steps, C)), all of one kind. Returns whether they are soft targets."""
+    kinds = [be.kind(v) for v in items]
+    for i, v in enumerate(items):
+        shape = be.shape(v)
+        if len(shape) == 0:
+            raise XSeqLossError(f"{name}[{i}] is 0-d (a single value, shape ()): a list of per-sequence {name} "
+                                f"holds one 1-D array of steps per sequence" +
+                                (" (soft targets: (steps, C))" if name == "targets" else ""))
+        if name == "targets" and kinds[i] == "f":
+            if len(shape) == 1:
+                raise XSeqLossTypeError(
+                    f"targets[{i}] has a floating dtype ({be.dtype_name(v)}) and shape {fmt_shape(shape)}: class "
+                    f"ids must be integers (floats are never truncated); soft targets per sequence are "
+                    f"(steps, C = {C}) arrays")
+            if len(shape) != 2 or (C is not None and shape[1] != C):
+                raise XSeqLossError(f"targets[{i}] has shape {fmt_shape(shape)} but soft targets per sequence "
+                                    f"must be (steps, C = {C})")
+        elif len(shape) != 1:
+            raise XSeqLossError(f"{name}[{i}] has shape {fmt_shape(shape)} but must be 1-D (steps,): one value "
+                                f"per step of sequence {i}")
+    group = {"f": "floating", "b": "bool"}
+    for i, kind in enumerate(kinds):
+        if group.get(kind, "integer") != group.get(kinds[0], "integer"):
+            what = ("soft targets (floating)" if kind == "f" else "class ids (integers)") if name == "targets" \
+                else f"{group.get(kind, 'integer')} ({be.dtype_name(items[i])})"
+            first = ("soft targets (floating)" if kinds[0] == "f" else "class ids (integers)") if name == "targets" \
+                else f"{group.get(kinds[0], 'integer')} ({be.dtype_name(items[0])})"
+            raise XSeqLossTypeError(f"{name}[{i}] is {what} but {name}[0] is {first}: every item of a per-sequence "
+                                    f"list must be of one kind (nothing is cast for you)")
+    return name == "targets" and bool(kinds) and kinds[0] == "f"
 
 
 # ------------------------------------------------------------------------ targets alone (counts)
@@ -123,7 +160,7 @@ def padded_targets(targets: Any, *, layout: str, lengths: Any, sides: dict, back
         raise XSeqLossTypeError("side arrays given per sequence need targets given per sequence too")
     if kind is None:  # a list: pad to the longest, against stand-in logits with one class
         be, first = _dispatch.resolve(targets[0] if targets else np.zeros(0, np.int64), backend)
-        T = max([int(be.shape(side(be, v, "targets", None))[0]) for v in targets] + [0])
+        T = max([int((be.shape(side(be, v, "targets", None)) or (0,))[0]) for v in targets] + [0])  # 0-d: _lists says
         sizes = {"N": len(targets), "T": T, "C": 1}
         fake = be.zeros_shape(tuple(sizes[a] for a in layout), first)
         cv = _lists(fake, targets, layout=layout, lengths=lengths, sides=sides, backend=be.name)

@@ -166,6 +166,8 @@ def _row(call: Call, tok: tuple[int, ...], x: Any) -> tuple[np.ndarray, Any]:
     a = be.to_numpy(x)
     if call.rows is not None:  # a ragged row: find which row holds this padded position
         T = call.tok_shape[1]
+        if T is None:  # TensorFlow's RaggedTensor: the padded T is the mask's (it is always given)
+            T = int(be.shape(call.mask)[1])
         r = int(np.argmax(be.to_numpy(call.rows) == tok[0] * T + tok[1]))
         return a[r], (lambda c: f"[{r}, {':' if c is None else c}] (row {r} of the ragged data: sequence "
                                 f"{tok[0]}, step {tok[1]})")

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..plan.call_plan import CallPlan
 from . import tokens
-from .compute import PROBS_SUM_TOL, compute, probs_rows, scatter_rows
+from .compute import compute, probs_rows, scatter_rows
 
 
 def bad_tokens(ops: Any, st: CallPlan, z: Any, y: Any, t: Any, mask: Any, lengths: Any, weights: Any,
@@ -30,8 +30,7 @@ def bad_tokens(ops: Any, st: CallPlan, z: Any, y: Any, t: Any, mask: Any, length
         bad = ops.any((t < 0) | ~ops.isfinite(t), k)
         out["soft"] = (bad if rows is None else scatter_rows(ops, bad, rows, like)) & counted
     if z is not None and o.inputs == "probs":
-        outside, sums = probs_rows(ops, st.row_plan, z)
-        off = ops.abs(sums - 1.0) > PROBS_SUM_TOL
+        outside, sums, off = probs_rows(ops, st.row_plan, z)
         if rows is not None:
             outside, off = scatter_rows(ops, outside, rows, like), scatter_rows(ops, off, rows, like)
             sums = scatter_rows(ops, sums, rows, like)

@@ -48,3 +48,31 @@ def nll(ops: Any, z: Any, y: Any, keep: Any, k: int, acc: Any, differentiable: b
 def moveaxis_to(ops: Any, x: Any, src: str, dst: str) -> Any:
     """x with axes named by ``src`` (e.g. "NTC") rearranged into the order of ``dst``."""
     return ops.permute(x, [src.index(a) for a in dst])
+
+
+def two_sum(ops: Any, x: Any, k: int) -> tuple[Any, Any]:
+    """The sum of x along axis k (a static size) as an unevaluated pair hi + lo in x's dtype: a
+    pairwise sum whose every addition keeps its rounding error (Knuth's TwoSum), so hi + lo is the
+    exact sum to about ulp(ulp(sum)) * log2(size). Where float64 does not exist (JAX without x64) it
+    stands in for a float64 sum of float32 values (decisions.md item 72)."""
+    n = ops.dim(x, k)
+    nd = ops.ndim(x)
+
+    def cut(a: Any, start: Any, stop: Any = None, step: Any = None) -> Any:
+        idx = [slice(None)] * nd
+        idx[k] = slice(start, stop, step)
+        return a[tuple(idx)]
+
+    lo = ops.zeros_like(x)
+    while n > 1:
+        if n % 2:
+            x = ops.concat([x, ops.full_like(cut(x, 0, 1), 0.0)], k)
+            lo = ops.concat([lo, ops.full_like(cut(lo, 0, 1), 0.0)], k)
+            n += 1
+        a, b = cut(x, 0, None, 2), cut(x, 1, None, 2)
+        s = a + b
+        bb = s - a
+        err = (a - (s - bb)) + (b - bb)
+        x, lo = s, cut(lo, 0, None, 2) + cut(lo, 1, None, 2) + err
+        n //= 2
+    return ops.sum(x, k), ops.sum(lo, k)

@@ -12,28 +12,44 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ..plan.call_plan import CallPlan
-from . import reduction, tokens
+from . import common, reduction, tokens
 from .ragged import scatter_rows, shifted_rows
 from .token_loss import token_loss
 
 PROBS_SUM_TOL = 1e-3  # inputs="probs": a row must sum to 1 within this
+# the float64 PROBS_SUM_TOL as an unevaluated float32 pair: the float32 rule compares against it exactly
+_TOL_HI = float(np.float32(PROBS_SUM_TOL))
+_TOL_LO = float(np.float32(PROBS_SUM_TOL - _TOL_HI))
 
 
-def probs_rows(ops: Any, st: CallPlan, z: Any) -> tuple[Any, Any]:
-    """inputs="probs": per token, whether an entry is outside [0, 1] (or not finite), and the row's
-    sum in float64 (JAX without x64: float32, its widest type). One rule, one precision for the eager
-    check and the traced NaN mark alike: a float32 sum depends on the order of the additions, which
-    differs between eager kernels and XLA, so a row near 1 +- 1e-3 could pass one and not the other
-    (issue 17); in float64 the order changes the sum by ~1e-16."""
+def probs_rows(ops: Any, st: CallPlan, z: Any) -> tuple[Any, Any, Any]:
+    """inputs="probs": per token, whether an entry is outside [0, 1] (or not finite), the row's sum,
+    and whether that sum is off 1 by more than 1e-3, decided on the float64 sum. One rule, one
+    precision for the eager check and the traced NaN mark alike, on every backend: a float32 sum
+    depends on the order of the additions, which differs between eager kernels and XLA, so a row
+    near 1 +- 1e-3 could pass one and not the other (issue 17); in float64 the order changes the
+    sum by ~1e-16. Where float64 does not exist (JAX without x64) the sum is a compensated float32
+    pair hi + lo compared exactly with the float64 tolerance, which decides as float64 does
+    (decisions.md item 72)."""
     p = ops.cast(z, ops.wide_dtype())
     k = st.opts.k
     if st.class_parallel is not None and st.class_parallel.padded:
         p = ops.where(ops.reducer(st.class_parallel).valid(p, k), p, 0.0)
-    outside, sums = ops.any((p < 0) | (p > 1) | ~ops.isfinite(p), k), ops.sum(p, k)
-    if st.class_parallel is not None:  # the row is spread over the workers: its sum is theirs together
-        outside, sums = _cp_any(ops, st, outside, sums)
-    return outside, sums
+    outside = ops.any((p < 0) | (p > 1) | ~ops.isfinite(p), k)
+    if "float64" in str(ops.wide_dtype()):
+        sums = ops.sum(p, k)
+        if st.class_parallel is not None:  # the row is spread over the workers: its sum is theirs together
+            outside, sums = _cp_any(ops, st, outside, sums)
+        return outside, sums, ops.abs(sums - 1.0) > PROBS_SUM_TOL
+    hi, lo = common.two_sum(ops, p, k)
+    if st.class_parallel is not None:  # the workers' pairs summed (hi rounded once per worker)
+        outside, hi, lo = _cp_any(ops, st, outside, hi, lo)
+    a = hi - 1.0  # exact for hi in [0.5, 2]; outside it the row is far off either way
+    off = ((a - _TOL_HI) > (_TOL_LO - lo)) | ((a + _TOL_HI) < -(lo + _TOL_LO))
+    return outside, hi + lo, off
 
 
 def _cp_any(ops: Any, st: CallPlan, flags: Any, *more: Any) -> Any:
@@ -160,8 +176,8 @@ def compute(ops: Any, st: CallPlan, z: Any, y: Any, t: Any, mask: Any, lengths: 
     to_tokens = (lambda v: scatter_rows(ops, v, rows, like)) if rows is not None else None
     probs_bad = None
     if st.mark_nan and o.inputs == "probs":
-        outside, sums = probs_rows(ops, st.row_plan, z)
-        probs_bad = outside | (ops.abs(sums - 1.0) > PROBS_SUM_TOL)
+        outside, _, off = probs_rows(ops, st.row_plan, z)
+        probs_bad = outside | off
         if rows is not None:
             probs_bad = to_tokens(probs_bad)
     p = token_rules(ops, st, like, acc, y, t, mask, lengths, weights, cw, normalizer, segs,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..._errors import XSeqLossError
+from ..._errors import XSeqLossError, XSeqLossTypeError
 
 
 class TorchCollectives:
@@ -32,6 +32,13 @@ def _torch_dist(fn: str, group: Any) -> Any:
             f"{fn}: torch.distributed is not initialised, so there are no other workers to sum the count over; "
             f"call torch.distributed.init_process_group(...) first (torchrun sets its environment), or use "
             f"xsl.token_count(...) in a single process")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        hint = (f"; for a DeviceMesh dimension pass mesh.get_group({group!r})" if isinstance(group, str) else
+                "; for a DeviceMesh pass mesh.get_group(<dimension name>)" if type(group).__name__ == "DeviceMesh"
+                else "")
+        raise XSeqLossTypeError(
+            f"{fn}: group must be a torch.distributed ProcessGroup (e.g. from torch.distributed.new_group) or None "
+            f"for the default group, got {group!r} ({type(group).__name__}){hint}")
     return dist
 
 
