@@ -271,7 +271,8 @@ class TorchOps:
         return x.reshape(like.shape)
 
     def reshape_rows(self, x: Any) -> Any:
-        return x.reshape(-1, x.shape[-1])
+        # the leading axes merged, not reshape(-1, H): an H of 0 leaves -1 undetermined
+        return x.flatten(0, -2) if x.ndim > 1 else x.unsqueeze(0)
 
     def size_of(self, x: Any) -> int:
         return x.numel()
