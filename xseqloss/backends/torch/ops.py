@@ -17,6 +17,7 @@ def compiling() -> bool:
 
 
 _AT_TRACE_TIME = {"XSeqLossError": CompiledXSeqLossError, "XSeqLossTypeError": CompiledXSeqLossTypeError}
+_NUMBER_DTYPES = {bool: torch.bool, int: torch.int64, float: torch.float64}  # np.asarray's for each
 
 
 def _assume_constant_result(fn: Any) -> Any:
@@ -44,6 +45,8 @@ class TorchOps:
 
     # ---- conversion and inspection
     def convert(self, x: Any, argument: str, like: Any = None) -> Any:
+        if type(x) in _NUMBER_DTYPES:  # NumPy's dtype without np.asarray (torch.compile cannot trace it)
+            return torch.tensor(x, dtype=_NUMBER_DTYPES[type(x)], device=None if like is None else like.device)
         try:
             arr = np.asarray(x)
         except Exception as exc:  # pragma: no cover
