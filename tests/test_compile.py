@@ -200,6 +200,40 @@ def test_torch_compile_fullgraph_equals_eager_for_every_combo():
         assert np.abs(eg).sum() > 0, combo
 
 
+@pytest.mark.parametrize("normalizer", [6.0, 6], ids=["float", "int"])
+def test_torch_compile_fullgraph_with_a_python_number_normalizer(normalizer):
+    """A Python-number normalizer under torch.compile(fullgraph=True), in the function, in
+    SequenceCrossEntropyLoss(normalizer=...) and in linear_cross_entropy: the call preparation
+    used np.ndim / np.asarray on the traced constant (a graph break, an error with fullgraph).
+    Value and gradient against torch's own cross-entropy summed and divided by the normalizer."""
+    require_or_skip("torch")
+    import torch
+    import torch.nn.functional as F
+    from xseqloss.torch import SequenceCrossEntropyLoss
+
+    logits, targets, _, _ = _problem("plain")
+    x = torch.tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(targets)
+    xr = x.clone().requires_grad_(True)
+    want = F.cross_entropy(xr.reshape(-1, C), y.reshape(-1), reduction="sum") / 6.0
+    want.backward()
+    torch._dynamo.reset()
+    calls = {"function": torch.compile(lambda z, t: xsl.sequence_cross_entropy(z, t, normalizer=normalizer),
+                                       fullgraph=True),
+             "module": torch.compile(SequenceCrossEntropyLoss(normalizer=normalizer), fullgraph=True)}
+    for what, f in calls.items():
+        xc = x.clone().requires_grad_(True)
+        got = f(xc, y)
+        got.backward()
+        assert_close(got.detach().numpy(), want.detach().numpy(), tol=1e-12, what=f"{what} value")
+        assert_close(xc.grad.numpy(), xr.grad.numpy(), tol=1e-12, what=f"{what} gradient")
+    r = np.random.default_rng(1)
+    h, w = torch.tensor(r.normal(size=(N, T, 4))), torch.tensor(r.normal(size=(C, 4)))
+    lin = torch.compile(lambda a, b, t: xsl.linear_cross_entropy(a, b, t, normalizer=normalizer), fullgraph=True)
+    want = F.cross_entropy((h @ w.T).reshape(-1, C), y.reshape(-1), reduction="sum") / 6.0
+    assert_close(lin(h, w, y).numpy(), want.numpy(), tol=1e-12, what="linear_cross_entropy value")
+
+
 def test_the_trace_time_raiser_is_marked_as_dynamo_marks_it():
     """backends/torch/ops.py marks its trace-time raiser constant without importing torch._dynamo
     (1.2 s on the first torch call); the mark must be the one dynamo's own decorator sets."""
@@ -232,7 +266,9 @@ def torch_mod():
     ("XSeqLossError", lambda xsl, x, y: xsl.sequence_cross_entropy(x, y, label_smoothing=1.5)),
     ("XSeqLossTypeError", lambda xsl, x, y: xsl.sequence_cross_entropy(x.long(), y)),
     ("XSeqLossError", lambda xsl, x, y: xsl.pool(x, method="median")),
-], ids=["mask_shape", "float_targets", "unknown_reduction", "smoothing_range", "integer_logits", "pool_method"])
+    ("XSeqLossError", lambda xsl, x, y: xsl.sequence_cross_entropy(x, y, normalizer=-1.0)),
+], ids=["mask_shape", "float_targets", "unknown_reduction", "smoothing_range", "integer_logits", "pool_method",
+        "negative_normalizer"])
 def test_static_errors_keep_their_type_under_torch_compile(torch_mod, kind, call):
     """torch.compile(fullgraph=True) used to report every static error as
     torch._dynamo.exc.Unsupported; now it is our class, with our message."""

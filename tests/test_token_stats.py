@@ -823,11 +823,6 @@ def test_return_stats_carry_no_gradient(backend, linear):
             assert all(float(abs(np.asarray(gr)).max()) == 0.0 for gr in gs), k
 
 
-@pytest.mark.xfail(strict=True, raises=LookupError, reason=(
-    "BUG: a persistent tf.GradientTape around linear_cross_entropy (eager; with or without return_stats) "
-    "raises LookupError 'No gradient defined for operation while/InplaceUpdate' (the fused layer's "
-    "while_loop is recorded by the persistent tape); a non-persistent tape works, and so do "
-    "token_stats and linear_token_stats under a persistent tape in eager mode"))
 def test_tensorflow_persistent_tape_around_linear_cross_entropy_with_return_stats():
     """A persistent tape (several gradients of one forward: the loss, then a stat) around the fused
     loss with return_stats: the loss's gradient equals the non-persistent tape's, a stat's is None

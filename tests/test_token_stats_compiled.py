@@ -263,10 +263,6 @@ def test_tensorflow_function_jit_compile_with_gradient_tape():
     check_nan_marks(host(s), gb.numpy(), zb, yb, idsb, tempb, ctsb)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a persistent tf.GradientTape inside tf.function(jit_compile=True) around linear_token_stats "
-    "(and linear_cross_entropy) fails to compile: 'XLA compilation requires a fixed tensor list size' "
-    "(the chunk loop's while_loop recorded by the persistent tape); a non-persistent tape works"))
 def test_tensorflow_linear_token_stats_persistent_tape_under_jit_compile():
     require_or_skip("tensorflow")
     import tensorflow as tf

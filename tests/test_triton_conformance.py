@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from test_triton_kernel import _require_triton
+from helpers.triton_runs import require_triton as _require_triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

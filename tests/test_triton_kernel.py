@@ -15,69 +15,20 @@ Triton is required like a framework: missing, these tests skip, unless XSEQLOSS_
 asks for torch (or "all"), where a missing Triton is an error (CI installs it).
 """
 
-import importlib.util
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from helpers.support import require_or_skip, required_backends
+from helpers.triton_runs import COMPILE_CHECKS, INTERPRET_CHECKS, require_triton, result, run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = os.path.join(HERE, "helpers", "triton_kernel_script.py")
-
-INTERPRET_CHECKS = [
-    "available", "shapes_float32", "options_float32", "options_bfloat16", "options_float16",
-    "dropped_rows_exact_zero", "true_class_bfloat16_p_to_1", "large_logits_exact",
-    "minus_inf_at_zero_mass_class", "loss_only_matches", "in_place", "liger_272_version_counter",
-    "empty_and_errors", "launch_config",
-]
-COMPILE_CHECKS = ["lazy_import", "compiles_for_sm90"]
-
-
-def _require_triton():
-    require_or_skip("torch")
-    if importlib.util.find_spec("triton") is None:
-        if "torch" in required_backends():
-            pytest.fail("triton is required with the torch backend (XSEQLOSS_REQUIRE_BACKENDS) but is not "
-                        "installed: pip install -c constraints.txt triton", pytrace=False)
-        pytest.skip("triton is not installed (pip install -c constraints.txt triton)")
-
-
-_RUNS = {}
-
-
-def _run(mode):
-    if mode not in _RUNS:
-        env = dict(os.environ)
-        env.pop("TRITON_INTERPRET", None)
-        if mode == "interpret":
-            env["TRITON_INTERPRET"] = "1"
-        try:
-            proc = subprocess.run([sys.executable, SCRIPT, mode], capture_output=True, text=True, env=env,
-                                  timeout=240, cwd=os.path.dirname(HERE))
-        except subprocess.TimeoutExpired as exc:
-            _RUNS[mode] = (None, f"timed out after {exc.timeout} s")
-        else:
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode != 0 or not lines:
-                _RUNS[mode] = (None, f"exit {proc.returncode}\nstdout tail:\n{proc.stdout[-2000:]}\n"
-                                     f"stderr tail:\n{proc.stderr[-4000:]}")
-            else:
-                _RUNS[mode] = (json.loads(lines[-1]), "")
-    return _RUNS[mode]
 
 
 def _result(mode, name):
-    _require_triton()
-    results, why = _run(mode)
-    assert results is not None, f"the {mode} subprocess failed: {why}"
-    assert name in results, f"check {name!r} did not run (got {sorted(results)})"
-    r = results[name]
-    assert r["ok"], f"{name}:\n{r['detail']}"
-    return r["detail"]
+    require_triton()
+    return result(mode, name)
 
 
 @pytest.mark.parametrize("name", INTERPRET_CHECKS)
@@ -92,9 +43,9 @@ def test_kernel_compiles_for_h200(name):
 
 def test_every_check_is_listed():
     """A check added to the script but not listed here would never be asserted."""
-    _require_triton()
+    require_triton()
     for mode, listed in (("interpret", INTERPRET_CHECKS), ("compile", COMPILE_CHECKS)):
-        results, why = _run(mode)
+        results, why = run(mode)
         assert results is not None, why
         assert sorted(results) == sorted(listed), (mode, sorted(results))
 

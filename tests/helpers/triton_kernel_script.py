@@ -148,8 +148,9 @@ def interpret_checks() -> None:
 
     @check
     def check_available():
+        import triton
         assert tt.available() is True
-        return f"available() with TRITON_INTERPRET=1; interpreter block {BLOCK}"
+        return f"available() with TRITON_INTERPRET=1; interpreter block {BLOCK}; Triton {triton.__version__}"
 
     @check
     def check_shapes_float32():

@@ -284,7 +284,10 @@ def prepare_sides(be: Any, o: Options, z: Any, shape: tuple[Any, ...], targets: 
             raise shape_error("class_weights", be.shape(cw), (C,), "C")
     if normalizer is not None:
         options.normalizer_reduction(o.reduction)
-        if sides.framework_of(normalizer) is None and np.ndim(normalizer) == 0 and not hasattr(normalizer, "dtype"):
+        # a Python number first (np.float64 is a float subclass: not one): np.ndim of a traced
+        # constant breaks torch.compile's full graph
+        if type(normalizer) in (int, float) or (sides.framework_of(normalizer) is None and not hasattr(
+                normalizer, "dtype") and np.ndim(normalizer) == 0):
             options.number(normalizer, "normalizer", 0.0)
         normalizer = sides.side(be, normalizer, "normalizer", like)
         if be.shape(normalizer) != ():

@@ -4,6 +4,7 @@ scatter)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -118,7 +119,8 @@ class ArrayApiOps:
         return self.xp.reshape(x, self.xp.shape(like))
 
     def reshape_rows(self, x: Any) -> Any:
-        return self.xp.reshape(x, (-1, self.xp.shape(x)[-1]))
+        shape = self.xp.shape(x)  # rows counted, not -1: an H of 0 leaves -1 undetermined
+        return self.xp.reshape(x, (math.prod(shape[:-1]), shape[-1]))
 
     def argmax(self, x: Any, k: int) -> Any:
         return self.xp.argmax(x, axis=k)  # the first maximal index (NumPy and JAX both)

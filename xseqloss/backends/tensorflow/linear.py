@@ -17,6 +17,7 @@ the previous chunk's adds are done, and each chunk's d weight adds wait for its 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -36,7 +37,8 @@ DW_IN_PLACE_SHARE = 32  # beside an in-place gradient, a block and its slice: 1/
 
 
 class TfChunks(ChunkLoop):
-    def __init__(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool, width: int = 0) -> None:
+    def __init__(self, rp: Any, lay: Any, acc: Any, h2: Any, w: Any, b: Any, grads: bool, width: int = 0,
+                 in_place: bool = True) -> None:
         self.acc, self.h2, self.w, self.b, self.grads, self.width = acc, h2, w, b, grads, width
         self.ch = lay.weight_layout == "CH"
         chunk = lay.chunk
@@ -52,7 +54,8 @@ class TfChunks(ChunkLoop):
         self.ba = None if b is None else tf.cast(b, acc)
         self.C = tf.shape(self.wa)[0 if self.ch else 1]
         self.xla = in_xla()
-        self.in_place = grads and not self.xla and rp.plain  # the gradient in the logits' buffer (decision 58)
+        # the gradient in the logits' buffer (decision 58)
+        self.in_place = in_place and grads and not self.xla and rp.plain
         self.h2p = self.tokens(h2, 0)
 
     def tokens(self, a: Any, fill: Any) -> Any:  # whole chunks of a static size: XLA compiles the loop once
@@ -180,6 +183,44 @@ def _add_rows_in_place(dw: Any, a: Any, b: Any, budget: Any) -> Any:
 
 
 
+def unrecorded(fn: Any, *args: Any) -> tuple:
+    """fn's outputs (the chunk loop's), with no tape recording the loop and no gradient through its
+    outputs: the custom gradient around it is the loop's only gradient. A tape that records the
+    loop's inputs (a persistent tape, nested tapes) would otherwise wrap the while_loop for
+    higher-order gradients, which differentiates it (no gradient for InplaceUpdate) and, under
+    XLA, accumulates its intermediates in lists of no fixed size."""
+    with _record.stop_recording():
+        out = fn(*args)
+        return tuple(None if o is None else tf.stop_gradient(o) for o in out)
+
+
+def without_in_place(ops: Any, fn: Any) -> Any:
+    """fn() with the plain kernel's gradient in a buffer of its own, not the logits' (a resource
+    variable, which tf.vectorized_map cannot convert: tape.jacobian vectorizes the backward)."""
+    ops._in_place = False
+    try:
+        return fn()
+    finally:
+        ops._in_place = True
+
+
+def first_order_only(grads_fn: Any, inputs: list) -> list:
+    """The gradients ``grads_fn()`` forms (no tape records how), as identities of ``inputs`` for any
+    tape that records the backward (nested tapes, a persistent tape around a gradient): their own
+    derivative, a second derivative through the fused layer, is not formed and is NaN for every
+    input, never a silent zero (decision 80). Not an error: TensorFlow forms that derivative's
+    graph, unasked, whenever a persistent tape records a first gradient."""
+    with _record.stop_recording():
+        grads = grads_fn()
+
+    @tf.custom_gradient
+    def mark(*xs: Any) -> Any:
+        def grad(*_: Any) -> Any:
+            return [tf.fill(tf.shape(x), tf.constant(float("nan"), x.dtype)) for x in xs]
+        return [tf.identity(g) for g in grads], grad
+    return mark(*inputs)
+
+
 class TensorflowLinear:
     def linear_plain_chunk_factor(self) -> int:
         """Outside XLA a plain chunk's gradient takes its logits' buffer (xla.py), so a chunk may
@@ -196,9 +237,14 @@ class TensorflowLinear:
                           acc: Any, scale_fn: Any, want_grad: bool) -> Any:
         ops = self
 
-        def loop(hh: Any, ww: Any, bb: Any, scale: Any, grads: bool) -> Any:
-            return run_chunks(ops, rp, TfChunks(rp, lay, acc, hh, ww, bb, grads, width=loss_width(rp)), y, t, keep, cw,
-                              acc, scale, grads)
+        def loop(hh: Any, ww: Any, bb: Any, scale: Any, grads: bool, in_place: bool = True) -> Any:
+            ly = lay  # without the in-place gradient, half the chunk: the same peak (two chunk buffers)
+            if not in_place and rp.plain and self.linear_plain_chunk_factor() > 1:
+                ly = dataclasses.replace(lay, chunk=max(1, lay.chunk // self.linear_plain_chunk_factor()))
+            chunks = TfChunks(rp, ly, acc, hh, ww, bb, grads, width=loss_width(rp), in_place=in_place)
+            if in_place:
+                return run_chunks(ops, rp, chunks, y, t, keep, cw, acc, scale, grads)
+            return without_in_place(ops, lambda: run_chunks(ops, rp, chunks, y, t, keep, cw, acc, scale, grads))
 
         if not (self._grad_possible or _record.could_possibly_record()):  # nothing records: losses only
             return loop(h2, w, b, None, False)[0]
@@ -207,9 +253,12 @@ class TensorflowLinear:
         def forward(*params: Any) -> Any:
             hh, ww = params[0], params[1]
             bb = params[2] if len(params) > 2 else None
-            l, dh, dw, db = loop(hh, ww, bb, formed, True)
+            l, dh, dw, db = unrecorded(loop, hh, ww, bb, formed, True)
 
             def grad(dl: Any) -> Any:
+                return first_order_only(lambda: grads(dl), [dl, *params])
+
+            def grads(dl: Any) -> Any:
                 w_ = loss_width(rp)  # return_stats: the losses are column 0, the metrics carry no gradient
                 dl = tf.reshape(dl, [-1, w_])[:, 0] if w_ else tf.reshape(dl, [-1])  # per token (rank may be unknown)
                 m = backward.upstream(ops, dl, formed, keep, per_row=False)
@@ -222,8 +271,8 @@ class TensorflowLinear:
                     out = [dh * tf.cast(r, dh.dtype), dw * tf.cast(r, dw.dtype)]
                     return out + ([db * tf.cast(r, db.dtype)] if db is not None else [])
 
-                def again() -> Any:
-                    _, a, bb_, c = loop(hh, ww, bb, dl, True)
+                def again() -> Any:  # inside the caller's gradient, which tf.vectorized_map may convert
+                    _, a, bb_, c = unrecorded(loop, hh, ww, bb, dl, True, False)
                     return [a, bb_] + ([c] if c is not None else [])
                 return tf.cond(m.exact, as_formed, lambda: tf.cond(m.again, again, scaled))
             return l, grad

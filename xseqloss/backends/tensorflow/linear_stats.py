@@ -10,7 +10,7 @@ import tensorflow as tf
 from tensorflow.python.eager import record as _record  # could_possibly_record: is any tape active?
 
 from ...core import linear_stats
-from .linear import TfChunks
+from .linear import TfChunks, first_order_only, unrecorded
 
 
 class TensorflowLinearStats:
@@ -30,13 +30,16 @@ class TensorflowLinearStats:
         def fwd(*params: Any) -> Any:
             hh, ww = params[0], params[1]
             bb = params[2] if len(params) > 2 else None
-            packed = forward(hh, ww, bb)
+            (packed,) = unrecorded(lambda: (forward(hh, ww, bb),))
 
-            def grad(dp: Any) -> Any:
+            def grads(dp: Any) -> Any:
                 dp = tf.reshape(dp, [-1, linear_stats.width(rp)])  # its rank may be unknown in the tape's graph
                 loop = TfChunks(rp, lay, acc, hh, ww, bb, True)
-                dh, dw, db = linear_stats.backward(ops, rp, loop, tokens, packed, dp, acc)
+                dh, dw, db = unrecorded(linear_stats.backward, ops, rp, loop, tokens, packed, dp, acc)
                 return [dh, dw] + ([db] if bb is not None else [])
+
+            def grad(dp: Any) -> Any:
+                return first_order_only(lambda: grads(dp), [dp, *params])
             return packed, grad
 
         params = (h2, w) if b is None else (h2, w, b)

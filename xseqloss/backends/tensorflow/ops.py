@@ -45,6 +45,7 @@ class TensorflowOps:
         self._functions: dict[Any, Any] = {}
         self._concrete: dict[Any, Any] = {}
         self._grad_possible = True  # false only while tracing an eager call that no tape records
+        self._in_place = True  # false while the fused layer's loop runs inside a gradient (linear.py)
 
     # ---- conversion and inspection
     def convert(self, x: Any, argument: str, like: Any = None) -> Any:

@@ -163,7 +163,7 @@ def rescaled(ops: Any, z: Any, y: Any, kp: Any, keep: Any, g: Any, dl: Any, form
 
 class TensorflowXla:
     def plain_ce(self, z: Any, y: Any, keep: Any, k: int, acc: Any, scale: Any = None, out: Any = None) -> Any:
-        return plain_ce(z, y, keep, k, acc, scale, out)
+        return plain_ce(z, y, keep, k, acc, scale, out if self._in_place else None)
 
     def fused_token_loss(self, st: Any, z: Any, y: Any, t: Any, keep: Any, cw: Any, acc: Any,
                          expected_dl: Any = None, collect: dict | None = None) -> Any:

@@ -62,16 +62,14 @@ def _row_block(z_row, offs, valid, cap, HAS_CAP: tl.constexpr, EVICT: tl.constex
 
 
 @triton.jit
-def _stats_step(z_row, cw_ptr, start, cols, C, kept, cap, m, f, s, S1, W,
-                HAS_KEEP: tl.constexpr, HAS_CW: tl.constexpr, HAS_EPS: tl.constexpr,
-                HAS_CAP: tl.constexpr):
+def _stats_step(z_row, cw_ptr, start, cols, C, lim, cap, m, f, s, S1, W,
+                HAS_CW: tl.constexpr, HAS_EPS: tl.constexpr, HAS_CAP: tl.constexpr):
     """Pass 1, one block: the online statistics in the shifted frame f (the running max m; 0 while
-    m is -inf, as a row whose max is -inf uses m = 0)."""
+    m is -inf, as a row whose max is -inf uses m = 0). ``lim``: the classes read, C, or 0 in a
+    dropped row."""
     offs = start + cols
     inrow = offs < C
-    valid = inrow
-    if HAS_KEEP:
-        valid = inrow & kept
+    valid = offs < lim
     x, t = _row_block(z_row, offs, valid, cap, HAS_CAP, "evict_last")
     m_new = tl.maximum(m, tl.max(x, 0))
     f_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -91,15 +89,13 @@ def _stats_step(z_row, cw_ptr, start, cols, C, kept, cap, m, f, s, S1, W,
 
 
 @triton.jit
-def _grad_step(z_row, out_row, cw_ptr, start, cols, C, kept, cap, y32, a, b, f, inv_s, coef, sc,
+def _grad_step(z_row, out_row, cw_ptr, start, cols, C, lim, cap, y32, a, b, f, inv_s, coef, sc,
                HAS_KEEP: tl.constexpr, HAS_CW: tl.constexpr, HAS_SCALE: tl.constexpr,
                HAS_EPS: tl.constexpr, HAS_CAP: tl.constexpr):
     """Pass 2, one block: (coef * softmax - q) * (1 - t^2) * scale in float32, stored once."""
     offs = start + cols
     inrow = offs < C
-    valid = inrow
-    if HAS_KEEP:
-        valid = inrow & kept
+    valid = offs < lim
     x, t = _row_block(z_row, offs, valid, cap, HAS_CAP, "evict_first")
     # q_c = b * w_c + a * [c == y]; the true-class entry coef * p_y - q_y is formed here in float32:
     # cast first and p_y -> 1 is lost in bfloat16 (Liger-Kernel PR 1329: 100% relative error at
@@ -118,7 +114,7 @@ def _grad_step(z_row, out_row, cw_ptr, start, cols, C, kept, cap, y32, a, b, f, 
     if HAS_SCALE:
         g = g * sc
     if HAS_KEEP:
-        g = tl.where(kept, g, 0.0)  # exactly 0, even over a row of NaN (in place: overwritten)
+        g = tl.where(valid, g, 0.0)  # exactly 0, even over a row of NaN (in place: overwritten)
     tl.store(out_row + offs, g.to(out_row.dtype.element_ty), mask=inrow)
 
 
@@ -144,10 +140,16 @@ def token_loss_kernel(
     y = tl.load(y_ptr + row)  # int64, already clamped into [0, C) by the caller
     y32 = y.to(tl.int32)  # C < 2**31: compared with int32 offsets (no per-element widening)
     kept = True
+    lim = C  # the classes a block may read: C, or 0 in a dropped row
     if HAS_KEEP:
-        # A dropped row is never read: every load is masked by ``kept``, so NaN/inf padding cannot
-        # reach exp/log, and the selects below give exactly 0 loss and gradient there.
-        kept = tl.load(keep_ptr + row) != 0
+        # A dropped row is never read: every load is masked by ``kept`` (the blocks' by ``lim``), so
+        # NaN/inf padding cannot reach exp/log, and the selects below give exactly 0 loss and
+        # gradient there. Block masks are one comparison (offs < lim), not ``inrow & kept``: an
+        # int1 block and an int1 scalar combine to a mask that Triton 3.9's interpreter refuses
+        # ("mask has unsupported dtype"; 3.6 let it through).
+        keep_byte = tl.load(keep_ptr + row).to(tl.int32)  # a bool tensor's byte: 0 or 1
+        kept = keep_byte != 0
+        lim = C * keep_byte
     w_y = 1.0
     if HAS_CW:
         w_y = tl.load(cw_ptr + y).to(tl.float32)
@@ -162,13 +164,13 @@ def token_loss_kernel(
     if WHILE_LOOPS:
         start = 0
         while start < C:
-            m, f, s, S1, W = _stats_step(z_row, cw_ptr, start, cols, C, kept, cap, m, f, s, S1, W,
-                                         HAS_KEEP, HAS_CW, HAS_EPS, HAS_CAP)
+            m, f, s, S1, W = _stats_step(z_row, cw_ptr, start, cols, C, lim, cap, m, f, s, S1, W,
+                                         HAS_CW, HAS_EPS, HAS_CAP)
             start += BLOCK
     else:
         for start in range(0, C, BLOCK):
-            m, f, s, S1, W = _stats_step(z_row, cw_ptr, start, cols, C, kept, cap, m, f, s, S1, W,
-                                         HAS_KEEP, HAS_CW, HAS_EPS, HAS_CAP)
+            m, f, s, S1, W = _stats_step(z_row, cw_ptr, start, cols, C, lim, cap, m, f, s, S1, W,
+                                         HAS_CW, HAS_EPS, HAS_CAP)
 
     # ---- the loss, in the shifted frame: sumq * lse_s - sum_c q_c (x_c - f) + z-loss.
     # Never lse - x_y: in float32 near 1e4 both are rounded at ulp(1e4) ~ 1e-3 before subtracting.
@@ -206,10 +208,10 @@ def token_loss_kernel(
         if WHILE_LOOPS:
             start = 0
             while start < C:
-                _grad_step(z_row, out_row, cw_ptr, start, cols, C, kept, cap, y32, a, b, f, inv_s, coef, sc,
+                _grad_step(z_row, out_row, cw_ptr, start, cols, C, lim, cap, y32, a, b, f, inv_s, coef, sc,
                            HAS_KEEP, HAS_CW, HAS_SCALE, HAS_EPS, HAS_CAP)
                 start += BLOCK
         else:
             for start in range(0, C, BLOCK):
-                _grad_step(z_row, out_row, cw_ptr, start, cols, C, kept, cap, y32, a, b, f, inv_s, coef, sc,
+                _grad_step(z_row, out_row, cw_ptr, start, cols, C, lim, cap, y32, a, b, f, inv_s, coef, sc,
                            HAS_KEEP, HAS_CW, HAS_SCALE, HAS_EPS, HAS_CAP)

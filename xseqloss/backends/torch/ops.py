@@ -17,6 +17,7 @@ def compiling() -> bool:
 
 
 _AT_TRACE_TIME = {"XSeqLossError": CompiledXSeqLossError, "XSeqLossTypeError": CompiledXSeqLossTypeError}
+_NUMBER_DTYPES = {bool: torch.bool, int: torch.int64, float: torch.float64}  # np.asarray's for each
 
 
 def _assume_constant_result(fn: Any) -> Any:
@@ -44,6 +45,8 @@ class TorchOps:
 
     # ---- conversion and inspection
     def convert(self, x: Any, argument: str, like: Any = None) -> Any:
+        if type(x) in _NUMBER_DTYPES:  # NumPy's dtype without np.asarray (torch.compile cannot trace it)
+            return torch.tensor(x, dtype=_NUMBER_DTYPES[type(x)], device=None if like is None else like.device)
         try:
             arr = np.asarray(x)
         except Exception as exc:  # pragma: no cover
@@ -287,7 +290,8 @@ class TorchOps:
         return x.reshape(like.shape)
 
     def reshape_rows(self, x: Any) -> Any:
-        return x.flatten(0, -2) if x.ndim > 1 else x.reshape(1, x.shape[-1])  # (rows, 0) too: no -1 beside 0
+        # the leading axes merged, not reshape(-1, H): an H of 0 leaves -1 undetermined
+        return x.flatten(0, -2) if x.ndim > 1 else x.unsqueeze(0)
 
     def size_of(self, x: Any) -> int:
         return x.numel()
