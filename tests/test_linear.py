@@ -569,3 +569,62 @@ def test_jax_d_weight_in_class_blocks(monkeypatch, weight_layout):
                 h @ (w.T if weight_layout == "CH" else w), y, **kw)), argnums=(0, 1))(h, w)
         for a, b in zip(got, want):
             assert_close(np.asarray(a), np.asarray(b))
+
+
+def test_numpy_linear_token_stats_peak_memory_stays_within_two_chunks():
+    """linear_token_stats and its VJP (API.md 11.4: section 8's bound): beyond the inputs and the
+    returned gradients, a few chunks' float32 logits plus O(tokens), the same whatever the tokens."""
+    import tracemalloc
+    H, C, chunk = 64, 4096, 128
+    w = rng0.normal(size=(C, H)).astype(np.float32)
+    peaks = []
+    for tokens in (2048, 4096):
+        h = rng0.normal(size=(tokens, H)).astype(np.float32)
+        y = rng0.integers(0, C, size=tokens)
+        cts = {"log_prob": rng0.normal(size=tokens).astype(np.float32),
+               "entropy": rng0.normal(size=tokens).astype(np.float32)}
+        kw = dict(layout="NH", chunk_size=chunk, temperature=0.7)
+        xsl.linear_token_stats_vjp(h[:chunk], w, y[:chunk], {k: v[:chunk] for k, v in cts.items()}, **kw)
+        tracemalloc.start()
+        s = xsl.linear_token_stats(h, w, y, **kw)
+        fwd = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        dh, dw, _ = xsl.linear_token_stats_vjp(h, w, y, cts, **kw)
+        bwd = tracemalloc.get_traced_memory()[1] - dh.nbytes - dw.nbytes
+        tracemalloc.stop()
+        peaks.append((fwd, bwd))
+        assert np.all(np.asarray(s.log_prob) <= 0)
+    # the whole-chunk formula keeps a few chunk-sized temporaries (x / T, the shifted logits, exp,
+    # the entropy terms: chunk sizing divides its budget by them, api/layer.py); what may not
+    # happen is growth with the tokens: twice the tokens, the same peak
+    (f0, b0), (f1, b1) = peaks
+    for what, p0, p1 in (("forward", f0, f1), ("vjp", b0, b1)):
+        assert p1 <= 12 * chunk * C * 4 + 256 * 4096 + (1 << 20), (what, p1)
+        assert abs(p1 - p0) <= 0.1 * p0 + 256 * 2048, (what, p0, p1)
+        assert p1 < 0.5 * 4096 * C * 4, (what, p1)
+
+
+def test_torch_linear_token_stats_never_allocates_the_logits():
+    """linear_token_stats forward and backward through autograd (both outputs' upstream): no tensor
+    as large as a third of the logits is ever allocated."""
+    require_or_skip("torch")
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    tokens, H, C, chunk = 4096, 64, 4096, 256
+    h = torch.randn(tokens, H, requires_grad=True)
+    w = torch.randn(C, H, requires_grad=True)
+    y = torch.randint(0, C, (tokens,))
+    g1, g2 = torch.randn(tokens), torch.randn(tokens)
+
+    def step(hh, yy, a, b):
+        s = xsl.linear_token_stats(hh, w, yy, layout="NH", chunk_size=chunk, temperature=0.7)
+        torch.autograd.backward([s.log_prob, s.entropy], [a, b])
+    step(h[:chunk], y[:chunk], g1[:chunk], g2[:chunk])
+    h.grad = w.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(h, y, g1, g2)
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    logits = tokens * C * 4
+    assert biggest <= chunk * C * 4 + 1024, (biggest, logits)
+    assert biggest < logits / 3
+    assert float(h.grad.abs().sum()) > 0 and float(w.grad.abs().sum()) > 0
