@@ -84,6 +84,9 @@ def markdown(report: dict, title: str = "xseqloss conformance report", note: str
     L = [f"# {title}", ""]
     if note:
         L += [note, ""]
+    if env.get("selection") == "subset":
+        L += ["**A representative subset** (`xseqloss conformance` without `--full`): every backend, kernel, "
+              "engine and check kind on a few cases each; `--full` runs every case.", ""]
     if env.get("distributed_only"):
         L += ["**Classes split across workers only** (`xseqloss conformance --distributed`): every result "
               "below is on CPU workers; the full report also has the single-device suite.", ""]

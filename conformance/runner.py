@@ -31,6 +31,10 @@ BACKENDS = ("numpy", "torch", "tensorflow", "jax")
 QUICK_CASES = ("ntc", "nct", "mix_uniform", "soft", "red_per_sequence_weights", "garbage_masked")
 QUICK_ERRORS = ("target_ge_C", "lengths_gt_T", "mask_shape", "unknown_reduction")
 QUICK_STATS = ("st_ntc", "st_temp_token_shift", "st_bad_target", "lst_plain_t15")  # token_stats: a few of stats_cases
+# The distributed cases of the default report (``xseqloss conformance`` without ``--full``): uneven
+# torch slices and a padded JAX vocabulary, every option family, and token_stats on both engines.
+QUICK_DISTRIBUTED = ("tp_c8_zloss_softcap_mix", "tp_c12_soft_cw_zloss", "mix_others_tnc", "red_per_sequence_positions",
+                     "st_ids3_tnc_shift_t05", "tp_st_c8_temp_token_ids")
 
 # Every kernel of a backend is forced and checked (xseqloss/plan/engine.py), not only the one "auto"
 # picks for the suite's small inputs: the chunked kernels with chunks of a few rows (every case
@@ -258,7 +262,9 @@ def _run_here(names: list[str], devices: Iterable[str] | None, progress: Callabl
                                       deterministic=(dev == "cpu"),
                                       upstream=b not in UPSTREAM_DTYPES or case.dtype in UPSTREAM_DTYPES[b])
                 if (i + 1) % 50 == 0:
-                    say(f"[{b}/{dev}] {i + 1}/{len(todo)} cases, {time.perf_counter() - tb:.0f}s")
+                    spent = time.perf_counter() - tb
+                    say(f"[{b}/{dev}] {i + 1}/{len(todo)} cases, {spent:.0f}s, "
+                        f"about {spent / (i + 1) * (len(todo) - i - 1):.0f}s left for these cases")
             for kernel, (pats, dtypes, sizes) in (ENGINES.get(b, {}) if engines else {}).items():
                 mine = [c for c in todo if _engine_runs(c, pats, dtypes)]
                 why = _kernel_unavailable(b, kernel, dev)

@@ -309,6 +309,16 @@ def test_cli_distributed_only_and_in_the_full_report(suite, monkeypatch, tmp_pat
     assert [c[0] for c in calls] == ["run", "distributed", "json"]
     merged = calls[-1][1]
     assert len(merged["not_applicable"]) == 4 and merged["environment"]["distributed"]["engines"] == []
+    # the default is the representative subset (issue 28): quick single-device cases and a few
+    # distributed ones; --full runs every case of both
+    assert calls[0][1]["quick"] is True and merged["environment"]["selection"] == "subset"
+    assert calls[1][1]["cases"] == list(suite.runner.QUICK_DISTRIBUTED)
+    assert {s["name"] for s in d.specs(list(suite.runner.QUICK_DISTRIBUTED))} >= set(SUBSET)
+    calls.clear()
+    assert main(["conformance", "--full", "--json", str(out)]) == 0
+    assert [c[0] for c in calls] == ["run", "distributed", "json"]
+    assert calls[0][1]["quick"] is False and calls[1][1]["cases"] is None
+    assert calls[-1][1]["environment"]["selection"] == "full"
     for flags in (["--quick"], ["--cases", "ntc"], ["--no-distributed"], ["--devices", "gpu"]):
         calls.clear()
         main(["conformance", *flags])

@@ -87,6 +87,10 @@ def _info(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------- conformance
 
+# Measured on a 2-core CPU machine with every framework (docs/conformance.md, "Run times").
+SUBSET_MINUTES, FULL_MINUTES = 4, 20
+
+
 def _conformance(args: argparse.Namespace) -> int:
     _quiet()
     suite = _suite()
@@ -97,13 +101,21 @@ def _conformance(args: argparse.Namespace) -> int:
             report = suite.distributed_report(backends=backends, cases=args.cases, progress=progress,
                                               jobs=args.jobs)
         else:
+            # the default is a representative subset (every backend, kernel, engine and check kind)
+            # that finishes in a few minutes; --full runs every case (docs/conformance.md)
+            subset = not (args.full or args.quick or args.cases)
+            if subset:
+                progress(f"a representative subset (about {SUBSET_MINUTES} min on 2 cores); --full runs every case "
+                         f"(about {FULL_MINUTES} min)")
             report = suite.run(backends=backends, devices=devices, progress=progress, cases=args.cases,
-                               quick=args.quick, jobs=args.jobs)
-            # the full report also runs the distributed subset on CPU workers (docs/conformance.md)
+                               quick=args.quick or subset, jobs=args.jobs)
+            # it also runs the distributed cases on CPU workers (docs/conformance.md)
             if not (args.quick or args.cases or args.no_distributed) and \
                     (not devices or any(d.lower() == "cpu" for d in devices)):
-                report = suite.merge(report, suite.run_distributed(backends=backends, progress=progress,
-                                                                   jobs=args.jobs))
+                report = suite.merge(report, suite.run_distributed(
+                    backends=backends, progress=progress, jobs=args.jobs,
+                    cases=list(suite.runner.QUICK_DISTRIBUTED) if subset else None))
+            report["environment"]["selection"] = "full" if args.full else "subset" if subset else "selected"
     except (ValueError, RuntimeError) as exc:
         print(f"xseqloss conformance: {exc}", file=sys.stderr)
         return 2
@@ -274,7 +286,11 @@ def _parser() -> argparse.ArgumentParser:
                             "(no --cases or --quick) runs it too")
     split.add_argument("--no-distributed", action="store_true",
                        help="leave the class-split subset out of the full report")
-    c.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # a small subset, for tests
+    size = c.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true",
+                      help=f"every case (about {FULL_MINUTES} min on 2 cores; CI and the report in docs/conformance/ "
+                           f"use it); the default is a representative subset (about {SUBSET_MINUTES} min)")
+    size.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # a small subset, for tests
 
     x = sub.add_parser("crosscheck", help="run saved arrays through every backend against the float64 reference",
                        description="FILE is an .npz holding logits and targets (and optionally mask, lengths, "

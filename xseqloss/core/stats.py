@@ -39,6 +39,11 @@ NAMES = ("log_prob", "entropy", "lse", "argmax", "correct", "ids_log_prob")
 DIFFERENTIABLE = ("log_prob", "entropy", "lse", "ids_log_prob")
 
 
+# The shifted logits are clamped here from below: exp gives exactly 0 (as at -inf, in float32 and
+# wider: the accumulation dtype), and the products 0 * u_c stay 0 where -inf would give NaN.
+_LOWEST = -1e30
+
+
 def _transform(ops: Any, rp: CallPlan, z: Any, keep: Any, temp: Any, acc: Any, k: int) -> tuple[Any, Any, Any]:
     """(x: z after the softcap, u = x / T, tanh or None), in ``acc``; rows that do not count are
     zeroed first, so garbage there never reaches exp or log (nor a gradient)."""
@@ -85,8 +90,9 @@ def stats_rows(ops: Any, rp: CallPlan, z: Any, y: Any, ids: Any, keep: Any, temp
         m = red.max(m)
     m = ops.where(m == -np.inf, 0.0, m)  # a row of -inf: as the loss's logsumexp
     us = u - ops.expand(m, k)
-    e = ops.exp(us)
-    sums = [ops.sum(e, k), ops.sum(ops.where(e == 0, 0.0, e * us), k)]  # 0 log 0 = 0
+    uf = ops.maximum(us, _LOWEST)  # a -inf logit (p = 0) as a finite one with p = 0: 0 log 0 = 0 in one pass
+    e = ops.exp(uf)
+    sums = [ops.sum(e, k), ops.sum(e * uf, k)]
     yk, own = y, None
     if red is not None and y is not None:
         yk, own = red.labels(y)
@@ -148,7 +154,7 @@ def stats_vjp(ops: Any, rp: CallPlan, z: Any, y: Any, ids: Any, keep: Any, temp:
     valid = _valid(ops, red, u, k)
     if valid is not None:
         u = ops.where(valid, u, -np.inf)
-    us = u - ops.expand(m, k)
+    us = ops.maximum(u - ops.expand(m, k), _LOWEST)  # p_c = 0 at a -inf logit, and u_c - E[u] finite there
     p = ops.exp(us - ops.expand(ls, k))
     a, b, c, d = (cts.get(n) for n in ("log_prob", "entropy", "lse", "ids_log_prob"))
     coef = None
@@ -161,8 +167,7 @@ def stats_vjp(ops: Any, rp: CallPlan, z: Any, y: Any, ids: Any, keep: Any, temp:
         coef = -dsum if coef is None else coef - dsum
     g = None if coef is None else p * ops.expand(coef, k)
     if b is not None:
-        dev = ops.where(p == 0, 0.0, us - ops.expand(eb, k))  # u_c - E[u]: 0 where p_c = 0 (a -inf logit)
-        gb = -(p * dev) * ops.expand(ops.cast(b, acc), k)
+        gb = -(p * (us - ops.expand(eb, k))) * ops.expand(ops.cast(b, acc), k)  # p_c (u_c - E[u]): 0 where p_c = 0
         g = gb if g is None else g + gb
     if g is None:
         g = ops.zeros_like(u)
