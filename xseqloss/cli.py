@@ -88,7 +88,7 @@ def _info(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------- conformance
 
 # Measured on a 2-core CPU machine with every framework (docs/conformance.md, "Run times").
-SUBSET_MINUTES, FULL_MINUTES = 4, 20
+SUBSET_MINUTES, FULL_MINUTES = 3, 15
 
 
 def _conformance(args: argparse.Namespace) -> int:
