@@ -54,10 +54,9 @@ from typing import Any, Callable, Iterable
 from .cases import BASE_CASES, MIX, Case, _c, make_case
 from .checks import _short, reference_of
 from .runner import LOAD_SUITE
-from .distributed_checks import check_sharded, read_outcomes
+from .distributed_checks import DTYPES, check_sharded, read_outcomes, select_specs
 from . import distributed_stats as dstats
 
-DTYPES = ("float64", "float32")
 TORCH_WORLDS = (2, 3)
 JAX_DEVICES = 4
 TIMEOUT = 600  # seconds for one child process (the torch launcher, or the JAX process)
@@ -141,16 +140,7 @@ ENGINES = {
 def specs(patterns: Iterable[str] | None = None) -> list[dict]:
     """The distributed base cases (``SHARDED_CASES`` then ``TP_CASES``), dtypes narrowed to DTYPES;
     ``patterns``: fnmatch patterns or substrings of their names, as ``--cases``."""
-    import fnmatch
-    by_name = {s["name"]: s for s in BASE_CASES}
-    out = []
-    for s in [by_name[n] for n in SHARDED_CASES] + TP_CASES:
-        dts = tuple(d for d in s.get("dtypes", DTYPES) if d in DTYPES)
-        out.append(dict(s, dtypes=dts or DTYPES))
-    if patterns:
-        pats = list(patterns)
-        out = [s for s in out if any(fnmatch.fnmatchcase(s["name"], p) or p in s["name"] for p in pats)]
-    return out
+    return select_specs(BASE_CASES, SHARDED_CASES, TP_CASES, patterns)
 
 
 def runs_on(engine: str, spec: dict) -> bool:

@@ -6,12 +6,32 @@ from __future__ import annotations
 import math
 import os
 import pickle
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from .cases import Case
 from .checks import expected_dtype, metric, record
+
+# The dtypes of the distributed cases (loss and stats); a case's own dtypes are narrowed to them.
+DTYPES = ("float64", "float32")
+
+
+def select_specs(base: list[dict], names: Iterable[str], extra: list[dict],
+                 patterns: Iterable[str] | None = None) -> list[dict]:
+    """The cases of ``base`` named by ``names``, then ``extra``, each with its dtypes narrowed to
+    DTYPES; ``patterns``: fnmatch patterns or substrings of their names, as ``--cases``."""
+    import fnmatch
+    by_name = {s["name"]: s for s in base}
+    out = []
+    for s in [by_name[n] for n in names] + list(extra):
+        dts = tuple(d for d in s.get("dtypes", DTYPES) if d in DTYPES)
+        out.append(dict(s, dtypes=dts or DTYPES))
+    if patterns:
+        pats = list(patterns)
+        out = [s for s in out if any(fnmatch.fnmatchcase(s["name"], p) or p in s["name"] for p in pats)]
+    return out
+
 
 def _at(a: np.ndarray, index: list[tuple[int, int]]) -> np.ndarray:
     return a[tuple(slice(s, e) for s, e in index)]

@@ -29,7 +29,6 @@ Targets, ids, temperatures and the token arrays are global on every worker. Rows
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 from typing import Any, Iterable
 
@@ -37,11 +36,10 @@ import numpy as np
 
 from .adapters import ADAPTERS
 from .checks import _short, expected_dtype, record
-from .distributed_checks import _pieces_error
+from .distributed_checks import DTYPES, _pieces_error, select_specs
 from .stats_cases import STATS_CASES, _s, make_stats_inputs
 from .stats_checks import FIELDS, _call, compare_outputs, stats_reference_of
 
-DTYPES = ("float64", "float32")  # distributed.DTYPES (not imported: distributed.py imports this module)
 
 # Single-device stats cases that run split (each has C >= 3, so every rank of 3 holds a class):
 SHARDED_STATS_CASES = (
@@ -69,15 +67,7 @@ TP_STATS_CASES: list[dict[str, Any]] = [
 
 def stats_specs(patterns: Iterable[str] | None = None) -> list[dict]:
     """The distributed stats cases, dtypes narrowed to DTYPES; ``patterns`` as distributed.specs."""
-    by_name = {s["name"]: s for s in STATS_CASES}
-    out = []
-    for s in [by_name[n] for n in SHARDED_STATS_CASES] + TP_STATS_CASES:
-        dts = tuple(d for d in s.get("dtypes", DTYPES) if d in DTYPES)
-        out.append(dict(s, dtypes=dts or DTYPES))
-    if patterns:
-        pats = list(patterns)
-        out = [s for s in out if any(fnmatch.fnmatchcase(s["name"], p) or p in s["name"] for p in pats)]
-    return out
+    return select_specs(STATS_CASES, SHARDED_STATS_CASES, TP_STATS_CASES, patterns)
 
 
 def stats_plan(engine: str, specs_: list[dict], dtypes: Iterable[str] = DTYPES) -> list[tuple[dict, str]]:

@@ -22,8 +22,8 @@ import os
 import numpy as np
 import pytest
 
-from helpers.spawn import error_of, main, spawn, torch_launch
-from helpers.support import assert_close, require_or_skip
+from helpers.spawn import check_pairs, error_of, main, spawn, torch_launch
+from helpers.support import require_or_skip
 
 TIMEOUT = 150
 TOL = 1e-9        # float64 against float64: only the order of the additions differs
@@ -73,16 +73,7 @@ def torch_runs(tmp_path_factory):
 
 
 def _pairs(runs, prefix, ranks=(0, 1, 2)):
-    seen = 0
-    for res in runs:
-        if res["rank"] not in ranks:
-            continue
-        for name, (got, want) in res["pairs"].items():
-            if name.startswith(prefix):
-                assert_close(np.asarray(got, dtype=float), np.asarray(want, dtype=float), tol=TOL,
-                             what=f"rank {res['rank']}: {name}")
-                seen += 1
-    return seen
+    return check_pairs(runs, prefix, ranks, TOL)
 
 
 @pytest.mark.parametrize("world", ["3", "2", "3chunks"])

@@ -23,8 +23,8 @@ import os
 import numpy as np
 import pytest
 
-from helpers.spawn import error_of, main, spawn, torch_launch
-from helpers.support import assert_close, require_or_skip
+from helpers.spawn import check_pairs, error_of, main, spawn, torch_launch
+from helpers.support import require_or_skip
 
 TIMEOUT = 150
 TOL = 1e-9
@@ -40,16 +40,7 @@ def runs(tmp_path_factory):
 
 
 def _pairs(runs, prefix, ranks):
-    seen = 0
-    for res in runs:
-        if res["rank"] not in ranks:
-            continue
-        for name, (got, want) in res["pairs"].items():
-            if name.startswith(prefix):
-                assert_close(np.asarray(got, dtype=float), np.asarray(want, dtype=float), tol=TOL,
-                             what=f"rank {res['rank']}: {name}")
-                seen += 1
-    return seen
+    return check_pairs(runs, prefix, ranks, TOL)
 
 
 def _raised_on_both(runs, name, *needles):

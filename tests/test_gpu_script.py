@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from helpers.support import require_or_skip, required_backends
+from helpers.triton_runs import require_triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
@@ -209,12 +209,7 @@ def test_worker_code_runs_on_cpu(tmp_path):
 def test_triton_cuda_tests_run_on_cpu_through_the_interpreter():
     """gpu.sh's test step, tests/test_triton_cuda.py, on CPU tensors through Triton's interpreter
     (TRITON_INTERPRET=1, small sizes): its code runs before a GPU session runs it for real."""
-    require_or_skip("torch")
-    if importlib.util.find_spec("triton") is None:
-        if "torch" in required_backends():
-            pytest.fail("triton is required with the torch backend (XSEQLOSS_REQUIRE_BACKENDS) but is not "
-                        "installed", pytrace=False)
-        pytest.skip("triton is not installed")
+    require_triton()
     if _cuda():
         pytest.skip("CUDA is present here: tests/test_triton_cuda.py runs on it in this session")
     env = dict(os.environ, TRITON_INTERPRET="1")

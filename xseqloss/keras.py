@@ -177,27 +177,16 @@ class SequenceCrossEntropy(keras.losses.Loss):
         the replicas' losses sum to the global mean and Keras's summed gradients are exact."""
         from . import distributed
         from ._dispatch import load
-        common = dict(layout=self.layout, backend=opts["backend"])
-        if opts["backend"] is not None and not load(opts["backend"]).workers_ready():
-            # Keras on PyTorch without torch.distributed: one process, whose batch is the global one
-            return self._local_count(y_true, mask, weights, segment_ids, opts, common)
-        if self.reduction == "segment_mean":
-            return distributed.global_segment_count(segment_ids, **common)
-        if self.reduction == "sequence_mean":
-            return distributed.global_sequence_count(y_true, **common)
-        return distributed.global_token_count(
-            y_true, mask=mask, weights=weights, ignore_index=self.ignore_index, class_weights=opts["class_weights"],
-            denominator=self.denominator, shift=self.shift, segment_ids=segment_ids, num_classes=self.num_classes,
-            validate=opts["validate"], **common)
-
-    def _local_count(self, y_true: Any, mask: Any, weights: Any, segment_ids: Any, opts: dict, common: dict) -> Any:
-        """The same denominators as ``_global_count`` for one process (no collective)."""
         from .loss import segment_count, token_count
+        common = dict(layout=self.layout, backend=opts["backend"])
+        # Keras on PyTorch without torch.distributed: one process, whose batch is the global one
+        alone = opts["backend"] is not None and not load(opts["backend"]).workers_ready()
         if self.reduction == "segment_mean":
-            return segment_count(segment_ids, **common)
+            return (segment_count if alone else distributed.global_segment_count)(segment_ids, **common)
         if self.reduction == "sequence_mean":  # every row of the batch axis counts (API.md 1)
-            return int(ops.shape(y_true)[self.layout.replace("C", "").index("N")])
-        return token_count(
+            return int(ops.shape(y_true)[self.layout.replace("C", "").index("N")]) if alone else \
+                distributed.global_sequence_count(y_true, **common)
+        return (token_count if alone else distributed.global_token_count)(
             y_true, mask=mask, weights=weights, ignore_index=self.ignore_index, class_weights=opts["class_weights"],
             denominator=self.denominator, shift=self.shift, segment_ids=segment_ids, num_classes=self.num_classes,
             validate=opts["validate"], **common)

@@ -109,3 +109,21 @@ def main(script, modes):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def check_pairs(runs, prefix, ranks, tol):
+    """Every (got, want) pair whose name starts with ``prefix`` in the results of ``ranks``, compared
+    within ``tol``; returns how many were compared (a test asserts the count, so none is skipped)."""
+    import numpy as np
+
+    from helpers.support import assert_close
+    seen = 0
+    for res in runs:
+        if res["rank"] not in ranks:
+            continue
+        for name, (got, want) in res["pairs"].items():
+            if name.startswith(prefix):
+                assert_close(np.asarray(got, dtype=float), np.asarray(want, dtype=float), tol=tol,
+                             what=f"rank {res['rank']}: {name}")
+                seen += 1
+    return seen
