@@ -15,9 +15,14 @@ respect to u is
 
     g_c = p_c (c - a - sum_j d_j - b ((u_c - m) - Ē)) + a [c == y] + sum_j d_j [c == ids_j]
 
-(dH/du_c = -p_c (log p_c + H), written with u_c - E[u] in the max-shifted frame: exact where
-p -> 1, 0 at a -inf logit, never NaN); then du/dz = 1 / T and the softcap's 1 - tanh^2. The
-forward saves (m, log s, Ē) per token, so the backward forms p = exp(u - m - log s) in one pass.
+(dH/du_c = -p_c (log p_c + H)): the backward forms l_c = log p_c = u_c - m - log s (clamped
+from below, so p_c = exp(l_c) is exactly 0 at a -inf logit and the product finite) and then
+
+    g_c = p_c (A - b l_c) + a [c == y] + sum_j d_j [c == ids_j],    A = c - a - sum_j d_j - b H
+
+with every per-token factor (A, b, a, d_j) divided by T before it meets the (tokens, C) arrays: du/dz
+= 1 / T costs no pass of its own; then the softcap's 1 - tanh^2. The forward saves (m, log s, Ē) per
+token (H = log s - Ē), so the backward reads the logits once and makes four passes over a chunk.
 
 Classes split across workers (``rp.class_parallel``): z is this worker's slice; the max, the sums
 (s, sum e (u - m)), the target's and the ids' logits (from the worker that holds each) are combined
@@ -39,17 +44,21 @@ NAMES = ("log_prob", "entropy", "lse", "argmax", "correct", "ids_log_prob")
 DIFFERENTIABLE = ("log_prob", "entropy", "lse", "ids_log_prob")
 
 
-# The shifted logits are clamped here from below: exp gives exactly 0 (as at -inf, in float32 and
-# wider: the accumulation dtype), and the products 0 * u_c stay 0 where -inf would give NaN.
-_LOWEST = -1e30
+# The shifted logits (and the log-probabilities of the backward) are clamped here from below: exp
+# gives exactly 0 there, as at -inf (exp underflows to 0 below -104 in float32 and -746 in float64,
+# the accumulation dtypes), so the clamp changes no value, and the products 0 * u_c stay 0 where
+# -inf would give NaN; small enough in magnitude that b * u_c cannot overflow for any finite
+# cotangent below 1e34.
+_LOWEST = -1e4
 
 
-def _transform(ops: Any, rp: CallPlan, z: Any, keep: Any, temp: Any, acc: Any, k: int) -> tuple[Any, Any, Any]:
-    """(x: z after the softcap, u = x / T, tanh or None), in ``acc``; rows that do not count are
-    zeroed first, so garbage there never reaches exp or log (nor a gradient)."""
+def _transform(ops: Any, rp: CallPlan, z: Any, temp: Any, acc: Any, k: int) -> tuple[Any, Any, Any]:
+    """(x: z after the softcap, u = x / T, tanh or None), in ``acc``.
+    Rows that do not count are not cleaned here: each row's values stay in its own row, the
+    outputs of such rows are set afterwards and their gradient rows replaced by exact zeros, so
+    garbage there (NaN, inf) reaches neither an output nor a gradient, without a pass over the
+    logits to zero them."""
     x = ops.cast(z, acc)
-    if keep is not None:
-        x = ops.where(ops.expand(keep, k), x, 0.0)
     tanh = None
     cap = rp.opts.cap
     if cap is not None:
@@ -79,7 +88,7 @@ def stats_rows(ops: Any, rp: CallPlan, z: Any, y: Any, ids: Any, keep: Any, temp
     want = rp.stats.outputs
     k = rp.opts.k if k is None else k
     red = None if rp.class_parallel is None else ops.reducer(rp.class_parallel)
-    x, u, _ = _transform(ops, rp, z, keep, temp, acc, k)
+    x, u, _ = _transform(ops, rp, z, temp, acc, k)
     x, u = ops.stop_gradient(x), ops.stop_gradient(u)  # the gradient is stats_vjp's (a custom one)
     valid = _valid(ops, red, u, k)
     if valid is not None:
@@ -150,42 +159,55 @@ def stats_vjp(ops: Any, rp: CallPlan, z: Any, y: Any, ids: Any, keep: Any, temp:
     k = rp.opts.k if k is None else k
     red = None if rp.class_parallel is None else ops.reducer(rp.class_parallel)
     m, ls, eb = saved
-    _, u, tanh = _transform(ops, rp, z, keep, temp, acc, k)
-    valid = _valid(ops, red, u, k)
-    if valid is not None:
-        u = ops.where(valid, u, -np.inf)
-    us = ops.maximum(u - ops.expand(m, k), _LOWEST)  # p_c = 0 at a -inf logit, and u_c - E[u] finite there
-    p = ops.exp(us - ops.expand(ls, k))
-    a, b, c, d = (cts.get(n) for n in ("log_prob", "entropy", "lse", "ids_log_prob"))
-    coef = None
-    for term, sign in ((c, 1.0), (a, -1.0)):
-        if term is not None:
-            t = ops.cast(term, acc)
-            coef = t * sign if coef is None else coef + t * sign
+    # the per-token factors first (small arrays): A, b and the class terms, each divided by T
+    a, b, c, d = ((None if cts.get(n) is None else ops.cast(cts[n], acc))
+                  for n in ("log_prob", "entropy", "lse", "ids_log_prob"))
+    coef = c
+    if a is not None:
+        coef = -a if coef is None else coef - a
     if d is not None:
-        dsum = ops.sum(ops.cast(d, acc), ops.ndim(d) - 1)
+        dsum = ops.sum(d, ops.ndim(d) - 1)
         coef = -dsum if coef is None else coef - dsum
-    g = None if coef is None else p * ops.expand(coef, k)
     if b is not None:
-        gb = -(p * (us - ops.expand(eb, k))) * ops.expand(ops.cast(b, acc), k)  # p_c (u_c - E[u]): 0 where p_c = 0
-        g = gb if g is None else g + gb
-    if g is None:
-        g = ops.zeros_like(u)
+        bh = b * (ls - eb)  # b H
+        coef = -bh if coef is None else coef - bh
+    inv = None  # 1 / T per token (an array), or a Python float; None: T = 1
+    if isinstance(temp, float):
+        inv = None if temp == 1.0 else 1.0 / temp
+    elif temp is not None:
+        inv = 1.0 / ops.cast(temp, acc)
+
+    def per_t(v: Any) -> Any:
+        if v is None or inv is None or isinstance(inv, float):
+            return v if v is None or inv is None else v * inv
+        return v * (inv if ops.ndim(v) == ops.ndim(inv) else ops.expand(inv, ops.ndim(inv)))
+
+    coef, b, a, d = per_t(coef), per_t(b), per_t(a), per_t(d)
+    # then the (tokens, C) passes: l = log p (clamped), p = exp(l), g = p (A - b l)
+    _, u, tanh = _transform(ops, rp, z, temp, acc, k)
+    lp = (u - ops.expand(m, k)) - ops.expand(ls, k)  # u - m first: exact near the max, whatever the logits' scale
+    valid = _valid(ops, red, lp, k)
+    if valid is not None:
+        lp = ops.where(valid, lp, -np.inf)
+    lp = ops.maximum(lp, _LOWEST)  # p_c = exp(l_c) exactly 0 at a -inf logit, b l_c finite there
+    p = ops.exp(lp)
+    if b is not None:
+        f = lp * ops.expand(-b, k)
+        if coef is not None:
+            f = f + ops.expand(coef, k)
+        g = p * f
+    elif coef is not None:
+        g = p * ops.expand(coef, k)
+    else:
+        g = ops.zeros_like(lp)
     if a is not None and y is not None:
         yk, own = (y, None) if red is None else red.labels(y)
-        va = ops.cast(a, acc)
-        g = ops.add_class(g, yk, va if own is None else ops.where(own, va, 0.0), k)
+        g = ops.add_class(g, yk, a if own is None else ops.where(own, a, 0.0), k)
     if d is not None and ids is not None:
         ik, own = (ids, None) if red is None else red.labels(ids)
-        dd = ops.cast(d, acc)
         for j in range(ops.dim(ids, ops.ndim(ids) - 1)):
-            vj = dd[..., j]
+            vj = d[..., j]
             g = ops.add_class(g, ik[..., j], vj if own is None else ops.where(own[..., j], vj, 0.0), k)
-    if temp is not None:
-        if isinstance(temp, float):
-            g = g if temp == 1.0 else g / temp
-        else:
-            g = g / ops.expand(ops.cast(temp, acc), k)
     if tanh is not None:
         g = g * (1.0 - tanh * tanh)
     if keep is not None:

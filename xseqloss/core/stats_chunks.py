@@ -47,6 +47,16 @@ def token_rows(x: Any, R: int, trailing: bool = False) -> Any:
     return x.reshape(R, -1) if trailing else x.reshape(R)
 
 
+def keep_rows(keep: Any, R: int, on_host: bool) -> Any:
+    """``keep`` as (R,) rows, or None when every row counts and the array is on the host (one
+    cheap read there, where it saves the kernels a pass over the logits to zero rows that do not
+    count; a device array is kept as it is: reading it would wait for the device)."""
+    if keep is None:
+        return None
+    keep = keep.reshape(R)
+    return None if on_host and bool(keep.all()) else keep
+
+
 def _sl(a: Any, i: int, j: int) -> Any:
     return a if a is None or isinstance(a, float) else a[i:j]
 

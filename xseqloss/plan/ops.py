@@ -53,7 +53,7 @@ ARRAY_OPS = {
     # indexing and shapes
     "stack": "(xs)", "take": "(vec, idx) -> vec[idx]",
     "take_class": "(x, y, k) -> x at class y along axis k (y in range)",
-    "add_class": "(g, y, vals, k) -> g plus vals at class y along axis k",
+    "add_class": "(g, y, vals, k) -> g plus vals at class y along axis k (may write into g: pass a fresh one)",
     "reshape_class": "(w, k, ndim) -> a (C,) vector shaped to broadcast along axis k of an ndim array",
     "full_tokens": "(like, value, dtype)", "true_like": "(like)",
     "drop_class": "(z, k) -> an array of z's shape without axis k (for shapes and devices only)",

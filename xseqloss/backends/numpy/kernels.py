@@ -180,7 +180,7 @@ def _row_blocks(zv: np.ndarray, chunk_elements: int) -> Any:
 
 def _token_rows(R: int, y: Any, ids: Any, keep: Any, temp: Any) -> tuple:
     tr = stats_chunks.token_rows
-    return tr(y, R), tr(ids, R, True), tr(keep, R), tr(temp, R)
+    return tr(y, R), tr(ids, R, True), stats_chunks.keep_rows(keep, R, True), tr(temp, R)
 
 
 def _grad_rows(ops: Any, rp: Any, z: Any, y: Any, ids: Any, keep: Any, temp: Any, acc: Any, cts: dict) -> Any:

@@ -211,9 +211,13 @@ class TorchOps:
         return torch.gather(x, k, y.unsqueeze(k)).squeeze(k)
 
     def add_class(self, g: Any, y: Any, vals: Any, k: int) -> Any:
+        """In place when autograd does not record g (the contract allows it, as NumPy's does: every
+        caller passes a gradient it has just formed), saving a copy of the whole array."""
         if g.shape[k] == 0:
             return g
-        return g.scatter_add(k, y.unsqueeze(k), vals.unsqueeze(k).to(g.dtype))
+        if g.requires_grad:
+            return g.scatter_add(k, y.unsqueeze(k), vals.unsqueeze(k).to(g.dtype))
+        return g.scatter_add_(k, y.unsqueeze(k), vals.unsqueeze(k).to(g.dtype))
 
     def reshape_class(self, w: Any, k: int, ndim: int) -> Any:
         shape = [1] * ndim

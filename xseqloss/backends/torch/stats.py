@@ -90,7 +90,8 @@ class ChunkedStats(torch.autograd.Function):
 
 def _token_rows(R: int, y: Any, ids: Any, keep: Any, temp: Any, number: Any) -> tuple:
     tr = stats_chunks.token_rows
-    return tr(y, R), tr(ids, R, True), tr(keep, R), (number if temp is None else tr(temp, R))
+    kr = stats_chunks.keep_rows(keep, R, keep is not None and keep.device.type == "cpu")
+    return tr(y, R), tr(ids, R, True), kr, (number if temp is None else tr(temp, R))
 
 
 class TorchStats:
