@@ -193,7 +193,10 @@ def _prepared_layer(hidden: Any, weight: Any, targets: Any, kw: dict, class_para
         call = finish_stats_call(lay.be, o, None, lay.shape, targets, lay.h, outputs=kw["outputs"],
                                  temperature=kw["temperature"], ids=kw["ids"], mask=kw["mask"], lengths=kw["lengths"],
                                  segment_ids=kw["segment_ids"])
-        return with_layer(call, lay, plain=False), lay
+        # the block-wise kernels (core/linear_stats.py) keep one chunk, its gradient written over
+        # its logits, and a few ~8 MB blocks: the chunk takes the whole linear_chunk_bytes there
+        blocks = lay.be.empty_rows is not None and class_parallel is None
+        return with_layer(call, lay, plain=False, temporaries=1 if blocks else 4), lay
 
     if class_parallel is None:
         call, lay = local(kw["num_classes"])

@@ -7,7 +7,8 @@ packed as columns of one (tokens, width) array. The backward (the backend's cust
 the loop) runs the loop again with ``backward_kernel``: each chunk's logits formed again, its
 gradient from ``stats.stats_vjp`` under the cotangents (unlike the loss, the upstream gradient of
 per-token outputs is not known in the forward), and d hidden, d weight, d bias accumulated by the
-loop.
+loop. On NumPy and PyTorch both kernels take the chunk a block of rows at a time (core/stats_chunks.py),
+so each block stays in cache through the formula's passes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Callable
 
 from ..plan.call_plan import CallPlan
 from . import stats as core_stats
+from . import stats_chunks
 
 _SAVED = 3  # m, log s, Ē
 
@@ -40,9 +42,20 @@ def _temp(rp: CallPlan, tc: dict) -> Any:
     return rp.stats.temperature if rp.stats.temperature is not None else tc.get("temp")
 
 
+def _in_blocks(ops: Any, rp: CallPlan) -> bool:
+    """Run a chunk's logits a block of rows at a time (core/stats_chunks.py): on the eager backends
+    that write in place (``Backend.empty_rows``), where the fused layer's chunk (~64 MB) would leave
+    the cache between the formula's passes; not under a class split (each block would be one more
+    round of collectives)."""
+    return ops.empty_rows is not None and rp.class_parallel is None
+
+
 def forward_kernel(ops: Any, rp: CallPlan, acc: Any) -> Callable[[Any, dict], tuple[Any, Any]]:
+    blocks = _in_blocks(ops, rp)
+
     def kernel(z: Any, tc: dict) -> tuple[Any, Any]:
-        out, saved = core_stats.stats_rows(ops, rp, z, tc.get("y"), tc.get("ids"), tc["keep"], _temp(rp, tc), acc, k=1)
+        args = (z, tc.get("y"), tc.get("ids"), tc["keep"], _temp(rp, tc), acc)
+        out, saved = stats_chunks.forward(ops, rp, *args) if blocks else core_stats.stats_rows(ops, rp, *args, k=1)
         cols = []
         for name in rp.stats.outputs:
             v = ops.cast(out[name], acc)
@@ -66,14 +79,16 @@ def backward_kernel(ops: Any, rp: CallPlan, acc: Any) -> Callable[[Any, dict], t
     """``tc["packed"]``: the forward's packed rows; ``tc["cts"]``: the cotangents in the same columns
     (those of argmax, correct and the saved columns are ignored)."""
     cols = columns(rp)
+    blocks = _in_blocks(ops, rp)
 
     def kernel(z: Any, tc: dict) -> tuple[Any, Any]:
         packed = tc["packed"]
         c0 = cols["saved"][0]
         saved = tuple(packed[:, c0 + j] for j in range(_SAVED))
-        g = core_stats.stats_vjp(ops, rp, z, tc.get("y"), tc.get("ids"), tc["keep"], _temp(rp, tc), acc, saved,
-                                 _chunk_cotangents(cols, tc["cts"]), k=1)
-        return packed[:, 0], g
+        args = (z, tc.get("y"), tc.get("ids"), tc["keep"], _temp(rp, tc), acc, saved, _chunk_cotangents(cols, tc["cts"]))
+        if blocks:  # the gradient written over the chunk's logits, a block of rows at a time
+            return packed[:, 0], stats_chunks.gradient(ops, rp, *args, z)
+        return packed[:, 0], core_stats.stats_vjp(ops, rp, *args, k=1)
     return kernel
 
 
@@ -81,9 +96,13 @@ def vjp_kernel(ops: Any, rp: CallPlan, acc: Any) -> Callable[[Any, dict], tuple[
     """A chunk's forward and gradient at once (the analytic VJP of a backend without autodiff: no
     forward pass is kept, so the loop runs once, its logits formed once)."""
     cols = columns(rp)
+    blocks = _in_blocks(ops, rp)
 
     def kernel(z: Any, tc: dict) -> tuple[Any, Any]:
         y, ids, keep, temp = tc.get("y"), tc.get("ids"), tc["keep"], _temp(rp, tc)
+        if blocks:  # each block's forward and gradient together, the gradient over the chunk's logits
+            return z[:, 0], stats_chunks.gradient(ops, rp, z, y, ids, keep, temp, acc, None,
+                                                  _chunk_cotangents(cols, tc["cts"]), z)
         _, saved = core_stats.stats_rows(ops, rp, z, y, ids, keep, temp, acc, k=1)
         g = core_stats.stats_vjp(ops, rp, z, y, ids, keep, temp, acc, saved, _chunk_cotangents(cols, tc["cts"]), k=1)
         return saved[0], g

@@ -11,7 +11,7 @@ the traced and XLA backends, run the whole-array formula.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from ..plan.call_plan import CallPlan
 from .stats import stats_rows, stats_vjp
@@ -61,18 +61,17 @@ def _sl(a: Any, i: int, j: int) -> Any:
     return a if a is None or isinstance(a, float) else a[i:j]
 
 
-def forward(ops: Any, rp: CallPlan, zf: Any, y: Any, ids: Any, keep: Any, temp: Any, acc: Any,
-            alloc: Callable[[tuple, Any], Any]) -> tuple[dict, tuple]:
+def forward(ops: Any, rp: CallPlan, zf: Any, y: Any, ids: Any, keep: Any, temp: Any, acc: Any) -> tuple[dict, tuple]:
     """(outputs by name as rows, saved (m, log s, Ē) as rows) of the (R, C) rows ``zf``; the token
-    arrays already as rows (``token_rows``); ``alloc(shape, dtype)`` makes an uninitialised array."""
+    arrays already as rows (``token_rows``); the rows are made by ``ops.empty_rows``."""
     R, C = zf.shape
     outs: dict = {}
     saved: list = []
     for i, j in chunks(R, rp.C or C, rp.engine.chunk_elements):
         o, s = stats_rows(ops, rp, zf[i:j], _sl(y, i, j), _sl(ids, i, j), _sl(keep, i, j), _sl(temp, i, j), acc, k=1)
         if not saved:
-            saved = [alloc((R,), v.dtype) for v in s]
-            outs = {name: alloc((R, *v.shape[1:]), v.dtype) for name, v in o.items()}
+            saved = [ops.empty_rows((R,), v.dtype, zf) for v in s]
+            outs = {name: ops.empty_rows((R, *v.shape[1:]), v.dtype, zf) for name, v in o.items()}
         for buf, v in zip(saved, s):
             buf[i:j] = v
         for name, v in o.items():

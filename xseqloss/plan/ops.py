@@ -191,6 +191,12 @@ class Backend:
     """``(st, z, y, t, keep, cw, acc, cotangent) -> (l, grad) | (None, None)``: per-token losses
     and the scaled analytic gradient for a backend without autodiff (NumPy)."""
 
+    empty_rows: Any = None
+    """``(shape, dtype, like) -> an uninitialised array`` on like's device, set by the eager backends
+    whose arrays the core may write in place (NumPy, PyTorch): the fused layer's token_stats
+    kernels then run a chunk's logits a block of rows at a time (core/stats_chunks.py), each block
+    in cache through its passes, the gradient written back into the chunk's own logits buffer."""
+
     fused_class_parallel: ClassVar[bool] = False
     """``fused_token_loss`` pairs its collectives across workers (its chunks are sized by the
     global C), so it may run with classes split across workers."""
@@ -326,4 +332,5 @@ def _names(pred: Callable[[str, Any], bool]) -> tuple[str, ...]:
 
 
 REQUIRED = tuple(ARRAY_OPS) + _names(lambda n, v: getattr(v, "__xseqloss_required__", False))
-HOOKS = ("default_token_loss", "fused_token_loss", "fused_value_and_grad", "row_kernel", "value_and_grad_flagged")
+HOOKS = ("default_token_loss", "empty_rows", "fused_token_loss", "fused_value_and_grad", "row_kernel",
+         "value_and_grad_flagged")

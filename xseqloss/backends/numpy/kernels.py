@@ -81,6 +81,9 @@ class NumpyKernels:
             np.copyto(g, 0.0, where=np.expand_dims(drop, k))
         return l, g
 
+    def empty_rows(self, shape: tuple, dtype: Any, like: Any) -> Any:
+        return np.empty(shape, dtype)
+
     def token_stats_rows(self, st: Any, z: Any, y: Any, ids: Any, keep: Any, temp: Any, acc: Any) -> dict:
         """The forward of core.stats (NumPy has no autodiff: ``stats_vjp`` is analytic): a chunk of
         rows at a time where the classes are last (core/stats_chunks.py), else whole arrays."""
@@ -89,7 +92,7 @@ class NumpyKernels:
             if zf is None:
                 return stats_rows(self, st, z, y, ids, keep, temp, acc)[0]
             R = zf.shape[0]
-            outs, _ = stats_chunks.forward(self, st, zf, *_token_rows(R, y, ids, keep, temp), acc, np.empty)
+            outs, _ = stats_chunks.forward(self, st, zf, *_token_rows(R, y, ids, keep, temp), acc)
         tok = z.shape[:-1]
         return {n: v.reshape(*tok, *v.shape[1:]) for n, v in outs.items()}
 

@@ -61,8 +61,7 @@ class ChunkedStats(torch.autograd.Function):
         R = zf.shape[0]
         rows = _token_rows(R, y, ids, keep, temp, temp_number)
         with torch.no_grad():
-            outs, saved = stats_chunks.forward(be, st, zf, *rows, acc,
-                                               lambda shape, dtype: torch.empty(shape, dtype=dtype, device=z.device))
+            outs, saved = stats_chunks.forward(be, st, zf, *rows, acc)
         names = tuple(outs)
         ctx.names, ctx.args, ctx.saved_stats = names, args, saved
         ctx.save_for_backward(z, y, ids, keep, temp)
@@ -95,6 +94,9 @@ def _token_rows(R: int, y: Any, ids: Any, keep: Any, temp: Any, number: Any) -> 
 
 
 class TorchStats:
+    def empty_rows(self, shape: tuple, dtype: Any, like: Any) -> Any:
+        return torch.empty(shape, dtype=dtype, device=like.device)
+
     def token_stats_rows(self, st: Any, z: Any, y: Any, ids: Any, keep: Any, temp: Any, acc: Any) -> dict:
         number = temp if isinstance(temp, float) else None
         tt = None if number is not None or temp is None else temp.detach()  # the temperature is a constant
