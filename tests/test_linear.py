@@ -116,16 +116,26 @@ def test_other_layouts(backend, layout):
 
 # ------------------------------------------------------------------ memory
 
+_MEMORY_C, _MEMORY_CHUNK = 4096, 128
+
+
+def _memory_cases():
+    """The NumPy memory tests' layer at 2,048 and then 4,096 tokens: (tokens, hidden, weight, labels),
+    H = 64, C = _MEMORY_C, float32 (the weight drawn once, before the first hidden states)."""
+    H = 64
+    w = rng0.normal(size=(_MEMORY_C, H)).astype(np.float32)
+    for tokens in (2048, 4096):
+        h = rng0.normal(size=(tokens, H)).astype(np.float32)
+        yield tokens, h, w, rng0.integers(0, _MEMORY_C, size=tokens)
+
+
 def test_numpy_peak_memory_stays_within_two_chunks():
     """tracemalloc (NumPy's allocations): forward and backward beyond the inputs and the returned
     gradients stay within two chunks' float32 logits plus O(tokens), whatever the tokens."""
     import tracemalloc
-    H, C, chunk = 64, 4096, 128
-    w = rng0.normal(size=(C, H)).astype(np.float32)
+    C, chunk = _MEMORY_C, _MEMORY_CHUNK
     peaks = []
-    for tokens in (2048, 4096):
-        h = rng0.normal(size=(tokens, H)).astype(np.float32)
-        y = rng0.integers(0, C, size=tokens)
+    for tokens, h, w, y in _memory_cases():
         xsl.linear_value_and_grad(h[:chunk], w, y[:chunk], layout="NH", chunk_size=chunk)  # warm caches
         tracemalloc.start()
         _, (dh, dw, _) = xsl.linear_value_and_grad(h, w, y, layout="NH", chunk_size=chunk)
@@ -575,12 +585,9 @@ def test_numpy_linear_token_stats_peak_memory_stays_within_two_chunks():
     """linear_token_stats and its VJP (API.md 11.4: section 8's bound): beyond the inputs and the
     returned gradients, a few chunks' float32 logits plus O(tokens), the same whatever the tokens."""
     import tracemalloc
-    H, C, chunk = 64, 4096, 128
-    w = rng0.normal(size=(C, H)).astype(np.float32)
+    C, chunk = _MEMORY_C, _MEMORY_CHUNK
     peaks = []
-    for tokens in (2048, 4096):
-        h = rng0.normal(size=(tokens, H)).astype(np.float32)
-        y = rng0.integers(0, C, size=tokens)
+    for tokens, h, w, y in _memory_cases():
         cts = {"log_prob": rng0.normal(size=tokens).astype(np.float32),
                "entropy": rng0.normal(size=tokens).astype(np.float32)}
         kw = dict(layout="NH", chunk_size=chunk, temperature=0.7)
@@ -594,9 +601,10 @@ def test_numpy_linear_token_stats_peak_memory_stays_within_two_chunks():
         tracemalloc.stop()
         peaks.append((fwd, bwd))
         assert np.all(np.asarray(s.log_prob) <= 0)
-    # the whole-chunk formula keeps a few chunk-sized temporaries (x / T, the shifted logits, exp,
-    # the entropy terms: chunk sizing divides its budget by them, api/layer.py); what may not
-    # happen is growth with the tokens: twice the tokens, the same peak
+    # a block of the block-wise kernels (core/stats_chunks.py, ~8 MB) holds this whole 2 MB chunk,
+    # so the formula's few chunk-sized temporaries (x / T, the shifted logits, exp, the entropy
+    # terms) are all here at once; what may not happen is growth with the tokens: twice the
+    # tokens, the same peak
     (f0, b0), (f1, b1) = peaks
     for what, p0, p1 in (("forward", f0, f1), ("vjp", b0, b1)):
         assert p1 <= 12 * chunk * C * 4 + 256 * 4096 + (1 << 20), (what, p1)

@@ -14,7 +14,7 @@ from .api.compiled import keep_type_when_compiled
 from .api.layer import layer_arrays, with_layer
 from .api.stats_call import (check_stats_values, finish_stats_call, prepare_stats_call, reject_ragged, stats_arrays,
                              stats_options)
-from .core.linear_stats import linear_stats_core, linear_stats_vjp_core
+from .core.linear_stats import chunk_temporaries, linear_stats_core, linear_stats_vjp_core
 from .core.sides import framework_of
 from .core.stats import DIFFERENTIABLE, compute_stats, compute_stats_vjp
 from .plan.options import parse_layout
@@ -193,10 +193,7 @@ def _prepared_layer(hidden: Any, weight: Any, targets: Any, kw: dict, class_para
         call = finish_stats_call(lay.be, o, None, lay.shape, targets, lay.h, outputs=kw["outputs"],
                                  temperature=kw["temperature"], ids=kw["ids"], mask=kw["mask"], lengths=kw["lengths"],
                                  segment_ids=kw["segment_ids"])
-        # the block-wise kernels (core/linear_stats.py) keep one chunk, its gradient written over
-        # its logits, and a few ~8 MB blocks: the chunk takes the whole linear_chunk_bytes there
-        blocks = lay.be.empty_rows is not None and class_parallel is None
-        return with_layer(call, lay, plain=False, temporaries=1 if blocks else 4), lay
+        return with_layer(call, lay, plain=False, temporaries=chunk_temporaries(lay.be, class_parallel)), lay
 
     if class_parallel is None:
         call, lay = local(kw["num_classes"])

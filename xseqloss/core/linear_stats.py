@@ -42,16 +42,23 @@ def _temp(rp: CallPlan, tc: dict) -> Any:
     return rp.stats.temperature if rp.stats.temperature is not None else tc.get("temp")
 
 
-def _in_blocks(ops: Any, rp: CallPlan) -> bool:
+def in_blocks(ops: Any, split: Any) -> bool:
     """Run a chunk's logits a block of rows at a time (core/stats_chunks.py): on the eager backends
     that write in place (``Backend.empty_rows``), where the fused layer's chunk (~64 MB) would leave
-    the cache between the formula's passes; not under a class split (each block would be one more
-    round of collectives)."""
-    return ops.empty_rows is not None and rp.class_parallel is None
+    the cache between the formula's passes; not under a class split (``split``: the call's
+    class_parallel; each block would be one more round of collectives)."""
+    return ops.empty_rows is not None and split is None
+
+
+def chunk_temporaries(ops: Any, split: Any) -> int:
+    """How many chunk-sized arrays a chunk holds (api/layer.py ``with_layer`` sizes chunks by it):
+    the block-wise kernels keep the chunk's logits only (the gradient written over them), the
+    whole-chunk formula a few more."""
+    return 1 if in_blocks(ops, split) else 4
 
 
 def forward_kernel(ops: Any, rp: CallPlan, acc: Any) -> Callable[[Any, dict], tuple[Any, Any]]:
-    blocks = _in_blocks(ops, rp)
+    blocks = in_blocks(ops, rp.class_parallel)
 
     def kernel(z: Any, tc: dict) -> tuple[Any, Any]:
         args = (z, tc.get("y"), tc.get("ids"), tc["keep"], _temp(rp, tc), acc)
@@ -79,7 +86,7 @@ def backward_kernel(ops: Any, rp: CallPlan, acc: Any) -> Callable[[Any, dict], t
     """``tc["packed"]``: the forward's packed rows; ``tc["cts"]``: the cotangents in the same columns
     (those of argmax, correct and the saved columns are ignored)."""
     cols = columns(rp)
-    blocks = _in_blocks(ops, rp)
+    blocks = in_blocks(ops, rp.class_parallel)
 
     def kernel(z: Any, tc: dict) -> tuple[Any, Any]:
         packed = tc["packed"]
@@ -96,7 +103,7 @@ def vjp_kernel(ops: Any, rp: CallPlan, acc: Any) -> Callable[[Any, dict], tuple[
     """A chunk's forward and gradient at once (the analytic VJP of a backend without autodiff: no
     forward pass is kept, so the loop runs once, its logits formed once)."""
     cols = columns(rp)
-    blocks = _in_blocks(ops, rp)
+    blocks = in_blocks(ops, rp.class_parallel)
 
     def kernel(z: Any, tc: dict) -> tuple[Any, Any]:
         y, ids, keep, temp = tc.get("y"), tc.get("ids"), tc["keep"], _temp(rp, tc)

@@ -177,9 +177,11 @@ def stats_vjp(ops: Any, rp: CallPlan, z: Any, y: Any, ids: Any, keep: Any, temp:
     elif temp is not None:
         inv = 1.0 / ops.cast(temp, acc)
 
-    def per_t(v: Any) -> Any:
-        if v is None or inv is None or isinstance(inv, float):
-            return v if v is None or inv is None else v * inv
+    def per_t(v: Any) -> Any:  # v / T: a token-shaped v, or ids' (tokens, k)
+        if v is None or inv is None:
+            return v
+        if isinstance(inv, float):
+            return v * inv
         return v * (inv if ops.ndim(v) == ops.ndim(inv) else ops.expand(inv, ops.ndim(inv)))
 
     coef, b, a, d = per_t(coef), per_t(b), per_t(a), per_t(d)
