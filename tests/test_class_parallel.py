@@ -584,7 +584,8 @@ def test_docs_torchrun_example_runs_on_two_ranks(tmp_path):
     import sys
     from helpers.spawn import env
     script = tmp_path / "tp.py"
-    script.write_text(_doc_block("# tp.py"))
+    done = "tp.py: every assertion held"
+    script.write_text(_doc_block("# tp.py") + f"\nprint({done!r}, flush=True)\n")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -596,7 +597,13 @@ def test_docs_torchrun_example_runs_on_two_ranks(tmp_path):
     finally:
         for p in procs:
             p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
+    # Each rank must run the whole example. The one failure tolerated is an abort (SIGABRT, -6) in
+    # torch's gloo teardown after the script's last line, seen in ~1 of 6 runs on the code before
+    # and after this change alike: "terminate called without an active exception" and nothing else.
+    for p, log in zip(procs, logs):
+        assert done in log, log[-4000:]
+        rest = log.replace(done, "").replace("terminate called without an active exception", "").strip()
+        assert p.returncode == 0 or (p.returncode == -6 and not rest), (p.returncode, log[-4000:])
 
 
 def test_docs_jax_example_runs(tmp_path):
