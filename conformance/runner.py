@@ -65,6 +65,9 @@ ENGINES = {
                         "red_mean_weights", "multichunk*"), ("float32",), {})},
 }
 
+# token_stats under a forced kernel: TensorFlow's fused-layer chunk kernel compiled by XLA ("auto"
+# compiles it from 16 MB chunks on, which the suite's inputs never reach).
+STATS_ENGINES = {"tensorflow": {"xla": ("lst_*",)}}
 
 
 def _kernel_unavailable(backend: str, kernel: str, device: str) -> str | None:
@@ -290,6 +293,11 @@ def _run_here(names: list[str], devices: Iterable[str] | None, progress: Callabl
                     stats = [c for c in stats if c.name.split("/")[0] in QUICK_STATS]
                 say(f"[{b}/{dev}] token_stats: {len(stats)} cases")
                 results += run_stats(adapter, dev, stats, compiled=compiled)
+                for kernel, pats in (STATS_ENGINES.get(b, {}) if engines else {}).items():
+                    mine = [c for c in stats if any(fnmatch.fnmatch(c.name.split("/")[0], p) for p in pats)]
+                    say(f"[{b}/{dev}] token_stats, kernel {kernel}: {len(mine)} cases")
+                    with adapter.engine(kernel):
+                        results += run_stats(adapter, dev, mine, compiled=False, engine=kernel)
             timings[f"{b}/{dev}"] = round(time.perf_counter() - tb, 1)
             fails = sum(1 for r in results if r["backend"] == b and r["device"] == dev and not r["passed"])
             say(f"[{b}/{dev}] done in {timings[f'{b}/{dev}']}s, {fails} failing")

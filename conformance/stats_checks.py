@@ -359,9 +359,10 @@ def _check(adapter: Adapter, case: StatsCase, device: str, *, compiled: bool | N
 
 
 def run_stats(adapter: Adapter | str, device: str = "cpu", cases: list[StatsCase] | None = None,
-              compiled: bool = True) -> list[dict]:
+              compiled: bool = True, engine: str = "auto") -> list[dict]:
     """Every stats case (``expand_stats()`` and ``expand_linear_stats()`` by default) on one backend
-    and device.  ``compiled=False`` skips the compiled comparisons."""
+    and device.  ``compiled=False`` skips the compiled comparisons; ``engine``: the kernel the
+    backend was forced to (recorded; the caller forces it)."""
     if isinstance(adapter, str):
         adapter = ADAPTERS[adapter]
     todo = cases if cases is not None else expand_stats() + expand_linear_stats()
@@ -371,5 +372,5 @@ def run_stats(adapter: Adapter | str, device: str = "cpu", cases: list[StatsCase
             todo = [c for c in todo if c.dtype != "bfloat16"]
     results = []
     for case in todo:
-        results += check_stats(adapter, case, device, compiled=None if compiled else False)
+        results += check_stats(adapter, case, device, compiled=None if compiled else False, engine=engine)
     return results

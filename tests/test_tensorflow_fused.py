@@ -249,3 +249,75 @@ def test_the_same_class_axis_at_two_ranks(xsl, tf, rng):
         ref, ref_grad = reference(logits, targets, layout=layout, with_grad=True)
         assert_close(out.numpy(), ref, what=f"loss {layout} {shape}")
         assert_close(grad.numpy(), ref_grad, what=f"gradient {layout} {shape}")
+
+
+# ------------------------------------------------------------ linear_token_stats' chunk kernel
+
+def _linear_stats_grads(xsl, tf, h, w, b, y, ids, temp, cts, **kw):
+    with tf.GradientTape() as tape:
+        tape.watch([h, w, b])
+        s = xsl.linear_token_stats(h, w, y, bias=b, ids=ids, temperature=temp, layout="NTH",
+                                   outputs=("log_prob", "entropy", "lse", "argmax", "ids_log_prob"), **kw)
+        total = tf.add_n([tf.reduce_sum(getattr(s, n) * c) for n, c in cts.items()])
+    return s, tape.gradient(total, [h, w, b])
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_linear_stats_chunk_kernel_by_xla_matches_the_native_formula(xsl, tf, monkeypatch, rng, traced):
+    """``compile_chunk_kernel``: under kernel "xla" every chunk of linear_token_stats runs one XLA
+    program (forward and backward); outputs and gradients agree with the native formula ("native"
+    never compiles it), with several chunks, a padded last one, a bias, ids, a per-token
+    temperature and random cotangents on every differentiable output."""
+    from xseqloss.internals import engine as _engine
+    from xseqloss.internals import part
+
+    ls = part("tensorflow", "linear_stats")
+    calls = []
+    real = ls._compiled
+    monkeypatch.setattr(ls, "_compiled", lambda *a: calls.append(a[1].__name__) or real(*a))
+    N, T, H, C = 2, 9, 6, 13
+    h = tf.constant(rng.standard_normal((N, T, H)).astype(np.float32))
+    w = tf.constant(rng.standard_normal((C, H)).astype(np.float32))
+    b = tf.constant(rng.standard_normal(C).astype(np.float32))
+    y = tf.constant(rng.integers(0, C, (N, T)))
+    ids = tf.constant(rng.integers(0, C, (N, T, 2)))
+    temp = tf.constant(rng.uniform(0.5, 1.5, (N, T)).astype(np.float32))
+    cts = {n: tf.constant(rng.standard_normal((N, T) + ((2,) if n == "ids_log_prob" else ())).astype(np.float32))
+           for n in ("log_prob", "entropy", "lse", "ids_log_prob")}
+    run = (lambda *a: tf.function(lambda: _linear_stats_grads(*a, chunk_size=4))()) if traced else \
+        (lambda *a: _linear_stats_grads(*a, chunk_size=4))
+    got = {}
+    for kernel in ("xla", "native"):
+        calls.clear()
+        with _engine.use("tensorflow", kernel):
+            got[kernel] = run(xsl, tf, h, w, b, y, ids, temp, cts)
+        if kernel == "xla":
+            assert {"forward_kernel", "backward_kernel"} <= set(calls), calls
+        else:
+            assert not calls, "the native kernel never compiles the chunk kernel"
+    (s1, g1), (s2, g2) = got["xla"], got["native"]
+    for n in ("log_prob", "entropy", "lse", "ids_log_prob", "argmax"):
+        np.testing.assert_allclose(getattr(s1, n).numpy(), getattr(s2, n).numpy(), rtol=1e-5, atol=1e-5, err_msg=n)
+    for a, c in zip(g1, g2):
+        np.testing.assert_allclose(a.numpy(), c.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_linear_stats_chunk_kernel_threshold(xsl, tf, monkeypatch, rng):
+    """kernel "auto" compiles the chunk kernel from ``xla_min_elements`` logits per chunk on (XLA
+    compiles once per chunk shape: small chunks keep the native formula)."""
+    from xseqloss.internals import engine as _engine
+    from xseqloss.internals import part
+
+    ls = part("tensorflow", "linear_stats")
+    calls = []
+    real = ls._compiled
+    monkeypatch.setattr(ls, "_compiled", lambda *a: calls.append(1) or real(*a))
+    h = tf.constant(rng.standard_normal((8, 5)).astype(np.float32))
+    w = tf.constant(rng.standard_normal((7, 5)).astype(np.float32))
+    y = tf.constant(rng.integers(0, 7, 8))
+    with _engine.use("tensorflow", "auto", xla_min_elements=29):  # chunks of 4 rows: 28 logits
+        xsl.linear_token_stats(h, w, y, layout="NH", chunk_size=4)
+    assert not calls
+    with _engine.use("tensorflow", "auto", xla_min_elements=28):
+        xsl.linear_token_stats(h, w, y, layout="NH", chunk_size=4)
+    assert calls

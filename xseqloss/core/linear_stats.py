@@ -54,7 +54,9 @@ def chunk_temporaries(ops: Any, split: Any) -> int:
     """How many chunk-sized arrays a chunk holds (api/layer.py ``with_layer`` sizes chunks by it):
     the block-wise kernels keep the chunk's logits only (the gradient written over them), the
     whole-chunk formula a few more."""
-    return 1 if in_blocks(ops, split) else 4
+    if in_blocks(ops, split):
+        return 1
+    return 2 if ops.compile_chunk_kernel is not None else 4
 
 
 def forward_kernel(ops: Any, rp: CallPlan, acc: Any) -> Callable[[Any, dict], tuple[Any, Any]]:
@@ -165,16 +167,22 @@ def _reshape_ids(ops: Any, v: Any, like: Any, k: int) -> Any:
     return cols[0] if k == 1 else ops.concat(cols, ops.ndim(like))
 
 
+def _kernel(ops: Any, make: Callable, rp: CallPlan, acc: Any) -> Callable:
+    """``make(ops, rp, acc)``, compiled as one kernel where the backend compiles chunk kernels."""
+    return make(ops, rp, acc) if ops.compile_chunk_kernel is None else ops.compile_chunk_kernel(make, rp, acc)
+
+
 def forward(ops: Any, rp: CallPlan, loop: Any, tokens: dict, acc: Any) -> Any:
     """The packed outputs (tokens, width): the loop once with the forward kernel."""
     from .linear import run_kernel
-    return run_kernel(ops, loop, tokens, forward_kernel(ops, rp, acc), False)[0]
+    return run_kernel(ops, loop, tokens, _kernel(ops, forward_kernel, rp, acc), False)[0]
 
 
 def backward(ops: Any, rp: CallPlan, loop: Any, tokens: dict, packed: Any, cts: Any, acc: Any) -> tuple:
     """(d hidden, d weight, d bias) for the cotangents of the packed outputs: the loop again."""
     from .linear import run_kernel
-    _, dh, dw, db = run_kernel(ops, loop, dict(tokens, packed=packed, cts=cts), backward_kernel(ops, rp, acc), True)
+    _, dh, dw, db = run_kernel(ops, loop, dict(tokens, packed=packed, cts=cts), _kernel(ops, backward_kernel, rp, acc),
+                               True)
     return dh, dw, db
 
 

@@ -12,8 +12,8 @@ Kernels (``XSEQLOSS_<BACKEND>_KERNEL`` in the environment, read per call, or ``u
   ``value_and_grad``), ``native`` (the generic core on whole arrays), ``chunked`` (the chunked
   analytic gradient; no default-call kernel).
 * tensorflow: ``auto`` (the XLA kernel for plain calls on large logits, the native
-  SparseSoftmaxCrossEntropyWithLogits otherwise), ``native`` (never the XLA kernel), ``xla`` (the
-  XLA kernel at every size).
+  SparseSoftmaxCrossEntropyWithLogits otherwise; the fused layer's token_stats chunk kernel by XLA
+  on large chunks), ``native`` (never an XLA kernel), ``xla`` (the XLA kernels at every size).
 * jax: ``auto`` (the fused custom_jvp nll), ``native`` (autodiff of the generic core).
 
 The sizes (``use(chunk_elements=...)``) exist so that a small input can cross chunk boundaries and

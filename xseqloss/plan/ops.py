@@ -197,6 +197,12 @@ class Backend:
     kernels then run a chunk's logits a block of rows at a time (core/stats_chunks.py), each block
     in cache through its passes, the gradient written back into the chunk's own logits buffer."""
 
+    compile_chunk_kernel: Any = None
+    """``(make, rp, acc) -> kernel``: the fused layer's token_stats chunk kernel ``make(ops, rp,
+    acc)`` (core/linear_stats.py) compiled as one program (TensorFlow: by XLA, outside the caller's
+    XLA), its passes over the chunk's logits fused: a chunk holds its logits and its gradient,
+    no more chunk-sized temporaries (decision 113)."""
+
     fused_class_parallel: ClassVar[bool] = False
     """``fused_token_loss`` pairs its collectives across workers (its chunks are sized by the
     global C), so it may run with classes split across workers."""
@@ -332,5 +338,5 @@ def _names(pred: Callable[[str, Any], bool]) -> tuple[str, ...]:
 
 
 REQUIRED = tuple(ARRAY_OPS) + _names(lambda n, v: getattr(v, "__xseqloss_required__", False))
-HOOKS = ("default_token_loss", "empty_rows", "fused_token_loss", "fused_value_and_grad", "row_kernel",
+HOOKS = ("compile_chunk_kernel", "default_token_loss", "empty_rows", "fused_token_loss", "fused_value_and_grad", "row_kernel",
          "value_and_grad_flagged")

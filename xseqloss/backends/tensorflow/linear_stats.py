@@ -4,6 +4,7 @@ the loop again under the cotangents (d hidden, d weight, d bias)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import tensorflow as tf
@@ -11,9 +12,34 @@ from tensorflow.python.eager import record as _record  # could_possibly_record: 
 
 from ...core import linear_stats
 from .linear import TfChunks, first_order_only, unrecorded
+from .xla import in_xla
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(ops: Any, make: Any, rp: Any, acc: Any) -> Any:
+    """One XLA program per chunk kernel and plan (XLA compiles it once per chunk shape)."""
+    return tf.function(make(ops, rp, acc), jit_compile=True, autograph=False)
 
 
 class TensorflowLinearStats:
+    def compile_chunk_kernel(self, make: Any, rp: Any, acc: Any) -> Any:
+        """The chunk kernel by XLA from ``Engine.xla_min_elements`` logits on (as the loss's XLA
+        kernel, decision 22: XLA compiles once per chunk shape, which costs more than it saves on
+        small chunks); kernel "xla" at every size, "native" never; under the caller's XLA the loop's
+        body as it is."""
+        plain = make(self, rp, acc)
+        mode = rp.engine.kernel
+        if in_xla() or mode == "native":
+            return plain
+        least = 0 if mode == "xla" else rp.engine.xla_min_elements
+
+        def kernel(z: Any, tc: dict) -> Any:
+            n = z.shape.num_elements()  # static inside the chunk loop (whole chunks of a static size)
+            if n is None or n < least:
+                return plain(z, tc)
+            return _compiled(self, make, rp, acc)(z, tc)
+        return kernel
+
     def linear_token_stats(self, rp: Any, lay: Any, h2: Any, w: Any, b: Any, y: Any, ids: Any, keep: Any, temp: Any,
                            acc: Any) -> Any:
         ops = self
