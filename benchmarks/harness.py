@@ -74,9 +74,9 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
 
 
 def alternate(fns: dict[str, Callable[[], Any]], sync: Callable[[Any], Any], reps: int,
-              warmup: int = 1, gap: float = 0.0) -> dict[str, float]:
+              warmup: int = 1, gap: float = 0.0, reverse_odd: bool = False) -> dict[str, float]:
     """Median seconds per contender, the contenders interleaved round by round."""
-    return medians(rounds(fns, sync, reps, warmup, gap))
+    return medians(rounds(fns, sync, reps, warmup, gap, reverse_odd))
 
 
 def ratios(values: dict[str, float], ref: str) -> dict[str, float]:
