@@ -50,13 +50,14 @@ def in_blocks(ops: Any, split: Any) -> bool:
     return ops.empty_rows is not None and split is None
 
 
-def chunk_temporaries(ops: Any, split: Any) -> int:
+def chunk_temporaries(ops: Any, split: Any, kernel: str) -> int:
     """How many chunk-sized arrays a chunk holds (api/layer.py ``with_layer`` sizes chunks by it):
-    the block-wise kernels keep the chunk's logits only (the gradient written over them), the
-    whole-chunk formula a few more."""
+    the block-wise kernels keep the chunk's logits only (the gradient written over them), a
+    compiled chunk kernel its logits and its gradient (``compile_chunk_kernel``; never under the
+    engine's ``kernel`` "native"), the whole-chunk formula a few more."""
     if in_blocks(ops, split):
         return 1
-    return 2 if ops.compile_chunk_kernel is not None else 4
+    return 2 if ops.compile_chunk_kernel is not None and kernel != "native" else 4
 
 
 def forward_kernel(ops: Any, rp: CallPlan, acc: Any) -> Callable[[Any, dict], tuple[Any, Any]]:

@@ -201,7 +201,8 @@ class Backend:
     """``(make, rp, acc) -> kernel``: the fused layer's token_stats chunk kernel ``make(ops, rp,
     acc)`` (core/linear_stats.py) compiled as one program (TensorFlow: by XLA, outside the caller's
     XLA), its passes over the chunk's logits fused: a chunk holds its logits and its gradient,
-    no more chunk-sized temporaries (decision 113)."""
+    no more chunk-sized temporaries (decision 113). Never compiled under the engine's kernel
+    "native", whose chunks are sized for the whole-chunk formula."""
 
     fused_class_parallel: ClassVar[bool] = False
     """``fused_token_loss`` pairs its collectives across workers (its chunks are sized by the
@@ -338,5 +339,5 @@ def _names(pred: Callable[[str, Any], bool]) -> tuple[str, ...]:
 
 
 REQUIRED = tuple(ARRAY_OPS) + _names(lambda n, v: getattr(v, "__xseqloss_required__", False))
-HOOKS = ("compile_chunk_kernel", "default_token_loss", "empty_rows", "fused_token_loss", "fused_value_and_grad", "row_kernel",
-         "value_and_grad_flagged")
+HOOKS = ("compile_chunk_kernel", "default_token_loss", "empty_rows", "fused_token_loss", "fused_value_and_grad",
+         "row_kernel", "value_and_grad_flagged")

@@ -33,8 +33,8 @@ from .xla import in_xla
 DW_BLOCK_BYTES: int | None = None  # None: each d weight block as below; an int: that many bytes
 DW_WHOLE_BYTES = 4 << 20  # a d weight term this small is formed whole (no graph of many blocks)
 DW_MAX_BLOCKS = 64
-_ONEDNN = bool(_port.IsMklEnabled())  # TensorFlow's oneDNN kernels (TF_ENABLE_ONEDNN_OPTS; on by default on x86)
 DW_IN_PLACE_SHARE = 32  # beside an in-place gradient, a block and its slice: 1/32 of the chunk's logits
+_ONEDNN = bool(_port.IsMklEnabled())  # TensorFlow's oneDNN kernels (TF_ENABLE_ONEDNN_OPTS; on by default on x86)
 
 
 
@@ -164,7 +164,7 @@ def _times_t(a: Any, b: Any, xla: bool) -> Any:
     With oneDNN (TensorFlow's default on x86), ``MatMul(transpose_b=True)`` reorders all of ``b``
     on every call, whatever the rows: at 128 rows x 1,024 x 32,000 that took 2.2x the time of the
     same product with ``b`` already transposed, and the stats chunks are that small (decision 113);
-    the batched product (``BatchMatMulV2``, one batch) reads ``b`` as it is: 1.04x. Without
+    the batched product (``BatchMatMulV2``, one batch) reads ``b`` as it is: 1.03x. Without
     oneDNN the batched product is as slow as the plain one, and under XLA it is the same dot."""
     if xla or not _ONEDNN:
         return tf.matmul(a, b, transpose_b=True)

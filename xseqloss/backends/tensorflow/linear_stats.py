@@ -1,6 +1,7 @@
 """TensorFlow's part of linear_token_stats (core/linear_stats.py): the fused layer's chunk loop for
 token_stats under a custom gradient: the forward packs the per-token outputs, the backward runs
-the loop again under the cotangents (d hidden, d weight, d bias)."""
+the loop again under the cotangents (d hidden, d weight, d bias). Each chunk's kernel is one XLA
+program on large chunks (``compile_chunk_kernel``, decision 113)."""
 
 from __future__ import annotations
 
