@@ -194,7 +194,10 @@ def _prepared_layer(hidden: Any, weight: Any, targets: Any, kw: dict, class_para
         call = finish_stats_call(lay.be, o, None, lay.shape, targets, lay.h, outputs=kw["outputs"],
                                  temperature=kw["temperature"], ids=kw["ids"], mask=kw["mask"], lengths=kw["lengths"],
                                  segment_ids=kw["segment_ids"])
-        temporaries = chunk_temporaries(lay.be, class_parallel, engine.current(lay.be.name).kernel)
+        # the engine only where it decides (TensorFlow's compiled chunk kernel; torch.compile cannot
+        # trace the engine's ContextVar)
+        kernel = engine.current(lay.be.name).kernel if lay.be.compile_chunk_kernel is not None else "auto"
+        temporaries = chunk_temporaries(lay.be, class_parallel, kernel)
         return with_layer(call, lay, plain=False, temporaries=temporaries), lay
 
     if class_parallel is None:
