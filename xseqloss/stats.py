@@ -17,7 +17,6 @@ from .api.stats_call import (check_stats_values, finish_stats_call, prepare_stat
 from .core.linear_stats import chunk_temporaries, linear_stats_core, linear_stats_vjp_core
 from .core.sides import framework_of
 from .core.stats import DIFFERENTIABLE, compute_stats, compute_stats_vjp
-from .plan import engine
 from .plan.options import parse_layout
 from .plan.outputs import TokenStats, as_stats
 
@@ -194,10 +193,7 @@ def _prepared_layer(hidden: Any, weight: Any, targets: Any, kw: dict, class_para
         call = finish_stats_call(lay.be, o, None, lay.shape, targets, lay.h, outputs=kw["outputs"],
                                  temperature=kw["temperature"], ids=kw["ids"], mask=kw["mask"], lengths=kw["lengths"],
                                  segment_ids=kw["segment_ids"])
-        # the engine only where it decides (TensorFlow's compiled chunk kernel; torch.compile cannot
-        # trace the engine's ContextVar)
-        kernel = engine.current(lay.be.name).kernel if lay.be.compile_chunk_kernel is not None else "auto"
-        temporaries = chunk_temporaries(lay.be, class_parallel, kernel)
+        temporaries = (lambda eng: chunk_temporaries(lay.be, class_parallel, eng.kernel))
         return with_layer(call, lay, plain=False, temporaries=temporaries), lay
 
     if class_parallel is None:

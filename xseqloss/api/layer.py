@@ -86,12 +86,15 @@ def layer_arrays(hidden: Any, weight: Any, bias: Any, layout: Any, weight_layout
     return LayerArrays(be, h, w, b, hl, wl, hl.replace("H", "C"), shape, int(C), tokens, chunk_size)
 
 
-def with_layer(call: Call, lay: LayerArrays, plain: bool, temporaries: int = 4) -> Call:
+def with_layer(call: Call, lay: LayerArrays, plain: bool, temporaries: Any = 4) -> Call:
     """The call's plan with the layer's geometry: the chunk size asked for, or one whose float32
     logits take at most ``Backend.linear_chunk_bytes`` (twice that for a plain chunk whose
     gradient takes the logits' own buffer), divided by ``temporaries`` for a formula that keeps
-    that many chunk-sized temporaries."""
+    that many chunk-sized temporaries (an int, or a function of the call's engine)."""
     be, st = lay.be, call.st
+    eng = engine.DEFAULT if call.tracing and be.name == "torch" else engine.current(be.name)
+    if callable(temporaries):
+        temporaries = temporaries(eng)
     chunk = lay.chunk_size
     if chunk is None:
         cap_bytes = be.linear_chunk_bytes
@@ -103,7 +106,7 @@ def with_layer(call: Call, lay: LayerArrays, plain: bool, temporaries: int = 4) 
         chunk = max(1, min(cap, lay.tokens))
     call.st = make_plan(st.opts, st.C, st.soft, st.mark_nan, st.has_mask, st.has_lengths, st.has_weights,
                         st.has_cw, st.has_normalizer, limits=be.index_limits(),
-                        engine=engine.DEFAULT if call.tracing and be.name == "torch" else engine.current(be.name),
+                        engine=eng,
                         has_segments=st.has_segments, linear=LinearLayout(lay.hidden_layout.index("H"),
                                                                           lay.weight_layout, chunk),
                         store=not (call.tracing and be.name == "torch"), stats=st.stats)
