@@ -162,8 +162,8 @@ class TfChunks(ChunkLoop):
 def _times_t(a: Any, b: Any, xla: bool) -> Any:
     """``a @ b^T`` for a chunk's rows ``a`` and the weight ``b``, no transposed copy of the weight.
     With oneDNN (TensorFlow's default on x86), ``MatMul(transpose_b=True)`` reorders all of ``b``
-    on every call, whatever the rows: at 128 rows x 1,024 x 32,000 that took 2.2x the time of the
-    same product with ``b`` already transposed, and the stats chunks are that small (decision 113);
+    on every call, whatever the rows: at 128 rows x 1,024 x 32,000 that took 2.2-2.5x the time of the
+    same product with ``b`` already transposed, and the stats chunks are 131-262 rows (decision 113);
     the batched product (``BatchMatMulV2``, one batch) reads ``b`` as it is: 1.03x. Without
     oneDNN the batched product is as slow as the plain one, and under XLA it is the same dot."""
     if xla or not _ONEDNN:
