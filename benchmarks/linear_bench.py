@@ -103,10 +103,11 @@ def jax_contenders(T: int, H: int, C: int) -> dict[str, Callable[[], Any]]:
             "xseqloss_validate_false": lambda: jax.block_until_ready(quick(h, w))}
 
 
-def tf_contenders(T: int, H: int, C: int) -> dict[str, Callable[[], Any]]:
+def tf_contenders(T: int, H: int, C: int, weight_layout: str = "CH") -> dict[str, Callable[[], Any]]:
     import tensorflow as tf
     hn, wn, yn = _data(T, H, C)
-    h, w, y = tf.constant(hn), tf.constant(wn), tf.constant(yn)
+    hc = weight_layout == "HC"  # a Keras Dense kernel's (H, C)
+    h, w, y = tf.constant(hn), tf.constant(np.ascontiguousarray(wn.T) if hc else wn), tf.constant(yn)
 
     def make(loss: Callable[[Any, Any], Any], jit: bool = False) -> Callable[[], Any]:
         @tf.function(jit_compile=jit)
@@ -123,8 +124,8 @@ def tf_contenders(T: int, H: int, C: int) -> dict[str, Callable[[], Any]]:
         return run
 
     naive = lambda h, w: tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(  # noqa: E731
-        labels=y, logits=tf.matmul(h, w, transpose_b=True)))
-    ours = lambda h, w: xsl.linear_cross_entropy(h, w, y, layout="NH")  # noqa: E731
+        labels=y, logits=tf.matmul(h, w, transpose_b=not hc)))
+    ours = lambda h, w: xsl.linear_cross_entropy(h, w, y, layout="NH", weight_layout=weight_layout)  # noqa: E731
     return {"naive": make(naive), "xseqloss": make(ours), "naive_xla": make(naive, True), "xseqloss_xla": make(ours, True)}
 
 
@@ -158,8 +159,9 @@ CONTENDERS = {"numpy": numpy_contenders, "torch": torch_contenders, "tensorflow"
 
 MEMORY_SNIPPET = r"""
 import sys, json, gc
+import numpy as np
 sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r})
-backend, which, T, H, C = {args!r}
+backend, which, T, H, C, layout = {args!r}
 from harness import rss_peak, tf_allocator_peak, tf_allocator_start
 from linear_bench import _data, numpy_naive
 import xseqloss as xsl
@@ -191,15 +193,17 @@ elif backend == 'jax':
     run = lambda: jax.block_until_ready(compiled(h, w, y))
 elif backend == 'tensorflow':
     import tensorflow as tf
-    h = tf.constant(hn); w = tf.constant(wn); y = tf.constant(yn); del hn, wn
+    h = tf.constant(hn); w = tf.constant(np.ascontiguousarray(wn.T) if layout == 'HC' else wn); y = tf.constant(yn)
+    del hn, wn
     @tf.function(reduce_retracing=False)
     def f(h, w, y):
         with tf.GradientTape() as tape:
             tape.watch([h, w])
             if which == 'naive':
-                l = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=tf.matmul(h, w, transpose_b=True)))
+                l = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    labels=y, logits=tf.matmul(h, w, transpose_b=layout == 'CH')))
             else:
-                l = xsl.linear_cross_entropy(h, w, y, layout='NH')
+                l = xsl.linear_cross_entropy(h, w, y, layout='NH', weight_layout=layout)
         return tape.gradient(l, [h, w])
     f.get_concrete_function(h, w, y)  # traced ahead, like the other backends' compilation
     def call(hh, yy):
@@ -227,8 +231,9 @@ print(json.dumps(out))
 """
 
 
-def measure_memory(backend: str, which: str, T: int, H: int, C: int) -> dict[str, float] | None:
-    code = MEMORY_SNIPPET.format(root=ROOT, here=HERE, args=(backend, which, T, H, C))
+def measure_memory(backend: str, which: str, T: int, H: int, C: int,
+                   weight_layout: str = "CH") -> dict[str, float] | None:
+    code = MEMORY_SNIPPET.format(root=ROOT, here=HERE, args=(backend, which, T, H, C, weight_layout))
     d, why = harness.python_json(["-c", code], timeout=900)
     if d is None:  # reported, never hidden
         print(f"  memory {backend}/{which}/T={T}: failed ({why})")
@@ -245,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--classes", type=int, default=32000)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--weight-layout", choices=("CH", "HC"), default="CH",
+                    help='"HC" (a Keras Dense kernel): TensorFlow only')
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "linear-cpu.json"))
@@ -252,15 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     H, C = args.hidden, args.classes
     avail = xsl.available_backends()
     backends = [b for b in (args.backends or list(CONTENDERS)) if b in avail]
+    if args.weight_layout == "HC" and backends != ["tensorflow"]:
+        ap.error('--weight-layout HC is measured for --backends tensorflow only')
     env = harness.environment()
     env.update(backends={b: avail[b] for b in backends}, xseqloss=xsl.__version__,
-               size={"tokens": args.tokens, "hidden": H, "classes": C})
+               size={"tokens": args.tokens, "hidden": H, "classes": C, "weight_layout": args.weight_layout})
     results: list[dict[str, Any]] = []
     for be, T in [(be, T) for be in backends for T in args.tokens]:
         row: dict[str, Any] = {"backend": be, "tokens": T}
         print(f"[{be}] tokens x hidden x classes = {T} x {H} x {C} float32", flush=True)
         if not args.no_speed:
-            fns = CONTENDERS[be](T, H, C)
+            fns = CONTENDERS[be](T, H, C, **({"weight_layout": "HC"} if args.weight_layout == "HC" else {}))
             times = harness.rounds(fns, reps=args.reps, reverse_odd=True)
             med = harness.medians(times)
             row["fwd_bwd_ms"] = harness.ms(med)
@@ -277,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_memory:
             mem: dict[str, Any] = {}
             for which, tokens in (("naive", T), ("xseqloss", T), ("xseqloss", 2 * T)):
-                d = measure_memory(be, which, tokens, H, C)
+                d = measure_memory(be, which, tokens, H, C, args.weight_layout)
                 if d is not None:
                     mem[f"{which}@{tokens}"] = {"peak_extra_MB": d["peak_extra_bytes"] / 2**20,
                                                 "x_L": d["peak_extra_bytes"] / (T * C * 4),

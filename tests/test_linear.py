@@ -255,30 +255,58 @@ def test_tensorflow_peak_memory_stays_within_a_chunk():
         assert peak < 0.15 * tokens * 8192 * 4, (tokens, peak)
 
 
+@pytest.mark.parametrize("blocks", ["fixed", "overlapped"])
 @pytest.mark.parametrize("name", ["plain", "mix"])
-def test_tensorflow_d_weight_in_blocks(name, monkeypatch):
-    """d weight added a few rows at a time (classes for "CH", hidden units for "HC"; the last
-    block shorter) equals the materialised logits' gradient, with a bias, eager and traced."""
+def test_tensorflow_d_weight_in_blocks(name, blocks, monkeypatch):
+    """d weight added a few rows at a time equals the materialised logits' gradient, with a bias:
+    classes for "CH", and for "HC" classes of a transposed accumulator where H <= the chunk
+    (chunk 6) or hidden units where it is not (chunk 3); the last block shorter; blocks of a fixed
+    size, or from the budget with each product overlapping the previous block's add."""
     require_or_skip("tensorflow")
     from xseqloss import internals
     from helpers.support import get_backend
     backend = get_backend("tensorflow")
-    monkeypatch.setattr(internals.part("tensorflow", "linear"), "DW_BLOCK_BYTES", 4 * 8 * 5)  # float64, H = 5: 4 classes or 3 hidden units
+    lin = internals.part("tensorflow", "linear")
+    if blocks == "fixed":
+        monkeypatch.setattr(lin, "DW_BLOCK_BYTES", 4 * 8 * 5)  # float64, H = 5: 4 classes or 3 hidden units
+    else:  # the whole chunk's logits as the budget: 2-3 classes a block for "CH", overlapped
+        monkeypatch.setattr(lin, "DW_WHOLE_BYTES", 0)
+        monkeypatch.setattr(lin, "DW_IN_PLACE_SHARE", 1)
+        monkeypatch.setattr(lin, "DW_OVERLAP_MIN_ROWS", 1)
+        assert lin.d_weight_blocks(6, 5, 5, 30, 8) == (2, True)
+        assert lin.d_weight_blocks(6, 5, 5, 15, 8) == (1, True)
+        assert lin.d_weight_blocks(5, 6, 3, 10, 8) == (1, False)  # two terms of 6 and a slice of 3 exceed 10
     monkeypatch.setattr(internals.backend("tensorflow"), "_functions", {})  # no trace made with whole terms is reused
     monkeypatch.setattr(internals.backend("tensorflow"), "_concrete", {})
     h, w, t, kw = _case(name)
     b = rng0.normal(size=w.shape[0])
     ref, gz = get_backend("numpy").loss_and_grad(h @ w.T + b, t, **kw)
     opts = {k: (backend.array(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
-    for wl in ("CH", "HC"):
+    for wl, chunk in (("CH", 5), ("HC", 6), ("HC", 3)):  # 12 tokens: chunks of 4 (5), 6 and 3
         W = w if wl == "CH" else w.T
         v, (dh, dw, db) = xsl.linear_value_and_grad(backend.array(h), backend.array(W), backend.array(t),
-                                                    bias=backend.array(b), weight_layout=wl, chunk_size=5, **opts)
+                                                    bias=backend.array(b), weight_layout=wl, chunk_size=chunk, **opts)
         want_dw = np.einsum("ntc,nth->ch", gz, h)
-        assert_close(backend.float_out(v), ref, what=f"value {wl}")
-        assert_close(backend.float_out(dh), gz @ w, what=f"d hidden {wl}")
-        assert_close(backend.float_out(dw), want_dw if wl == "CH" else want_dw.T, what=f"d weight {wl}")
-        assert_close(backend.float_out(db), gz.sum((0, 1)), what=f"d bias {wl}")
+        what = f"{wl}, chunk {chunk}"
+        assert_close(backend.float_out(v), ref, what=f"value {what}")
+        assert_close(backend.float_out(dh), gz @ w, what=f"d hidden {what}")
+        assert_close(backend.float_out(dw), want_dw if wl == "CH" else want_dw.T, what=f"d weight {what}")
+        assert_close(backend.float_out(db), gz.sum((0, 1)), what=f"d bias {what}")
+
+
+def test_tensorflow_d_weight_transposed_only_within_the_chunk():
+    """An (H, C) weight's d weight accumulates as (C, H) outside XLA only where the final
+    transpose fits in the chunk's freed buffer: H <= chunk rows (decision 115)."""
+    require_or_skip("tensorflow")
+    import tensorflow as tf
+    from xseqloss import internals
+    lin = internals.part("tensorflow", "linear")
+    rp = type("RowPlan", (), {"plain": True})()
+    for H, chunk, want in ((5, 5, True), (5, 3, False), (8, 8, True)):
+        lay = type("Lay", (), {"weight_layout": "HC", "chunk": chunk})()
+        h2, w = tf.zeros([3 * chunk, H], tf.float32), tf.zeros([H, 7], tf.float32)  # whole chunks
+        assert lin.TfChunks(rp, lay, tf.float32, h2, w, None, True).dw_t is want, (H, chunk)
+        assert lin.TfChunks(rp, lay, tf.float32, h2, w, None, False).dw_t is False
 
 
 # ------------------------------------------------------------------ numerics
