@@ -10,7 +10,8 @@ no wider result type).
 Outside XLA every buffer is placed by hand, because TensorFlow's CPU allocator places a request
 whole in any free block less than twice its size (decisions 57, 58): d weight accumulates in place
 (InplaceAdd into a fresh Empty buffer, which grappler never folds into a shared constant), a block
-of rows at a time; d hidden is written in place, chunk by chunk, into the buffer that is
+of rows at a time, each block's product overlapping the previous block's add, and for an (H, C)
+weight as (C, H), transposed once at the end (decision 115); d hidden is written in place, chunk by chunk, into the buffer that is
 returned; a plain chunk's gradient takes its logits' own buffer (xla.py); each chunk starts once
 the previous chunk's adds are done, and each chunk's d weight adds wait for its d hidden piece.
 """
