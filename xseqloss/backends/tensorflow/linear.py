@@ -11,9 +11,10 @@ Outside XLA every buffer is placed by hand, because TensorFlow's CPU allocator p
 whole in any free block less than twice its size (decisions 57, 58): d weight accumulates in place
 (InplaceAdd into a fresh Empty buffer, which grappler never folds into a shared constant), a block
 of rows at a time, each block's product overlapping the previous block's add, and for an (H, C)
-weight as (C, H), transposed once at the end (decision 115); d hidden is written in place, chunk by chunk, into the buffer that is
-returned; a plain chunk's gradient takes its logits' own buffer (xla.py); each chunk starts once
-the previous chunk's adds are done, and each chunk's d weight adds wait for its d hidden piece.
+weight as (C, H), transposed once at the end (decision 115); d hidden is written in place, chunk
+by chunk, into the buffer that is returned; a plain chunk's gradient takes its logits' own buffer
+(xla.py); each chunk starts once the previous chunk's adds are done, and each chunk's d weight
+adds wait for its d hidden piece.
 """
 
 from __future__ import annotations
@@ -207,8 +208,9 @@ def _add_rows_in_place(dw: Any, a: Any, b: Any, budget: Any) -> Any:
     previous block's add (TensorFlow's executor would otherwise form them all at once), or, where
     the blocks stay large (classes for "CH"), for the add before that one: the product then runs
     while the previous block is added, two terms within the budget (1/32 of the chunk: 1.066 ->
-    1.021 x naive at 2,048 x 1,024 x 32,000, decision 115). Hidden units for "HC" stay one at a
-    time: halving their blocks (each reads the whole gradient) cost more than the overlap gained."""
+    1.021 x naive at 2,048 x 1,024 x 32,000, decision 115). Hidden-unit blocks of an (H, C) weight
+    that is not accumulated transposed are ~15-31 rows at 32,000 classes, each reading the whole
+    gradient: below ``DW_OVERLAP_MIN_ROWS``, so one at a time (overlapped: 1.29 against 1.10 x naive)."""
     rows, width, n = a.shape[1], b.shape[1], a.shape[0]
     known = rows is not None and width is not None and n is not None and budget is not None
     if not known or (not DW_BLOCK_BYTES and int(rows) * int(width) * dw.dtype.size <= DW_WHOLE_BYTES):
