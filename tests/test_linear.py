@@ -276,6 +276,9 @@ def test_tensorflow_d_weight_in_blocks(name, blocks, monkeypatch):
         assert lin.d_weight_blocks(6, 5, 5, 30, 8) == (2, True)
         assert lin.d_weight_blocks(6, 5, 5, 15, 8) == (1, True)
         assert lin.d_weight_blocks(5, 6, 3, 10, 8) == (1, False)  # two terms of 6 and a slice of 3 exceed 10
+        # blocks the block-count bound makes larger than the budget: one term at a time, not two
+        assert lin.d_weight_blocks(1000, 5, 5, 100, 8) == (10, False)  # 8 overlapped would be 120 > 100
+        assert lin.d_weight_blocks(1000, 5, 5, 120, 8) == (8, True)  # 8 rows overlapped are within it
     monkeypatch.setattr(internals.backend("tensorflow"), "_functions", {})  # no trace made with whole terms is reused
     monkeypatch.setattr(internals.backend("tensorflow"), "_concrete", {})
     h, w, t, kw = _case(name)

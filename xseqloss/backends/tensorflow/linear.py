@@ -187,13 +187,16 @@ def d_weight_blocks(rows: int, width: int, n: int, budget: int, itemsize: int) -
     """(rows per block, overlapped?) for ``_add_rows_in_place``: a block's term (rows x width) and
     its slice of a (n x rows) within ``budget`` elements; overlapped, a block's product runs while
     the previous block is added, two terms at once, so smaller blocks, taken only while they stay
-    ``DW_OVERLAP_MIN_ROWS`` rows or more (an efficient GEMM)."""
+    ``DW_OVERLAP_MIN_ROWS`` rows or more (an efficient GEMM) and within the budget: where the
+    bound on the number of blocks makes them larger than the budget (a short chunk of a large
+    vocabulary), one term at a time, not two over it."""
+    floor = -(-rows // DW_MAX_BLOCKS)  # tiny chunks: a bounded graph, not a block per row
     if DW_BLOCK_BYTES:
         step, overlap = max(1, DW_BLOCK_BYTES // (itemsize * width)), False
     else:
-        overlap = DW_OVERLAP and budget // (2 * width + n) >= DW_OVERLAP_MIN_ROWS
+        overlap = DW_OVERLAP and budget // (2 * width + n) >= max(DW_OVERLAP_MIN_ROWS, floor)
         step = max(1, budget // ((2 if overlap else 1) * width + n))
-    return max(step, -(-rows // DW_MAX_BLOCKS)), overlap  # tiny chunks: a bounded graph, not a block per row
+    return max(step, floor), overlap
 
 
 def _add_rows_in_place(dw: Any, a: Any, b: Any, budget: Any) -> Any:
